@@ -1,0 +1,34 @@
+"""Pure-torch DMC math: decisions, accumulation, attention bias, loss, schedules, reference.
+
+Nothing here imports megatron; every other part of nemo_dmc builds on these functions.
+"""
+
+from nemo_dmc.core.accumulation import linear_scan, partial_accumulate, windowed_scan
+from nemo_dmc.core.attention import (
+    RoPE,
+    dmc_attention,
+    dmc_score_bias,
+    dmc_self_attention,
+    dmc_states,
+)
+from nemo_dmc.core.config import DMCConfig
+from nemo_dmc.core.decisions import (
+    Decisions,
+    decision_logits,
+    importance,
+    make_decisions,
+    sample_logistic_noise,
+    zero_decision_channel,
+)
+from nemo_dmc.core.loss import compression_loss, merge_target, realised_cr
+from nemo_dmc.core.reference import SimulationResult, rotate_half_rope, simulate_inference
+from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
+
+__all__ = [
+    "DMCConfig", "Decisions", "RoPE", "SimulationResult", "Stage",
+    "compression_loss", "decision_logits", "dmc_attention", "dmc_score_bias",
+    "dmc_self_attention", "dmc_states", "importance", "linear_scan", "make_decisions", "merge_target",
+    "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
+    "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
+    "zero_out_scale",
+]

@@ -1,0 +1,38 @@
+"""Hyperparameters of the DMC mechanism (no training-loop settings here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DMCConfig:
+    """How a layer decides, weighs and accumulates keys/values.
+
+    Attributes:
+        init_offset: ``c`` in the paper. Decision logit is ``k[D-1] - c`` and importance
+            is ``sigmoid(q[D-1] + c)``, so a zeroed channel means "append, full weight".
+        temperature: Gumbel-sigmoid temperature ``tau`` of the relaxed training decisions.
+        window: merge window ``W``: a slot averages at most the last ``W`` tokens of its
+            merge run. ``None`` means unbounded (a running average over the whole run).
+        hard_bias: additive score bias for a state that inference discards (hard decisions).
+        force_decision: ``"append"`` or ``"merge"`` overrides the learned decisions (tests,
+            benchmarks, and "DMC off" runs); ``None`` uses the model's own decisions.
+    """
+
+    init_offset: float = 5.0
+    temperature: float = 0.1
+    window: Optional[int] = 12
+    hard_bias: float = -1.0e9
+    force_decision: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"dmc.temperature must be > 0, got {self.temperature}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"dmc.window must be >= 1 or null (unbounded), got {self.window}")
+        if self.force_decision not in (None, "append", "merge"):
+            raise ValueError(
+                f"dmc.force_decision must be null, 'append' or 'merge', got {self.force_decision!r}"
+            )

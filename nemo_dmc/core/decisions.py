@@ -1,0 +1,103 @@
+"""Per-token, per-KV-head DMC decisions (merge vs append) and importance weights.
+
+Shapes follow ``[batch, heads, seq, dim]``; decision tensors are ``[batch, kv_heads, seq]``.
+``alpha = 1`` means MERGE into the head's last slot, ``alpha = 0`` means APPEND a slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nemo_dmc.core.config import DMCConfig
+
+
+@dataclass
+class Decisions:
+    """Decisions of one layer for a whole sequence (all ``[batch, kv_heads, seq]``).
+
+    alpha: weight of the previous state in the accumulation (soft in training, 0/1 in eval).
+    hard: 0/1 decisions as inference would take them.
+    straight_through: ``hard`` in the forward pass, gradient of ``alpha`` in the backward.
+    state_bias: additive score bias for key ``i`` seen by queries ``t > i``: the log
+        probability that state ``i`` survives, ``log(1 - alpha_{i+1})``; 0 for the last key.
+    """
+
+    alpha: Tensor
+    hard: Tensor
+    straight_through: Tensor
+    state_bias: Tensor
+
+
+def decision_logits(key: Tensor, init_offset: float) -> Tensor:
+    """``k[..., D-1] - c`` for pre-RoPE keys ``[b, hk, s, D]`` -> ``[b, hk, s]`` (>= fp32)."""
+    return key[..., -1].to(torch.promote_types(key.dtype, torch.float32)) - init_offset
+
+
+def importance(query: Tensor, num_kv_heads: int, init_offset: float) -> Tensor:
+    """``sigmoid(mean_group(q[..., D-1]) + c)``: ``[b, hq, s, D]`` -> ``[b, hk, s]`` (>= fp32).
+
+    Query heads of one GQA group are contiguous (megatron's per-group QKV layout).
+    """
+    b, hq, s, _ = query.shape
+    if hq % num_kv_heads:
+        raise ValueError(f"{hq} query heads do not split into {num_kv_heads} KV groups")
+    channel = query[..., -1].to(torch.promote_types(query.dtype, torch.float32)).view(b, num_kv_heads, hq // num_kv_heads, s)
+    return torch.sigmoid(channel.mean(dim=2) + init_offset)
+
+
+def zero_decision_channel(x: Tensor) -> Tensor:
+    """Return ``x`` with its last channel (the repurposed one) set to zero."""
+    return F.pad(x[..., :-1], (0, 1))
+
+
+def sample_logistic_noise(shape: torch.Size, device: torch.device,
+                          generator: Optional[torch.Generator] = None) -> Tensor:
+    """``g1 - g2`` for two Gumbel(0, 1) samples, i.e. Logistic(0, 1) noise, in fp32."""
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    u = u.clamp(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def _first_token_appends(x: Tensor) -> Tensor:
+    """Zero position 0 along the last dim (the first token of a sequence never merges)."""
+    return F.pad(x[..., 1:], (1, 0))
+
+
+def _survival_bias(log_keep: Tensor) -> Tensor:
+    """Shift ``log(1 - alpha)`` one step left: state ``i`` survives iff token ``i+1`` appends."""
+    return F.pad(log_keep[..., 1:], (0, 1))
+
+
+def make_decisions(logits: Tensor, config: DMCConfig, training: bool,
+                   noise: Optional[Tensor] = None) -> Decisions:
+    """Turn decision logits ``[b, hk, s]`` into :class:`Decisions`.
+
+    In training the decisions are relaxed, ``sigmoid((l + noise) / tau)`` with logistic
+    noise (sampled here unless ``noise`` is given, e.g. sliced from a TP-global sample);
+    in eval they are hard, ``1[l > 0]``.
+    """
+    if config.force_decision is not None:
+        value = 1.0 if config.force_decision == "merge" else 0.0
+        hard = _first_token_appends(torch.full_like(logits, value))
+        bias = _survival_bias(hard * config.hard_bias)
+        return Decisions(alpha=hard, hard=hard, straight_through=hard, state_bias=bias)
+
+    if training:
+        if noise is None:
+            noise = sample_logistic_noise(logits.shape, logits.device)
+        z = (logits + noise.to(logits.dtype)) / config.temperature
+        alpha = _first_token_appends(torch.sigmoid(z))
+        hard = _first_token_appends((z > 0).float())
+        straight_through = hard + alpha - alpha.detach()
+        # log(1 - sigmoid(z)) = logsigmoid(-z): exact and finite even when alpha rounds to 1.
+        bias = _survival_bias(F.logsigmoid(-z))
+        return Decisions(alpha=alpha, hard=hard, straight_through=straight_through, state_bias=bias)
+
+    hard = _first_token_appends((logits > 0).float())
+    bias = _survival_bias(hard * config.hard_bias)
+    return Decisions(alpha=hard, hard=hard, straight_through=hard, state_bias=bias)

@@ -1,0 +1,188 @@
+"""DMC self-attention and core-attention modules for megatron-core layer specs.
+
+``DMCSelfAttention`` replaces ``SelfAttention``: it computes decisions and partial
+accumulations from the pre-RoPE q/k/v (``nemo_dmc.core``), rotates queries and states at
+their own positions, and hands the per-key survival bias to ``DMCCoreAttention``, which
+replaces ``DotProductAttention`` (megatron's asserts ``attention_bias is None``).
+Tensors entering and leaving these modules use megatron's ``[seq, batch, heads, dim]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_dmc.core import (
+    DMCConfig,
+    Decisions,
+    RoPE,
+    dmc_attention,
+    dmc_states,
+    sample_logistic_noise,
+)
+
+DMC_MODE = "dmc"
+ZERO_OUT_MODE = "zero_out"
+
+
+def _to_bhsd(x: Tensor) -> Tensor:
+    """``[s, b, h, d]`` -> ``[b, h, s, d]``."""
+    return x.permute(1, 2, 0, 3)
+
+
+def _to_sbhd(x: Tensor) -> Tensor:
+    """``[b, h, s, d]`` -> ``[s, b, h, d]``."""
+    return x.permute(2, 0, 1, 3)
+
+
+def megatron_rope(freqs: Tensor, config: TransformerConfig) -> RoPE:
+    """Wrap megatron's rotary frequencies ``[max_s, 1, 1, d]`` as a ``rope(x, positions)``
+    callable (``x``: ``[..., s, d]``) for :mod:`nemo_dmc.core` functions."""
+
+    def rope(x: Tensor, positions: Tensor) -> Tensor:
+        t = x.movedim(-2, 0)
+        shape = t.shape
+        t = t.reshape(shape[0], 1, -1, shape[-1])
+        out = apply_rotary_pos_emb(t, freqs[positions.to(freqs.device)], config=config)
+        return out.reshape(shape).movedim(0, -2)
+
+    return rope
+
+
+class DMCCoreAttention(MegatronModule):
+    """Causal softmax attention with the DMC per-key survival bias and GQA.
+
+    ``attention_bias`` is the compact per-key bias ``[b, hk_local, s]`` from
+    :class:`~nemo_dmc.core.Decisions` (``None``: plain causal attention).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int,
+                 attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("DMC attention does not support context parallelism "
+                             "(context_parallel_size must be 1)")
+        self.layer_number = layer_number
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[Tensor] = None, packed_seq_params=None) -> Tensor:
+        """q ``[s, b, hq, d]``, k/v ``[s, b, hk, d]`` -> ``[s, b, hq * d]``."""
+        if packed_seq_params is not None:
+            raise ValueError("DMC attention does not support packed sequences (THD format)")
+        s, b, hk = key.shape[0], key.shape[1], key.shape[2]
+        if attention_bias is None:
+            attention_bias = torch.zeros(b, hk, s, device=key.device, dtype=torch.float32)
+        dropout_p = self.dropout_p if self.training else 0.0
+        args = (_to_bhsd(query), _to_bhsd(key), _to_bhsd(value), attention_bias,
+                self.softmax_scale, attention_mask, dropout_p)
+        if dropout_p > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = dmc_attention(*args)
+        else:
+            out = dmc_attention(*args)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class DMCSelfAttention(SelfAttention):
+    """Self-attention whose keys/values are DMC states (see module docstring).
+
+    Runtime state set by the training loop (see ``nemo_dmc.megatron.stats``):
+    ``dmc_mode`` (``"dmc"`` or ``"zero_out"``) and ``zero_out_scale``. After each forward in
+    DMC mode, ``last_decisions`` holds this layer's :class:`~nemo_dmc.core.Decisions`.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
+                 layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
+                 cp_comm_type: Optional[str] = None, pg_collection=None,
+                 dmc_config: Optional[DMCConfig] = None):
+        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        if config.recompute_granularity == "full":
+            raise ValueError("DMC needs each layer's decisions for its loss: use "
+                             "recompute_granularity='selective' (core_attn), not 'full'")
+        self.dmc_config = dmc_config or DMCConfig()
+        self.dmc_mode = DMC_MODE
+        self.zero_out_scale = 1.0
+        self.last_decisions: Optional[Decisions] = None
+
+    def _training_noise(self, batch: int, seq: int, device: torch.device) -> Tensor:
+        """Noise for this rank's KV heads, cut from one sample over all KV heads.
+
+        Sampling the global ``[b, H_kv, s]`` tensor from the default generator (seeded
+        alike on all tensor-parallel ranks) makes training decisions independent of TP.
+        """
+        local = self.num_query_groups_per_partition
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        noise = sample_logistic_noise((batch, self.config.num_query_groups, seq), device)
+        return noise[:, rank * local:(rank + 1) * local]
+
+    def _rope(self, x: Tensor, freqs: Optional[Tensor]) -> Tensor:
+        if freqs is None:
+            return x
+        return apply_rotary_pos_emb(x, freqs, config=self.config,
+                                    cp_group=self.pg_collection.cp)
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor],
+                key_value_states=None, inference_context=None, rotary_pos_emb=None,
+                rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, *,
+                inference_params=None):
+        """``[s, b, hidden]`` -> ``([s, b, hidden], bias)`` like ``SelfAttention.forward``."""
+        if inference_context is not None or inference_params is not None:
+            raise ValueError("megatron inference contexts keep an uncompressed cache; generate "
+                             "with DMC's compressed cache through nemo_dmc.inference instead")
+        if packed_seq_params is not None:
+            raise ValueError("DMC attention does not support packed sequences (THD format)")
+        if isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = rotary_pos_emb[0]
+
+        query, key, value = self.get_query_key_value_tensors(hidden_states)
+        if self.dmc_mode == ZERO_OUT_MODE:
+            query = torch.cat([query[..., :-1], query[..., -1:] * self.zero_out_scale], dim=-1)
+            key = torch.cat([key[..., :-1], key[..., -1:] * self.zero_out_scale], dim=-1)
+            state_bias = None
+            self.last_decisions = None
+        else:
+            noise = None
+            if self.training and self.dmc_config.force_decision is None:
+                noise = self._training_noise(key.shape[1], key.shape[0], key.device)
+            q, k, v, decisions = dmc_states(_to_bhsd(query), _to_bhsd(key), _to_bhsd(value),
+                                            self.dmc_config, self.training, noise)
+            query, key, value = _to_sbhd(q), _to_sbhd(k), _to_sbhd(v)
+            state_bias = decisions.state_bias
+            self.last_decisions = decisions
+
+        query, key = self._rope(query, rotary_pos_emb), self._rope(key, rotary_pos_emb)
+        core_out = self._core_attention(query, key, value, attention_mask, state_bias)
+        return self.linear_proj(core_out)
+
+    def _core_attention(self, query: Tensor, key: Tensor, value: Tensor,
+                        mask: Optional[Tensor], state_bias: Optional[Tensor]) -> Tensor:
+        """Core attention, recomputed in backward under selective recompute.
+
+        megatron's own checkpointed path closes over ``attention_bias``, which would cut its
+        gradient; here the bias is an explicit checkpoint input.
+        """
+        if not (self.checkpoint_core_attention and self.training):
+            return self.core_attention(query, key, value, mask, attention_bias=state_bias)
+
+        def run(q: Tensor, k: Tensor, v: Tensor, m: Optional[Tensor], *bias: Tensor) -> Tensor:
+            return self.core_attention(q, k, v, m, attention_bias=bias[0] if bias else None)
+
+        extra = () if state_bias is None else (state_bias,)
+        return tensor_parallel.checkpoint(run, False, query, key, value, mask, *extra)

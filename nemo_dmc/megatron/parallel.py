@@ -1,0 +1,53 @@
+"""Process groups and seeding for megatron-core, on GPU (NCCL) or CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from nemo_dmc.megatron.cpu_shims import apply_cpu_shims
+
+
+def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
+    """Initialise ``torch.distributed`` (from torchrun/SLURM env, or a single process),
+    megatron's model-parallel groups and RNG tracker.
+
+    Raises ``ValueError`` if the world size is not divisible by ``tensor_parallel_size``.
+    """
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    world = dist.get_world_size()
+    if world % tensor_parallel_size:
+        raise ValueError(f"world size {world} is not divisible by "
+                         f"parallel.tensor_model_parallel_size={tensor_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch's default generator (same on all TP ranks) and megatron's RNG tracker."""
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Destroy megatron's groups and the process group (if any)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,29 @@
+"""nemo-dmc: Dynamic Memory Compression for NeMo / megatron-core decoder LLMs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo-dmc",
+    version="0.1.0",
+    description="Dynamic Memory Compression (DMC) retrofitting for megatron-core / NeMo LLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["nemo_dmc", "nemo_dmc.*"]),
+    # Pinned, tested versions. torch must be the CPU or CUDA build matching your machine:
+    # install with `pip install -c constraints.txt ...` so pip never swaps it.
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.15.3",  # what nemo_toolkit[llm] 2.7.x expects; last series for py3.11
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+        "triton==3.7.1",
+        "numpy<2",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+        "psutil>=5.9",  # imported by megatron's dist_checkpointing, not declared by it
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+)
