@@ -64,8 +64,9 @@ def test_noise_is_fp32_logistic_even_for_bf16_inputs():
 
 
 def test_straight_through_forward_is_hard_and_backward_is_relaxed():
-    logits = torch.randn(1, 2, 7, requires_grad=True)
-    noise = torch.randn(1, 2, 7)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 8, 64, generator=g).requires_grad_()
+    noise = sample_logistic_noise(logits.shape, logits.device, generator=g)
     d = make_decisions(logits, DMCConfig(), training=True, noise=noise)
     assert torch.equal(d.straight_through.detach(), d.hard)
     (g_st,) = torch.autograd.grad(d.straight_through.sum(), logits, retain_graph=True)

@@ -71,3 +71,19 @@ def test_decision_channel_never_reaches_scores():
     k2[..., -1] -= 7.0            # still append, but a different channel value
     out, _ = dmc_self_attention(q, k2, v, cfg, training=False, rope=rope)
     assert torch.allclose(base, out, atol=1e-12)
+
+
+def test_fused_attention_equals_dense_bias_reference_with_padding_mask():
+    from nemo_dmc.core import DMCConfig, dmc_attention, dmc_score_bias, make_decisions
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 6, 4, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    d = make_decisions(torch.randn(2, 2, 6, generator=g, dtype=torch.float64), DMCConfig(),
+                       training=True, noise=torch.zeros(2, 2, 6, dtype=torch.float64))
+    pad = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
+    pad[1, ..., :2] = True                      # second sequence: first two keys are padding
+    pad[1, 0, :2, :2] = False                   # (padding rows still see themselves)
+    out = dmc_attention(q, k, v, d.state_bias, mask=pad)
+    bias = dmc_score_bias(d.state_bias, pad).repeat_interleave(2, dim=1)
+    dense = torch.softmax(q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 2.0 + bias, -1)
+    assert torch.allclose(out, dense @ v.repeat_interleave(2, 1), atol=1e-12)

@@ -31,11 +31,10 @@ def dmc_score_bias(state_bias: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     ``mask`` (bool, True = masked, broadcastable to ``[b, 1, s, s]``) is applied on top.
     """
     s = state_bias.shape[-1]
-    idx = torch.arange(s, device=state_bias.device)
-    past = idx.view(s, 1) > idx.view(1, s)
-    future = idx.view(s, 1) < idx.view(1, s)
-    bias = torch.where(past, state_bias.unsqueeze(-2), torch.zeros((), device=state_bias.device))
-    bias = bias.masked_fill(future, float("-inf"))
+    ones = torch.ones(s, s, dtype=torch.bool, device=state_bias.device)
+    causal = torch.zeros(s, s, dtype=state_bias.dtype, device=state_bias.device)
+    causal = causal.masked_fill(ones.triu(1), float("-inf"))
+    bias = torch.where(ones.tril(-1), state_bias.unsqueeze(-2), causal)
     if mask is not None:
         bias = bias.masked_fill(mask, float("-inf"))
     return bias
@@ -44,25 +43,44 @@ def dmc_score_bias(state_bias: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
                   softmax_scale: Optional[float] = None, mask: Optional[Tensor] = None,
                   dropout_p: float = 0.0) -> Tensor:
-    """Attention of queries over DMC states.
+    """Attention of queries over DMC states (same result as adding :func:`dmc_score_bias`).
+
+    The per-key bias rides in the score GEMM as one extra channel
+    (``[q * scale, 1] . [k, bias] = scale * q.k + bias``); the exempt diagonal is then
+    overwritten with the exact own-state scores and the future masked. The query heads of
+    a GQA group share one GEMM against their KV head (no per-head copies).
 
     Args:
         query: ``[b, hq, s, d]`` (RoPE applied, decision channel zeroed).
         key, value: ``[b, hk, s, d]`` accumulated states (keys rotated at their own position).
         state_bias: ``[b, hk, s]`` from :func:`nemo_dmc.core.decisions.make_decisions`.
-        mask: optional extra bool mask, True = masked.
+        mask: optional extra bool mask (True = masked), e.g. for padding; causality is
+            always applied.
 
     Returns:
         ``[b, hq, s, d]``.
     """
-    groups = query.shape[1] // key.shape[1]
-    bias = dmc_score_bias(state_bias, mask).to(query.dtype)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-        bias = bias.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
-                                          dropout_p=dropout_p, scale=softmax_scale)
+    b, hq, s, d = query.shape
+    hk = key.shape[1]
+    groups = hq // hk
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    dtype = torch.promote_types(query.dtype, torch.float32)  # scores and softmax in >= fp32
+    q = query.reshape(b * hk, groups * s, d).to(dtype) * scale
+    k = key.reshape(b * hk, s, d).to(dtype)
+    q_ext = torch.cat([q, q.new_ones(b * hk, groups * s, 1)], dim=-1)
+    k_ext = torch.cat([k, state_bias.reshape(b * hk, s, 1).to(dtype)], dim=-1)
+    scores = torch.matmul(q_ext, k_ext.transpose(1, 2)).view(b, hk, groups, s, s)
+    future = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+    if mask is not None:  # [b or 1, 1, s, s] -> broadcast over KV heads and group members
+        future = future | mask.reshape(mask.shape[0], 1, 1, s, s)
+    scores = scores.masked_fill(future, float("-inf"))
+    own = (q.view(b, hk, groups, s, d) * k.view(b, hk, 1, s, d)).sum(-1)  # [b, hk, G, s]
+    scores.diagonal(dim1=-2, dim2=-1).copy_(own)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b * hk, groups * s, s)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, value.reshape(b * hk, s, d))
+    return out.view(b, hq, s, d)
 
 
 RoPE = Callable[[Tensor, Tensor], Tensor]
@@ -85,8 +103,10 @@ def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, tra
     decisions = make_decisions(decision_logits(key, config.init_offset), config, training, noise)
     omega = importance(query, key.shape[1], config.init_offset)
     query, key = zero_decision_channel(query), zero_decision_channel(key)
-    key = partial_accumulate(key, decisions.alpha, omega, config.window)
-    value = partial_accumulate(value, decisions.alpha, omega, config.window)
+    # keys and values share decisions and weights: one accumulation over [k | v]
+    states = partial_accumulate(torch.cat([key, value], dim=-1), decisions.alpha, omega,
+                                config.window)
+    key, value = states.split([key.shape[-1], value.shape[-1]], dim=-1)
     return query, key, value, decisions
 
 

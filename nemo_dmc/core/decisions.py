@@ -93,7 +93,7 @@ def make_decisions(logits: Tensor, config: DMCConfig, training: bool,
         z = (logits + noise.to(logits.dtype)) / config.temperature
         alpha = _first_token_appends(torch.sigmoid(z))
         hard = _first_token_appends((z > 0).float())
-        straight_through = hard + alpha - alpha.detach()
+        straight_through = hard + (alpha - alpha.detach())  # exactly `hard` in forward
         # log(1 - sigmoid(z)) = logsigmoid(-z): exact and finite even when alpha rounds to 1.
         bias = _survival_bias(F.logsigmoid(-z))
         return Decisions(alpha=alpha, hard=hard, straight_through=straight_through, state_bias=bias)

@@ -75,6 +75,7 @@ class DMCCoreAttention(MegatronModule):
             raise ValueError("DMC attention does not support context parallelism "
                              "(context_parallel_size must be 1)")
         self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
@@ -85,6 +86,10 @@ class DMCCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("DMC attention does not support packed sequences (THD format)")
         s, b, hk = key.shape[0], key.shape[1], key.shape[2]
+        if (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal:
+            # Causality is built into the DMC bias; like Transformer Engine, a causal mask
+            # type ignores the (redundant) explicit mask. Padding masks use padding types.
+            attention_mask = None
         if attention_bias is None:
             attention_bias = torch.zeros(b, hk, s, device=key.device, dtype=torch.float32)
         dropout_p = self.dropout_p if self.training else 0.0
