@@ -22,6 +22,9 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "psutil>=5.9",  # imported by megatron's dist_checkpointing, not declared by it
+        "tokenizers==0.23.3",
+        "transformers==5.24.0",
+        "gguf==0.19.0",  # transformers' GGUF loader (tokenizers and weights from .gguf files)
     ],
     extras_require={
         "test": ["pytest>=8"],
