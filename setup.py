@@ -25,6 +25,8 @@ setup(
         "tokenizers==0.23.3",
         "transformers==5.24.0",
         "gguf==0.19.0",  # transformers' GGUF loader (tokenizers and weights from .gguf files)
+        "accelerate==1.15.0",  # required by transformers to load GGUF weights
+        "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -4,7 +4,8 @@ import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from distributed import run_distributed
-from megatron_utils import TINY_GQA, gather_full_grads, shard_full_state
+from megatron_utils import TINY_GQA
+from nemo_dmc.convert.sharding import gather_full_grads, shard_full_state
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask

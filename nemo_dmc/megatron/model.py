@@ -31,6 +31,7 @@ class ModelConfig:
     vocab_size: int = 8192
     seq_length: int = 256
     rotary_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None  # Llama-3.1 frequency scaling (None: off)
     norm_epsilon: float = 1e-5
     share_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
@@ -144,5 +145,7 @@ def build_model(model: ModelConfig, dmc: Optional[DMCConfig] = None,
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=int(model.rotary_base),
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
         parallel_output=True,
     )

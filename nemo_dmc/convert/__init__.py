@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Hugging Face / GGUF import, weights checkpoints, TP (re)sharding."""

@@ -1,0 +1,151 @@
+"""Import Hugging Face Llama-family checkpoints (safetensors directories or GGUF files).
+
+Weights map onto megatron's GPT layout (TP=1 "full" names); :mod:`nemo_dmc.convert.sharding`
+cuts them for tensor parallelism. HF Llama already stores q/k in rotate-half order, which is
+megatron's non-interleaved RoPE, so no permutation is needed; transformers undoes llama.cpp's
+permutation when it reads a GGUF file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from nemo_dmc.megatron.model import ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# megatron's Llama-3.1 RoPE scaling has these values built in.
+_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+
+
+@dataclass
+class HFCheckpoint:
+    """A loaded Hugging Face checkpoint: its config, our model shape and its tensors."""
+
+    hf_config: Any
+    model: ModelConfig
+    state: dict[str, Tensor]
+
+
+def _rope_settings(cfg: Any) -> tuple[float, Optional[float]]:
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None)) or 10000.0
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "llama3":
+        for key, expected in _MEGATRON_LLAMA3_ROPE.items():
+            if float(params.get(key, expected)) != expected:
+                raise ValueError(f"rope_parameters.{key}={params[key]} is not supported "
+                                 f"(megatron's Llama-3.1 scaling fixes it to {expected})")
+        return float(theta), float(params.get("factor", 8.0))
+    raise ValueError(f"RoPE type {rope_type!r} is not supported (only default and llama3)")
+
+
+def model_config_from_hf(cfg: Any) -> ModelConfig:
+    """Our :class:`ModelConfig` for a transformers config; unsupported features raise."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported architecture model_type={model_type!r}: nemo-dmc imports "
+                         f"Llama-family decoders ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    problems = []
+    if getattr(cfg, "sliding_window", None):
+        problems.append(f"sliding_window={cfg.sliding_window} (sliding-window attention)")
+    if getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
+        problems.append("mixture-of-experts layers")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        problems.append("linear-layer biases (attention_bias / mlp_bias)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={cfg.hidden_act!r} (SwiGLU with silu expected)")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        problems.append(f"head_dim={head_dim} != hidden_size / num_attention_heads")
+    if problems:
+        raise ValueError(f"unsupported {model_type} checkpoint: " + "; ".join(problems))
+    theta, scaling = _rope_settings(cfg)
+    return ModelConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        ffn_hidden_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size,
+        seq_length=min(getattr(cfg, "max_position_embeddings", 4096) or 4096, 4096),
+        rotary_base=theta,
+        rope_scaling_factor=scaling,
+        norm_epsilon=cfg.rms_norm_eps,
+        share_embeddings_and_output_weights=bool(getattr(cfg, "tie_word_embeddings", False)),
+    )
+
+
+def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
+                   tensor_parallel_size: int = 1) -> dict[str, Tensor]:
+    """Rename and fuse HF Llama tensors into megatron's full GPT state dict.
+
+    QKV is fused per KV group, ``[q_g0 .. q_g(G-1), k_g, v_g]`` for each group ``g``; gate
+    and up projections become ``linear_fc1 = [gate; up]``; embeddings and the output layer
+    are zero-padded to the padded vocabulary.
+    """
+    def take(name: str) -> Tensor:
+        if name not in state:
+            raise KeyError(f"tensor {name!r} missing from the checkpoint")
+        return state[name].float()
+
+    vocab = model.padded_vocab_size(tensor_parallel_size)
+    d, groups = model.head_dim, model.kv_heads
+    per_group = model.num_attention_heads // groups
+
+    def pad_vocab(t: Tensor) -> Tensor:
+        if t.shape[0] > vocab:
+            raise ValueError(f"vocabulary of {t.shape[0]} rows exceeds padded size {vocab}")
+        return torch.cat([t, t.new_zeros(vocab - t.shape[0], t.shape[1])])
+
+    out = {"embedding.word_embeddings.weight": pad_vocab(take("model.embed_tokens.weight")),
+           "decoder.final_layernorm.weight": take("model.norm.weight")}
+    if not model.share_embeddings_and_output_weights:
+        out["output_layer.weight"] = pad_vocab(take("lm_head.weight"))
+    for i in range(model.num_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = take(src + "self_attn.q_proj.weight").view(groups, per_group * d, -1)
+        k = take(src + "self_attn.k_proj.weight").view(groups, d, -1)
+        v = take(src + "self_attn.v_proj.weight").view(groups, d, -1)
+        out[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).flatten(0, 1)
+        out[dst + "self_attention.linear_proj.weight"] = take(src + "self_attn.o_proj.weight")
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "pre_mlp_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"),
+                                                         take(src + "mlp.up_proj.weight")])
+        out[dst + "mlp.linear_fc2.weight"] = take(src + "mlp.down_proj.weight")
+    return out
+
+
+def load_hf_checkpoint(path: str | Path) -> HFCheckpoint:
+    """Load a HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".gguf":
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                  dtype=torch.float32)
+        state = {k: v.detach() for k, v in hf.state_dict().items()}
+        return HFCheckpoint(hf.config, model_config_from_hf(hf.config), state)
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")
+    cfg = AutoConfig.from_pretrained(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state: dict[str, Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return HFCheckpoint(cfg, model_config_from_hf(cfg), state)

