@@ -22,13 +22,16 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "psutil>=5.9",  # imported by megatron's dist_checkpointing, not declared by it
-        "tokenizers==0.23.3",
-        "transformers==5.24.0",
+        "tokenizers==0.22.2",
+        "transformers==4.57.6",  # what nemo_toolkit[llm] 2.7.x accepts (~=4.57.0)
         "gguf==0.19.0",  # transformers' GGUF loader (tokenizers and weights from .gguf files)
         "accelerate==1.15.0",  # required by transformers to load GGUF weights
         "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # NeMo 2 model classes, NeMo checkpoints and NeMo-Run recipes. NeMo imports nemo_run
+        # without declaring it; leptonai 0.47 lacks leptonai.api.v1; pyarrow>=22 needs numpy 2.
+        "nemo": ["nemo_toolkit[llm]==2.7.3", "nemo_run", "leptonai<0.47", "pyarrow<22"],
     },
 )

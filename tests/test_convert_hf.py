@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 def _tiny_llama(tmp_path: Path, kv_heads: int, tied: bool) -> Path:
     cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
-                      rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                      rope_theta=50000.0,
                       tie_word_embeddings=tied, max_position_embeddings=64)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -93,7 +93,7 @@ def test_weights_checkpoint_round_trip_is_exact(megatron_tp1, tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"attention_bias": True}, "biases"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
 ])
 def test_unsupported_llama_features_are_rejected(change, message):
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=8, **change)

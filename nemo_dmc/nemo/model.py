@@ -1,0 +1,77 @@
+"""``DMCGPTModel``: NeMo's GPTModel training with the DMC loss and stage schedule."""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from nemo.collections.llm.gpt.model.base import GPTModel
+from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
+
+from nemo_dmc.core import Stage, target_cr, zero_out_scale
+from nemo_dmc.megatron.stats import collect_dmc_stats, set_dmc_mode
+from nemo_dmc.megatron.zero_out import zero_decision_projections
+
+
+class DMCLossReduction(MaskedTokenLossReduction):
+    """LM loss plus the one-sided compression loss of the stage's current target CR.
+
+    ``loss_sum`` gets ``L_cr * num_tokens`` so that NeMo's per-token averaging yields
+    ``LM + L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
+    """
+
+    def __init__(self, model: "DMCGPTModel", validation_step: bool = False) -> None:
+        super().__init__(validation_step=validation_step)
+        self.model = model
+
+    def forward(self, batch: Dict[str, torch.Tensor],
+                forward_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+        loss_sum, num_tokens, extra = super().forward(batch, forward_out)
+        stats = collect_dmc_stats(self.model)
+        if stats is not None and not self.validation_step:
+            loss_sum = loss_sum + stats.loss(self.model.current_target_cr()) * num_tokens
+        return loss_sum, num_tokens, extra
+
+
+class DMCGPTModel(GPTModel):
+    """NeMo GPT model with DMC attention (its config is a ``DMCLlamaConfig``).
+
+    Before each training step the stage's schedule is applied (zero-out scale, or DMC mode
+    with the ramped target CR); the zero-out stage ends by zeroing the decision rows.
+    """
+
+    @property
+    def _step(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        return trainer.global_step if trainer is not None else 0
+
+    def current_target_cr(self) -> float:
+        c = self.config
+        return target_cr(c.dmc_stage, self._step, c.dmc_stage_steps, c.dmc_target_cr)
+
+    def apply_stage(self) -> None:
+        """Put the DMC layers in the mode the stage needs at the current step."""
+        if Stage(self.config.dmc_stage) is Stage.ZERO_OUT:
+            set_dmc_mode(self, "zero_out", zero_out_scale(self._step, self.config.dmc_stage_steps))
+        else:
+            set_dmc_mode(self, "dmc")
+
+    def training_step(self, batch, batch_idx=None) -> torch.Tensor:
+        self.apply_stage()
+        return super().training_step(batch, batch_idx)
+
+    def on_train_end(self) -> None:
+        if Stage(self.config.dmc_stage) is Stage.ZERO_OUT:
+            zero_decision_projections(self)
+
+    @property
+    def training_loss_reduction(self) -> DMCLossReduction:
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = DMCLossReduction(self)
+        return self._training_loss_reduction
+
+    @property
+    def validation_loss_reduction(self) -> DMCLossReduction:
+        if not self._validation_loss_reduction:
+            self._validation_loss_reduction = DMCLossReduction(self, validation_step=True)
+        return self._validation_loss_reduction
