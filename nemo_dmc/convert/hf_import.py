@@ -17,7 +17,7 @@ from torch import Tensor
 
 from nemo_dmc.megatron.model import ModelConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "dmc_llama")
 # megatron's Llama-3.1 RoPE scaling has these values built in.
 _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
@@ -138,6 +138,8 @@ def load_hf_checkpoint(path: str | Path) -> HFCheckpoint:
         return HFCheckpoint(hf.config, model_config_from_hf(hf.config), state)
     from safetensors.torch import load_file
     from transformers import AutoConfig
+
+    import nemo_dmc.hf  # noqa: F401  (registers model_type dmc_llama)
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")

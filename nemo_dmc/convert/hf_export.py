@@ -1,0 +1,105 @@
+"""Export megatron GPT weights to a Hugging Face Llama checkpoint (safetensors + config.json).
+
+The inverse of :func:`nemo_dmc.convert.hf_import.hf_to_megatron`: un-fuse QKV per KV group
+and SwiGLU ``fc1``, drop vocabulary padding. A model that was never retrofitted exports to a
+plain Llama that stock ``LlamaForCausalLM`` loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.megatron.model import ModelConfig
+
+
+def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
+    """Full (TP=1) megatron GPT state -> HF Llama tensor names and layouts."""
+    def take(name: str) -> Tensor:
+        if name not in state:
+            raise KeyError(f"tensor {name!r} missing from the megatron state")
+        return state[name].detach().contiguous()
+
+    d, groups = model.head_dim, model.kv_heads
+    per_group = model.num_attention_heads // groups
+    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:model.vocab_size],
+           "model.norm.weight": take("decoder.final_layernorm.weight")}
+    if not model.share_embeddings_and_output_weights:
+        out["lm_head.weight"] = take("output_layer.weight")[:model.vocab_size]
+    for i in range(model.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        qkv = take(src + "self_attention.linear_qkv.weight").view(groups, (per_group + 2) * d, -1)
+        q, k, v = qkv.split([per_group * d, d, d], dim=1)
+        out[dst + "self_attn.q_proj.weight"] = q.reshape(-1, qkv.shape[-1]).contiguous()
+        out[dst + "self_attn.k_proj.weight"] = k.reshape(-1, qkv.shape[-1]).contiguous()
+        out[dst + "self_attn.v_proj.weight"] = v.reshape(-1, qkv.shape[-1]).contiguous()
+        out[dst + "self_attn.o_proj.weight"] = take(src + "self_attention.linear_proj.weight")
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "post_attention_layernorm.weight"] = take(src + "pre_mlp_layernorm.weight")
+        gate, up = take(src + "mlp.linear_fc1.weight").chunk(2, dim=0)
+        out[dst + "mlp.gate_proj.weight"] = gate.contiguous()
+        out[dst + "mlp.up_proj.weight"] = up.contiguous()
+        out[dst + "mlp.down_proj.weight"] = take(src + "mlp.linear_fc2.weight")
+    return out
+
+
+def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
+                 dmc: Optional[DMCConfig] = None, target_cr: float = 4.0):
+    """A transformers config with our model's shape: ``LlamaConfig``, or with ``dmc`` the
+    DMC-aware ``DMCLlamaHFConfig`` (``model_type: dmc_llama``) carrying the DMC settings."""
+    from transformers import LlamaConfig
+
+    rope_scaling = None
+    if model.rope_scaling_factor is not None:
+        rope_scaling = {"rope_type": "llama3", "factor": model.rope_scaling_factor,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+    extra: dict = {"architectures": ["LlamaForCausalLM"]}
+    config_class = LlamaConfig
+    if dmc is not None:
+        from nemo_dmc.hf import DMCLlamaHFConfig
+
+        config_class = DMCLlamaHFConfig
+        extra = {"architectures": ["DMCLlamaForCausalLM"], "dmc_init_offset": dmc.init_offset,
+                 "dmc_temperature": dmc.temperature, "dmc_window": dmc.window,
+                 "dmc_target_cr": target_cr}
+    return config_class(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads, num_key_value_heads=model.kv_heads,
+        max_position_embeddings=model.seq_length, rms_norm_eps=model.norm_epsilon,
+        rope_theta=model.rotary_base, rope_scaling=rope_scaling,
+        tie_word_embeddings=model.share_embeddings_and_output_weights,
+        torch_dtype=str(dtype).removeprefix("torch."), **extra,
+    )
+
+
+def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Path,
+                       dmc: Optional[DMCConfig] = None, target_cr: float = 4.0,
+                       dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` atomically (temp dir, then rename).
+
+    ``state`` is a full megatron state (:func:`nemo_dmc.convert.sharding.gather_full_state`);
+    ``dmc=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    output = Path(output)
+    tmp = output.with_name(f".tmp-{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf_state = megatron_to_hf(state, model)
+    if dtype is not None:
+        hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
+    if model.share_embeddings_and_output_weights:
+        hf_state.pop("lm_head.weight", None)
+    llama_config(model, dtype or torch.float32, dmc, target_cr).save_pretrained(tmp)
+    save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+    return output

@@ -1,0 +1,78 @@
+"""Hugging Face export: round trip, DMC-aware transformers model, plain Llama export."""
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from megatron_utils import TINY_GQA
+from nemo_dmc.convert.hf_export import megatron_to_hf, save_hf_checkpoint
+from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
+from nemo_dmc.convert.sharding import gather_full_state
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.hf import DMCLlamaForCausalLM
+from nemo_dmc.megatron.cpu_shims import causal_attention_mask
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.parallel import seed_all
+from nemo_dmc.megatron.zero_out import zero_decision_projections
+
+DMC = DMCConfig(init_offset=0.0, window=4)  # offset 0: random weights merge about half
+
+
+def _ids(seq=13):
+    return torch.randint(0, TINY_GQA.vocab_size, (2, seq), generator=torch.Generator().manual_seed(5))
+
+
+def _megatron_logits(model, ids):
+    s = ids.shape[1]
+    with torch.no_grad():
+        out = model.eval()(ids, torch.arange(s).expand_as(ids), causal_attention_mask(s))
+    return gather_from_tensor_model_parallel_region(out)[..., :TINY_GQA.vocab_size]
+
+
+def test_megatron_hf_megatron_round_trip_is_identical(megatron_tp1):
+    seed_all(1)
+    state = gather_full_state(build_model(TINY_GQA, DMC))
+    back = hf_to_megatron(megatron_to_hf(state, TINY_GQA), TINY_GQA)
+    assert back.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_hf_dmc_model_logits_equal_megatron_dmc_model_in_eval(megatron_tp1, tmp_path):
+    seed_all(2)
+    model = build_model(TINY_GQA, DMC)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=DMC)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert isinstance(hf, DMCLlamaForCausalLM) and hf.config.dmc_window == 4
+    ids = _ids()
+    with torch.no_grad():
+        hf_logits = hf(ids, use_cache=False).logits
+    torch.testing.assert_close(hf_logits, _megatron_logits(model, ids), atol=2e-5, rtol=1e-5)
+    reloaded = load_hf_checkpoint(tmp_path / "hf")
+    assert reloaded.model == TINY_GQA
+
+
+def test_never_retrofitted_model_exports_to_stock_llama(megatron_tp1, tmp_path):
+    seed_all(3)
+    vanilla = build_model(TINY_GQA, dmc=None)
+    save_hf_checkpoint(gather_full_state(vanilla), TINY_GQA, tmp_path / "plain")
+    stock = LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert type(stock) is LlamaForCausalLM
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, _megatron_logits(vanilla, ids),
+                                   atol=2e-5, rtol=1e-5)
+
+
+def test_dmc_with_all_append_equals_stock_llama_with_zeroed_channel(megatron_tp1, tmp_path):
+    seed_all(4)
+    vanilla = build_model(TINY_GQA, dmc=None)
+    zero_decision_projections(vanilla)
+    state = gather_full_state(vanilla)
+    save_hf_checkpoint(state, TINY_GQA, tmp_path / "plain")
+    save_hf_checkpoint(state, TINY_GQA, tmp_path / "dmc", dmc=DMCConfig())  # offset 5: appends
+    ids = _ids()
+    with torch.no_grad():
+        plain = LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval()(ids).logits
+        dmc = DMCLlamaForCausalLM.from_pretrained(tmp_path / "dmc").eval()(ids, use_cache=False).logits
+    torch.testing.assert_close(dmc, plain, atol=2e-5, rtol=1e-5)
