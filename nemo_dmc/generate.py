@@ -1,0 +1,179 @@
+"""``python -m nemo_dmc.generate``: text generation with DMC's compressed KV cache (Hydra,
+``conf/generate.yaml``). Prints each completion with its achieved compression ratio and KV
+memory.
+
+Examples::
+
+    python -m nemo_dmc.generate load=runs/dmc_tiny prompts='["The list type"]'
+    python -m nemo_dmc.generate load=ckpt/smollm2 tokenizer=path/model.gguf \\
+        sampling.temperature=0.7 sampling.top_p=0.9 sampling.max_new_tokens=128
+    python -m nemo_dmc.generate load=runs/dmc_tiny engine.force_decision=append  # DMC off
+    torchrun --nproc-per-node 2 -m nemo_dmc.generate parallel.tensor_model_parallel_size=2 ...
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+# megatron-core on CPU: optional fused kernels (Apex, Transformer Engine, CUDA mempools) absent.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|unified memory).*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)\.")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from nemo_dmc.core import DMCConfig  # noqa: E402
+from nemo_dmc.inference.engine import EngineConfig, GenerationResult  # noqa: E402
+from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
+from nemo_dmc.megatron.model import ModelConfig  # noqa: E402
+
+
+@dataclass
+class DMCSettings:
+    """DMC mechanism (``dmc.*``), used when the checkpoint's run does not record it."""
+
+    init_offset: float = 5.0
+    window: Optional[int] = 12
+
+
+@dataclass
+class SamplingSettings:
+    """Sampling of every prompt (``sampling.*``); see :class:`SamplingParams`.
+
+    stop_at_eod: also stop at the tokenizer's end-of-document token.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: List[int] = field(default_factory=list)
+    stop_at_eod: bool = True
+    seed: Optional[int] = None
+
+
+@dataclass
+class ParallelSettings:
+    tensor_model_parallel_size: int = 1
+
+
+@dataclass
+class GenerateConfig:
+    """Root of ``conf/generate.yaml``.
+
+    load: the checkpoint: a training run / stage / step directory, a NeMo 2 directory, a
+        weights checkpoint of ``nemo_dmc.convert``, or a ``.pt`` state_dict (``null``: random
+        weights). (Not ``checkpoint``: that name is a config group of the trainer in ``conf/``.)
+    tokenizer: HF directory, ``tokenizer.json`` or ``.gguf`` (``null``: the run's tokenizer).
+    prompts: text prompts; prompt_token_ids: token-id prompts instead (no tokenizer needed).
+    """
+
+    load: Optional[str] = None
+    tokenizer: Optional[str] = None
+    prompts: List[str] = field(default_factory=list)
+    prompt_token_ids: Optional[List[List[int]]] = None
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dmc: DMCSettings = field(default_factory=DMCSettings)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+
+
+def register_schema() -> None:
+    """Register :class:`GenerateConfig` in Hydra's ConfigStore as ``generate_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.3f} MiB"
+
+
+def format_result(result: GenerationResult, prompt: str) -> str:
+    """The lines printed for one request."""
+    mem, cache = result.cache.memory, result.cache
+    text = result.text if result.text is not None else str(result.tokens)
+    return "\n".join([
+        f"[request {result.request_id}] prompt: {prompt!r}",
+        f"[request {result.request_id}] completion ({len(result.tokens)} tokens, "
+        f"{result.finish_reason}): {text!r}",
+        f"[request {result.request_id}] achieved CR {cache.compression_ratio:.2f} over "
+        f"{cache.tokens} tokens; KV cache {_mib(mem.logical)} logical, {_mib(mem.allocated)} "
+        f"allocated ({_mib(mem.waste)} block waste) + {_mib(mem.open_state)} open state; "
+        f"vanilla {_mib(mem.vanilla)}" + (f"; preempted {result.preemptions}x"
+                                          if result.preemptions else ""),
+    ])
+
+
+def run(cfg: GenerateConfig) -> List[GenerationResult]:
+    """Build the model (and tokenizer), generate, print on rank 0, return the results."""
+    import torch.distributed as dist
+
+    from nemo_dmc.data.tokenizer import load_tokenizer
+    from nemo_dmc.inference.engine import generate
+    from nemo_dmc.inference.loading import build_inference_model, find_tokenizer_path
+    from nemo_dmc.megatron import parallel
+
+    if cfg.prompt_token_ids is None and not cfg.prompts:
+        raise ValueError("prompts: give at least one prompt (or prompt_token_ids)")
+    params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
+                            top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
+                            stop_token_ids=tuple(cfg.sampling.stop_token_ids),
+                            seed=cfg.sampling.seed)
+    parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
+    try:
+        dmc = DMCConfig(init_offset=cfg.dmc.init_offset, window=cfg.dmc.window)
+        model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, dmc,
+                                                                key="load")
+        path = find_tokenizer_path(cfg.tokenizer, resolved)
+        tokenizer = load_tokenizer(path) if path is not None else None
+        if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"tokenizer: {path} has {tokenizer.vocab_size} tokens, more than "
+                             f"the model's vocab_size {model_cfg.vocab_size}")
+        if cfg.prompt_token_ids is not None:
+            prompts = [list(p) for p in cfg.prompt_token_ids]
+        elif tokenizer is None:
+            raise ValueError("tokenizer: text prompts need a tokenizer (none given and none "
+                             "recorded by the run of `load`); or use prompt_token_ids")
+        else:
+            prompts = list(cfg.prompts)
+        if tokenizer is not None and cfg.sampling.stop_at_eod:
+            params.stop_token_ids = tuple(params.stop_token_ids) + (tokenizer.eod_id,)
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            source = resolved.path if resolved is not None else "random initialisation"
+            print(f"model: {model_cfg.num_layers} layers, {model_cfg.num_attention_heads} heads / "
+                  f"{model_cfg.kv_heads} KV, weights {source}; DMC window {dmc.window}, "
+                  f"decisions {cfg.engine.force_decision or 'learned'}; tokenizer {path}",
+                  flush=True)
+        results = generate(model, prompts, params, cfg.engine, tokenizer=tokenizer,
+                           vocab_size=tokenizer.vocab_size if tokenizer else model_cfg.vocab_size)
+        if rank0:
+            for prompt, result in zip(prompts, results):
+                print(format_result(result, prompt if isinstance(prompt, str) else str(prompt)),
+                      flush=True)
+        return results
+    finally:
+        parallel.shutdown()
+
+
+register_schema()
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from nemo_dmc.inference.cache import CacheFullError
+
+    try:
+        run(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError, CacheFullError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

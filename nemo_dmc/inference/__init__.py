@@ -1,0 +1,27 @@
+"""DMC inference: a per-head paged compressed KV cache, parallel (chunked) prefill, batched
+decode with continuous batching, sampling, and tensor-parallel generation.
+
+Typical use::
+
+    from nemo_dmc.inference import EngineConfig, SamplingParams, generate
+    results = generate(model, ["def main():"], SamplingParams(max_new_tokens=32),
+                       EngineConfig(max_batch_size=4), tokenizer=tokenizer)
+    print(results[0].text, results[0].cache.compression_ratio)
+"""
+
+from nemo_dmc.inference.cache import CacheFullError, CacheLayout, MemoryReport, PagedKVCache
+from nemo_dmc.inference.engine import (
+    CacheStats,
+    EngineConfig,
+    GenerationResult,
+    InferenceEngine,
+    generate,
+)
+from nemo_dmc.inference.runner import DMCModelRunner
+from nemo_dmc.inference.sampling import SamplingParams, filter_logits, sample_tokens
+
+__all__ = [
+    "CacheFullError", "CacheLayout", "CacheStats", "DMCModelRunner", "EngineConfig",
+    "GenerationResult", "InferenceEngine", "MemoryReport", "PagedKVCache", "SamplingParams",
+    "filter_logits", "generate", "sample_tokens",
+]

@@ -1,0 +1,281 @@
+"""Pure-torch kernels of DMC inference: decisions of new tokens, the open-slot (running-average)
+state, and attention over a paged per-head cache.
+
+This module is the one dispatch point for faster kernels (e.g. Triton): the cache update
+(:func:`advance_open_runs`, :func:`accumulate_chunk`) and the decode attention
+(:func:`paged_decode_attention`) are separate functions with fixed shapes. All decision,
+importance and accumulation math comes from :mod:`nemo_dmc.core`.
+
+Shape letters: ``b`` sequences, ``hq`` query heads and ``hk`` KV heads (local to this
+tensor-parallel rank), ``c`` tokens of a chunk, ``d`` head dim, ``e = 2d + 1`` a weighted
+entry ``[omega*k | omega*v | omega]`` (keys pre-RoPE, decision channel zeroed), ``r`` entries
+of an open run (the merge window ``W``, or 1 for unbounded runs where the single entry is the
+running sum), ``n`` blocks in the pool, ``bs`` block size, ``m`` blocks per head, ``t`` slots.
+
+Open runs are kept in at least fp32 (like :func:`nemo_dmc.core.partial_accumulate`); an
+unbounded run is ``[S | Z]`` with ``S = sum omega*[k|v]`` and ``Z = sum omega``; a windowed
+run is a ring of the last ``W`` entries (zeros where the run is shorter) whose oldest entry
+is at ``ring_next``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nemo_dmc.core import (
+    DMCConfig,
+    decision_logits,
+    dmc_score_bias,
+    importance,
+    linear_scan,
+    make_decisions,
+    windowed_scan,
+    zero_decision_channel,
+)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of open runs and scores: at least fp32 (as core's accumulation)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def run_entries(window: Optional[int]) -> int:
+    """Entries ``r`` of an open run: ``W`` for a windowed average, 1 (the running sum) otherwise."""
+    return 1 if window is None else window
+
+
+@dataclass
+class ChunkDecisions:
+    """Hard decisions of a chunk of new tokens (all ``[b, hk, c]`` unless noted).
+
+    merge: 1 = the token merges into the head's last slot, 0 = it appends a slot.
+    state_bias: score bias of chunk state ``i`` for later queries of the chunk (``hard_bias``
+        where token ``i + 1`` merges into it, else 0), as :func:`nemo_dmc.core.make_decisions`.
+    open_bias: ``[b, hk]`` score bias of the cached open slot for this chunk's queries
+        (``hard_bias`` when the chunk's first token merges into it).
+    """
+
+    merge: Tensor
+    state_bias: Tensor
+    open_bias: Tensor
+
+
+def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig) -> ChunkDecisions:
+    """Decisions of a chunk that starts a sequence or continues a cached one.
+
+    Args:
+        key: ``[b, hk, c, d]`` pre-RoPE keys of the chunk.
+        starts_sequence: ``[b]`` bool, True where the chunk holds the sequence's first token
+            (which always appends); otherwise the chunk's first token may merge into the
+            cached open slot.
+    """
+    logits = decision_logits(key, config.init_offset)
+    # A leading stand-in for the cached open slot lets make_decisions see the chunk's first
+    # token as a continuation (and gives the open slot's survival bias at index 0).
+    cont = make_decisions(F.pad(logits, (1, 0)), config, training=False)
+    merge, state_bias = cont.hard[..., 1:], cont.state_bias[..., 1:]
+    if bool(starts_sequence.any()):
+        fresh = make_decisions(logits, config, training=False)
+        first = starts_sequence.view(-1, 1, 1)
+        merge = torch.where(first, fresh.hard, merge)
+        state_bias = torch.where(first, fresh.state_bias, state_bias)
+    return ChunkDecisions(merge=merge, state_bias=state_bias, open_bias=cont.state_bias[..., 0])
+
+
+def chunk_entries(query: Tensor, key: Tensor, value: Tensor,
+                  config: DMCConfig) -> Tuple[Tensor, Tensor]:
+    """Zeroed queries and the weighted entries of a chunk.
+
+    Args:
+        query: ``[b, hq, c, d]``; key, value: ``[b, hk, c, d]`` (pre-RoPE).
+
+    Returns:
+        ``(query with the decision channel zeroed [b, hq, c, d], entries [b, hk, c, e])``.
+    """
+    dtype = acc_dtype(key.dtype)
+    omega = importance(query, key.shape[1], config.init_offset).to(dtype).unsqueeze(-1)
+    kv = torch.cat([zero_decision_channel(key), value], dim=-1).to(dtype)
+    return zero_decision_channel(query), torch.cat([omega * kv, omega], dim=-1)
+
+
+def normalize(acc: Tensor) -> Tensor:
+    """``[..., e]`` weighted sums -> ``[..., 2d]`` averages ``S / Z`` (keys then values)."""
+    return acc[..., :-1] / acc[..., -1:].clamp_min(torch.finfo(acc.dtype).tiny)
+
+
+def chronological(open_runs: Tensor, ring_next: Tensor) -> Tensor:
+    """Entries of open runs ``[b, hk, r, e]`` oldest first (the ring starts at ``ring_next``)."""
+    r = open_runs.shape[-2]
+    if r == 1:
+        return open_runs
+    order = (ring_next.unsqueeze(-1) + torch.arange(r, device=open_runs.device)) % r
+    return open_runs.gather(-2, order.unsqueeze(-1).expand_as(open_runs))
+
+
+def accumulate_chunk(entries: Tensor, merge: Tensor, open_runs: Tensor,
+                     window: Optional[int]) -> Tensor:
+    """Weighted sums of every state of a chunk, continuing each head's open run.
+
+    The open run's entries (oldest first) are prepended as one run, so the chunk's first
+    token continues it when it merges; core's scan then gives the same sums as a scan over
+    the whole sequence (truncated to the last ``W`` terms when windowed).
+
+    Args:
+        entries: ``[b, hk, c, e]`` weighted entries of the chunk.
+        merge: ``[b, hk, c]`` hard decisions.
+        open_runs: ``[b, hk, r, e]`` chronological open runs (zeros for new sequences).
+
+    Returns:
+        ``[b, hk, r + c, e]`` unnormalised sums over the open run and the chunk.
+    """
+    b, hk, r, _ = open_runs.shape
+    alpha_open = torch.ones(r, dtype=entries.dtype, device=entries.device)
+    alpha_open[0] = 0.0
+    alpha = torch.cat([alpha_open.expand(b, hk, r), merge.to(entries.dtype)], dim=-1)
+    x = torch.cat([open_runs, entries], dim=-2)
+    return linear_scan(alpha, x) if window is None else windowed_scan(alpha, x, window)
+
+
+def open_runs_after_chunk(open_runs: Tensor, entries: Tensor, merge: Tensor, sums: Tensor,
+                          counts: Tensor, window: Optional[int]) -> Tensor:
+    """Each head's open run after the first ``counts[b]`` tokens of a chunk, in canonical
+    form (chronological; a windowed ring then has its oldest entry at index 0).
+
+    Args:
+        open_runs: ``[b, hk, r, e]`` chronological runs before the chunk.
+        entries, merge: the chunk's ``[b, hk, c, e]`` entries and ``[b, hk, c]`` decisions.
+        sums: ``[b, hk, r + c, e]`` from :func:`accumulate_chunk`.
+        counts: ``[b]`` real (unpadded) tokens per sequence, >= 1.
+    """
+    b, hk, r, e = open_runs.shape
+    end = (r + counts - 1).view(b, 1, 1, 1)  # index of each sequence's last token
+    if window is None:
+        return sums.gather(-2, end.expand(b, hk, 1, e))
+    ext = torch.cat([open_runs, entries], dim=-2)
+    steps = ext.shape[-2]
+    alpha = F.pad(merge.to(ext.dtype), (r, 0), value=1.0)
+    idx = torch.arange(steps, device=ext.device)
+    # start of the last run: the latest append at or before `end` (index 0 always "appends")
+    appends = (alpha == 0) | (idx == 0)
+    start = torch.where(appends & (idx <= end.view(b, 1, 1)), idx, -1).amax(-1, keepdim=True)
+    pos = end.view(b, 1, 1) - window + 1 + torch.arange(window, device=ext.device)  # [b, 1, W]
+    valid = (pos >= start) & (pos >= 0)
+    pos = pos.clamp_min(0).expand(b, hk, window)
+    ring = ext.gather(-2, pos.unsqueeze(-1).expand(b, hk, window, e))
+    return ring * valid.unsqueeze(-1)
+
+
+def advance_open_runs(open_runs: Tensor, ring_next: Tensor, entry: Tensor, merge: Tensor,
+                      window: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """Incremental cache update of one token per head: ``S += omega*[k|v], Z += omega`` on
+    merge, ``S = omega*[k|v], Z = omega`` on append (windowed: the new entry replaces the
+    oldest of the ring, or resets it).
+
+    Args:
+        open_runs: ``[b, hk, r, e]``; ring_next: ``[b, hk]`` (windowed rings).
+        entry: ``[b, hk, e]`` the new token's weighted entry; merge: ``[b, hk]`` 0/1.
+
+    Returns:
+        ``(open_runs, ring_next)`` after the token; the slot is ``normalize(runs.sum(-2))``.
+    """
+    keep = merge.to(open_runs.dtype).view(*merge.shape, 1, 1)
+    if window is None:
+        return keep * open_runs + entry.unsqueeze(-2), ring_next
+    index = torch.where(merge.bool(), ring_next, torch.zeros_like(ring_next))
+    runs = open_runs * keep
+    where = index.view(*index.shape, 1, 1).expand(*index.shape, 1, entry.shape[-1])
+    runs = runs.scatter(-2, where, entry.unsqueeze(-2))
+    return runs, (index + 1) % window
+
+
+def gather_slots(key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, lengths: Tensor,
+                 workspace: Optional[Tuple[Tensor, Tensor]] = None
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Copy each head's slots out of the paged pool into padded tensors.
+
+    Args:
+        key_pool, value_pool: ``[n, bs, d]``.
+        block_tables: ``[b, hk, m]`` block ids (< 0 where unused); lengths: ``[b, hk]`` slots.
+        workspace: optional flat buffers (each >= ``b * hk * t * d`` elements) to copy into,
+            saving an allocation per call.
+
+    Returns:
+        ``keys [b, hk, t, d], values [b, hk, t, d], valid [b, hk, t]`` with ``t`` the longest
+        head's length rounded up to whole blocks (cost scales with the compressed lengths).
+    """
+    b, hk, _ = block_tables.shape
+    bs, d = key_pool.shape[1], key_pool.shape[2]
+    blocks = max(1, -(-int(lengths.max()) // bs)) if lengths.numel() else 1
+    ids = block_tables[..., :blocks].clamp_min(0).reshape(-1)
+    shape, numel = (b, hk, blocks * bs, d), b * hk * blocks * bs * d
+    if workspace is not None and workspace[0].numel() >= numel:
+        keys = torch.index_select(key_pool, 0, ids, out=workspace[0][:numel].view(-1, bs, d))
+        values = torch.index_select(value_pool, 0, ids, out=workspace[1][:numel].view(-1, bs, d))
+    else:
+        keys, values = key_pool.index_select(0, ids), value_pool.index_select(0, ids)
+    valid = torch.arange(blocks * bs, device=lengths.device) < lengths.unsqueeze(-1)
+    return keys.view(shape), values.view(shape), valid
+
+
+def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
+                           block_tables: Tensor, lengths: Tensor, scale: float,
+                           workspace: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """One query token per sequence over each KV head's own slots (GQA: the ``hq / hk``
+    query heads of a group read their KV head's slots).
+
+    Args:
+        query: ``[b, hq, d]`` (RoPE applied, decision channel zeroed).
+        key_pool, value_pool: ``[n, bs, d]`` (keys rotated); block_tables: ``[b, hk, m]``;
+        lengths: ``[b, hk]`` (>= 1: the open slot is always present); workspace: see
+        :func:`gather_slots`.
+
+    Returns:
+        ``[b, hq, d]``.
+    """
+    b, hq, d = query.shape
+    hk = block_tables.shape[1]
+    keys, values, valid = gather_slots(key_pool, value_pool, block_tables, lengths, workspace)
+    dtype = acc_dtype(query.dtype)
+    q = query.view(b, hk, hq // hk, d).to(dtype) * scale
+    padding = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    padding.masked_fill_(~valid, float("-inf"))
+    scores = torch.matmul(q, keys.to(dtype).transpose(-1, -2)) + padding.unsqueeze(2)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [b, hk, g, t]
+    return torch.matmul(probs, values).view(b, hq, d)
+
+
+def prefix_chunk_attention(query: Tensor, prior_keys: Tensor, prior_values: Tensor,
+                           prior_bias: Tensor, keys: Tensor, values: Tensor, state_bias: Tensor,
+                           scale: float) -> Tensor:
+    """Chunk queries over the cached slots of earlier chunks plus the chunk's own states.
+
+    The chunk part follows :func:`nemo_dmc.core.dmc_score_bias` (causal, survival bias, no
+    bias on a query's own state).
+
+    Args:
+        query: ``[b, hq, c, d]``; prior_keys, prior_values: ``[b, hk, t, d]`` cached slots;
+        prior_bias: ``[b, hk, t]`` (0, ``hard_bias`` for a superseded open slot, ``-inf``
+        for padding); keys, values: ``[b, hk, c, d]`` chunk states; state_bias: ``[b, hk, c]``.
+
+    Returns:
+        ``[b, hq, c, d]``.
+    """
+    b, hq, c, d = query.shape
+    hk, t = prior_keys.shape[1], prior_keys.shape[2]
+    g = hq // hk
+    dtype = acc_dtype(query.dtype)
+    q = query.reshape(b, hk, g * c, d).to(dtype) * scale
+    prior = torch.matmul(q, prior_keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, t)
+    prior = prior + prior_bias.to(dtype).view(b, hk, 1, 1, t)
+    own = torch.matmul(q, keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, c)
+    own = own + dmc_score_bias(state_bias.to(dtype)).unsqueeze(2)
+    probs = torch.softmax(torch.cat([prior, own], dim=-1), dim=-1).to(values.dtype)
+    probs = probs.view(b, hk, g * c, t + c)
+    out = (torch.matmul(probs[..., :t], prior_values)
+           + torch.matmul(probs[..., t:], values))
+    return out.view(b, hq, c, d)

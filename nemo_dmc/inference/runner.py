@@ -1,0 +1,198 @@
+"""Running a megatron-core DMC ``GPTModel`` over a :class:`PagedKVCache`.
+
+The runner walks the model's own modules (embedding, then per layer: input norm, DMC
+self-attention against the cache, bias-dropout-add, pre-MLP norm, MLP, add; final norm,
+output layer with logits gathered over tensor-parallel ranks), so the weights and the
+per-rank head split are exactly those of the model. Each rank caches its own KV heads.
+
+Prefill runs a chunk of tokens in parallel: one forward computes hard decisions and the
+partial accumulations of the whole chunk (continuing each head's open run), attends to the
+cached slots of earlier chunks plus the chunk's own states, and commits only the surviving
+states. Decode runs one token per sequence: an incremental open-slot update, then
+attention over each head's own slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.identity_op import IdentityOp
+from torch import Tensor
+
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.inference.attention import decode_attention, prefill_attention
+from nemo_dmc.inference.cache import CacheFullError, CacheLayout, PagedKVCache
+from nemo_dmc.megatron.attention import ZERO_OUT_MODE, DMCSelfAttention, megatron_rope
+
+
+def _dmc_attentions(model: GPTModel) -> List[DMCSelfAttention]:
+    if not (model.pre_process and model.post_process):
+        raise ValueError("inference needs the whole model on each rank "
+                         "(pipeline_model_parallel_size must be 1)")
+    if model.config.sequence_parallel:
+        raise ValueError("inference runs without sequence parallelism: build the model with "
+                         "parallel.sequence_parallel=false")
+    attentions = []
+    for i, layer in enumerate(model.decoder.layers):
+        attn = layer.self_attention
+        if not isinstance(attn, DMCSelfAttention):
+            raise ValueError(f"layer {i} has {type(attn).__name__}, not DMCSelfAttention: build "
+                             "the model with a DMC config (nemo_dmc.megatron.model.build_model)")
+        if attn.dmc_mode == ZERO_OUT_MODE:
+            raise ValueError(f"layer {i} is in zero-out mode; inference needs DMC mode")
+        if not isinstance(layer.cross_attention, IdentityOp):
+            raise ValueError(f"layer {i} has cross-attention, which inference does not support")
+        attentions.append(attn)
+    return attentions
+
+
+class DMCModelRunner:
+    """Prefill and decode of rows of a :class:`PagedKVCache` with a DMC ``GPTModel``.
+
+    Args:
+        model: a megatron GPTModel whose layers use
+            :class:`~nemo_dmc.megatron.attention.DMCSelfAttention` (put in eval mode here).
+        block_size, num_blocks, max_sequences, max_sequence_length: the cache layout.
+        force_decision: ``"append"`` runs the same engine with DMC off (a vanilla cache),
+            ``"merge"`` merges every token; ``None`` uses the model's decisions.
+    """
+
+    def __init__(self, model: GPTModel, *, block_size: int, num_blocks: int,
+                 max_sequences: int, max_sequence_length: int,
+                 force_decision: Optional[str] = None) -> None:
+        self.model = model.eval()
+        attentions = _dmc_attentions(model)
+        self.dmc: List[DMCConfig] = [replace(a.dmc_config, force_decision=force_decision)
+                                     if force_decision is not None else a.dmc_config
+                                     for a in attentions]
+        windows = {c.window for c in self.dmc}
+        if len(windows) != 1:
+            raise ValueError("all layers must share one dmc.window, got "
+                             f"{sorted(windows, key=str)}")
+        first = attentions[0]
+        self.heads = first.num_attention_heads_per_partition
+        self.kv_heads = first.num_query_groups_per_partition
+        self.head_dim = first.hidden_size_per_attention_head
+        self.scale = first.core_attention.softmax_scale
+        self.window = windows.pop()
+        self.cache = PagedKVCache(CacheLayout(
+            num_layers=len(attentions), kv_heads=self.kv_heads, head_dim=self.head_dim,
+            window=self.window, block_size=block_size, num_blocks=num_blocks,
+            max_sequences=max_sequences, max_sequence_length=max_sequence_length,
+            dtype=model.config.params_dtype), device=self.device)
+        freqs = model.rotary_pos_emb(max_sequence_length)
+        self._rope = megatron_rope(freqs, model.config)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model (and its cache) live."""
+        return self.model.embedding.word_embeddings.weight.device
+
+    # -- public steps --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                chunk_size: Optional[int] = None, all_logits: bool = False):
+        """Feed each row's next tokens (a prompt, or the rest of one) in parallel chunks.
+
+        Args:
+            rows: cache rows; tokens: the tokens per row (>= 1 each), appended after what the
+                row already caches.
+            chunk_size: at most this many tokens per row per forward (``None``: all at once).
+            all_logits: return the logits of every fed token instead of only the last.
+
+        Returns:
+            ``[b, vocab]`` logits of each row's last token, or (``all_logits``) a list of
+            ``[len(tokens[i]), vocab]``. If the pool ran out of blocks, ``cache.overflow``
+            is set and the rows' state is undefined (release them).
+        """
+        if len(rows) != len(tokens) or any(len(t) == 0 for t in tokens):
+            raise ValueError("prefill needs one non-empty token list per row")
+        chunk = chunk_size or max(len(t) for t in tokens)
+        device = self.device
+        pending = [torch.as_tensor(list(t), dtype=torch.int64, device=device) for t in tokens]
+        outputs: List[List[Tensor]] = [[] for _ in rows]
+        done = 0
+        while any(len(t) > done for t in pending):
+            active = [i for i, t in enumerate(pending) if len(t) > done]
+            pieces = [pending[i][done:done + chunk] for i in active]
+            counts = torch.tensor([len(p) for p in pieces], device=device)
+            batch = torch.nn.utils.rnn.pad_sequence(pieces, batch_first=True)
+            row_ids = torch.as_tensor([rows[i] for i in active], device=device)
+            hidden = self._forward(row_ids, batch, counts)
+            if all_logits:
+                logits = self._logits(hidden)  # [b, c, vocab]
+                for j, i in enumerate(active):
+                    outputs[i].append(logits[j, :int(counts[j])])
+            else:
+                last = hidden[counts - 1, torch.arange(len(active), device=device)]
+                logits = self._logits(last.unsqueeze(0))[:, 0]
+                for j, i in enumerate(active):
+                    outputs[i] = [logits[j]]
+            done += chunk
+        if all_logits:
+            return [torch.cat(o) for o in outputs]
+        return torch.stack([o[0] for o in outputs])
+
+    @torch.no_grad()
+    def decode(self, rows: Sequence[int] | Tensor, tokens: Tensor) -> Tensor:
+        """Feed one token per row; returns ``[b, vocab]`` logits.
+
+        Raises :class:`CacheFullError` if the pool ran out of blocks (the rows' state is
+        then undefined: release them); check ``cache.blocks_needed_for_next_token`` first.
+        """
+        row_ids = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
+        hidden = self._forward(row_ids, tokens.view(-1, 1).to(self.device), None)
+        if self.cache.overflow:
+            raise CacheFullError(f"the KV pool (engine.num_blocks={self.cache.layout.num_blocks}) "
+                                 "ran out of blocks during decode; release the rows")
+        return self._logits(hidden)[:, 0]
+
+    # -- the model walk ------------------------------------------------------------------------
+
+    def _forward(self, rows: Tensor, tokens: Tensor, counts: Optional[Tensor]) -> Tensor:
+        """``tokens [b, c]`` (``counts=None``: decode, c = 1) -> final hidden ``[c, b, h]``."""
+        limit = self.cache.layout.max_sequence_length
+        starts = self.cache.positions[rows]
+        last = int((starts + (1 if counts is None else counts) - 1).max())
+        if last >= limit:
+            raise ValueError(f"position {last} exceeds engine.max_sequence_length={limit}")
+        positions = starts.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
+        positions = positions.clamp_max(limit - 1)  # padding of short rows in a chunk
+        hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
+        for layer_number, layer in enumerate(self.model.decoder.layers):
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            attn_out = self._attention(layer_number, layer.self_attention, x, rows, positions,
+                                       counts)
+            hidden = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
+                attn_out, residual, layer.hidden_dropout)
+            residual = hidden
+            mlp_out = layer.mlp(layer.pre_mlp_layernorm(hidden))
+            hidden = layer.mlp_bda(False, layer.config.bias_dropout_fusion)(
+                mlp_out, residual, layer.hidden_dropout)
+        self.cache.positions[rows] += 1 if counts is None else counts
+        return self.model.decoder.final_layernorm(hidden)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """``[s, b, h]`` -> ``[b, s, vocab]`` (full padded vocab, gathered over TP)."""
+        weight = (self.model.shared_embedding_or_output_weight()
+                  if self.model.share_embeddings_and_output_weights else None)
+        logits, _ = self.model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        return logits.transpose(0, 1).float()
+
+    def _attention(self, layer: int, attn: DMCSelfAttention, x: Tensor, rows: Tensor,
+                   positions: Tensor, counts: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        query, key, value = attn.get_query_key_value_tensors(x)  # [c, b, heads, d]
+        query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if counts is None:
+            out = decode_attention(self.cache, layer, rows, query, key, value, positions,
+                                   self.dmc[layer], self._rope, self.scale)
+        else:
+            out = prefill_attention(self.cache, layer, rows, query, key, value, positions,
+                                    counts, self.dmc[layer], self._rope, self.scale)
+        c, b = out.shape[2], out.shape[0]
+        return attn.linear_proj(out.permute(2, 0, 1, 3).reshape(c, b, -1))

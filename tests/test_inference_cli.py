@@ -1,0 +1,95 @@
+"""Loading our checkpoints for inference, and ``python -m nemo_dmc.generate``."""
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from megatron.core import dist_checkpointing
+from omegaconf import OmegaConf
+
+from conftest import _free_port
+from megatron_utils import TINY_GQA
+from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.data.tokenizer import train_bpe_tokenizer
+from nemo_dmc.generate import GenerateConfig, run
+from nemo_dmc.inference.loading import build_inference_model
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.parallel import seed_all
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = replace(TINY_GQA, vocab_size=384)
+TEXTS = ["The list data type has some more methods.", "def main():\n    return 0\n"] * 20
+
+
+def _trainer_run(run_dir: Path, window: int = 5,
+                 stages=(("retrofit", 3), ("finetune", 2))) -> dict:
+    """A run directory as the trainer leaves it: config, tokenizer, two stages of checkpoints."""
+    seed_all(21)
+    model = build_model(SHAPE, DMCConfig(init_offset=0.0, window=window))
+    tokenizer = train_bpe_tokenizer(TEXTS, run_dir / "tokenizer", vocab_size=300)
+    config = {"model": asdict(SHAPE), "dmc": {"target_cr": 4.0, "init_offset": 0.0,
+                                              "temperature": 0.1, "window": window},
+              "data": {"source": "indexed", "tokenizer": str(run_dir / "tokenizer")}}
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    for stage, step in stages:
+        path = run_dir / "checkpoints" / stage / f"step_{step:07d}"
+        path.mkdir(parents=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict(prefix="module.")}, str(path))
+    assert tokenizer.vocab_size <= SHAPE.vocab_size
+    return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def _same_weights(model, state) -> bool:
+    return all(torch.equal(model.state_dict()[k], v) for k, v in state.items()
+               if not k.endswith("_extra_state"))
+
+
+def test_training_run_loads_latest_checkpoint_with_its_model_and_dmc_config(megatron_tp1,
+                                                                            tmp_path):
+    state = _trainer_run(tmp_path, window=5)
+    model, shape, dmc, resolved = build_inference_model(tmp_path, TINY_GQA, DMCConfig())
+    assert resolved.path.name == "step_0000002" and resolved.path.parent.name == "finetune"
+    assert shape == SHAPE and dmc.window == 5 and dmc.init_offset == 0.0
+    assert _same_weights(model, state)
+
+
+def test_weights_checkpoint_and_state_dict_file_load(megatron_tp1, tmp_path):
+    seed_all(22)
+    source = build_model(SHAPE, dmc=None)
+    state = {k: v.clone() for k, v in source.state_dict().items() if torch.is_tensor(v)}
+    save_weights_checkpoint(source, SHAPE, tmp_path / "weights_ckpt")
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    loaded, shape, _, _ = build_inference_model(tmp_path / "weights_ckpt", TINY_GQA, DMCConfig())
+    assert shape == SHAPE and _same_weights(loaded, state)
+    loaded, _, _, _ = build_inference_model(tmp_path / "model.pt", SHAPE, DMCConfig())
+    assert _same_weights(loaded, state)
+
+
+def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(FileNotFoundError, match="^load: "):
+        run(GenerateConfig(load=str(tmp_path / "nowhere"), prompt_token_ids=[[1, 2]]))
+
+
+def test_generate_cli_prints_completions_with_achieved_ratio_and_kv_memory(megatron_tp1, tmp_path,
+                                                                          capsys):
+    _trainer_run(tmp_path / "run", stages=(("finetune", 2),))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=[
+            f"load={tmp_path / 'run'}", "prompts=['The list data type','def main():']",
+            "sampling.max_new_tokens=6", "sampling.temperature=0.8", "sampling.top_k=50",
+            "engine.max_sequence_length=64", "engine.block_size=4"])
+    results = run(OmegaConf.to_object(cfg))
+    out = capsys.readouterr().out
+    assert "finetune/step_0000002" in out and "tokenizer" in out
+    for result in results:
+        assert 1 <= len(result.tokens) <= 6
+        assert f"[request {result.request_id}] completion ({len(result.tokens)} tokens" in out
+        assert (f"[request {result.request_id}] achieved CR "
+                f"{result.cache.compression_ratio:.2f} over {result.cache.tokens} tokens; "
+                "KV cache") in out

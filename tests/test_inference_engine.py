@@ -1,0 +1,311 @@
+"""The inference engine on megatron-core DMC models (TP=1): exactness against the model's
+full-sequence forward, DMC off vs megatron's static KV cache, batching, the block pool,
+sampling and errors."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_utils import TINY_GQA
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.inference import (
+    CacheFullError,
+    DMCModelRunner,
+    EngineConfig,
+    InferenceEngine,
+    SamplingParams,
+    filter_logits,
+    generate,
+)
+from nemo_dmc.megatron.cpu_shims import causal_attention_mask
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.parallel import seed_all
+from nemo_dmc.megatron.zero_out import zero_decision_projections
+
+TINY_MHA = replace(TINY_GQA, num_query_groups=None)
+VOCAB = TINY_GQA.vocab_size
+
+
+def _model(shape=TINY_GQA, window=3, seed=7):
+    seed_all(seed)  # offset 0: the decision logit is k[D-1] itself, so about half merge
+    return build_model(shape, DMCConfig(init_offset=0.0, window=window)).eval()
+
+
+def _full_logits(model, tokens):
+    b, s = tokens.shape
+    with torch.no_grad():
+        return model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s))
+
+
+def _greedy_reference(model, prompt, new_tokens):
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        logits = _full_logits(model, torch.tensor([tokens]))
+        tokens.append(int(logits[0, -1, :VOCAB].argmax()))
+    return tokens[len(prompt):]
+
+
+def _prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("shape", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window", [None, 3], ids=["unbounded", "window3"])
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole_prompt", "chunks_of_3"])
+def test_prefill_and_decode_logits_equal_full_forward_for_mixed_lengths(megatron_tp1, shape,
+                                                                        window, chunk):
+    model = _model(shape, window)
+    seq, prompt_lengths = 16, [5, 11, 8]
+    tokens = torch.randint(0, VOCAB, (3, seq), generator=torch.Generator().manual_seed(0))
+    full = _full_logits(model, tokens)
+    merges = torch.cat([layer.self_attention.last_decisions.hard for layer in model.decoder.layers])
+    assert 0.2 < merges.mean() < 0.8
+
+    runner = DMCModelRunner(model, block_size=4, num_blocks=200, max_sequences=3,
+                            max_sequence_length=seq)
+    rows = [runner.cache.acquire_row() for _ in prompt_lengths]
+    prompts = [tokens[i, :n].tolist() for i, n in enumerate(prompt_lengths)]
+    prompt_logits = runner.prefill(rows, prompts, chunk_size=chunk, all_logits=True)
+    for i, n in enumerate(prompt_lengths):
+        torch.testing.assert_close(prompt_logits[i], full[i, :n], atol=1e-5, rtol=1e-5)
+    for t in range(min(prompt_lengths), seq):
+        active = [i for i, n in enumerate(prompt_lengths) if n <= t]
+        logits = runner.decode([rows[i] for i in active], tokens[active, t])
+        torch.testing.assert_close(logits, full[active, t], atol=1e-5, rtol=1e-5)
+
+
+def test_one_prefill_can_start_new_rows_and_continue_cached_ones(megatron_tp1):
+    model = _model()
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+    full = _full_logits(model, tokens)
+    runner = DMCModelRunner(model, block_size=2, num_blocks=100, max_sequences=2,
+                            max_sequence_length=12)
+    cached, new = runner.cache.acquire_row(), runner.cache.acquire_row()
+    runner.prefill([cached], [tokens[0, :5].tolist()])
+    logits = runner.prefill([cached, new], [tokens[0, 5:].tolist(), tokens[1, :9].tolist()],
+                            all_logits=True)
+    torch.testing.assert_close(logits[0], full[0, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], full[1, :9], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_lengths_are_the_appends_of_the_models_hard_decisions(megatron_tp1):
+    model = _model()
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    _full_logits(model, tokens)
+    merges = torch.stack([layer.self_attention.last_decisions.hard
+                          for layer in model.decoder.layers], dim=1)  # [b, layers, hk, s]
+    runner = DMCModelRunner(model, block_size=4, num_blocks=100, max_sequences=2,
+                            max_sequence_length=12)
+    rows = [runner.cache.acquire_row() for _ in range(2)]
+    runner.prefill(rows, [tokens[0, :7].tolist(), tokens[1, :7].tolist()], chunk_size=4)
+    for t in range(7, 12):
+        runner.decode(rows, tokens[:, t])
+    assert torch.equal(runner.cache.lengths[rows], (12 - merges.sum(-1)).long())
+
+
+def _megatron_static_greedy(model, prompts, new_tokens):
+    """Greedy generation with megatron-core's StaticInferenceContext (equal-length prompts)."""
+    tokens = torch.tensor(prompts)
+    b, s = tokens.shape
+    context = StaticInferenceContext(b, s + new_tokens)
+    out, logits_seen = [], []
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s),
+                       inference_context=context, runtime_gather_output=True)
+        context.sequence_len_offset, position = s, s
+        for _ in range(new_tokens):
+            logits_seen.append(logits[:, -1, :VOCAB])
+            nxt = logits[:, -1, :VOCAB].argmax(-1)
+            out.append(nxt)
+            context.enable_decode_mode()
+            logits = model(nxt[:, None], torch.full((b, 1), position), None,
+                           inference_context=context, runtime_gather_output=True)
+            context.sequence_len_offset += 1
+            position += 1
+    return torch.stack(out, 1).tolist(), torch.stack(logits_seen, 1)
+
+
+def test_dmc_off_engine_equals_megatron_static_kv_cache_generation(megatron_tp1):
+    seed_all(11)
+    vanilla = build_model(TINY_GQA, dmc=None).eval()
+    dmc = build_model(TINY_GQA, DMCConfig()).eval()
+    dmc.load_state_dict(vanilla.state_dict())
+    # the repurposed channel carries nothing in a vanilla model: zero it in both (DMC zeroes it)
+    zero_decision_projections(vanilla)
+    zero_decision_projections(dmc)
+    prompts = _prompts([6, 6, 6], seed=4)
+    expected, megatron_logits = _megatron_static_greedy(vanilla, prompts, new_tokens=8)
+    config = EngineConfig(max_batch_size=3, max_sequence_length=16, block_size=4,
+                          force_decision="append")
+    results = InferenceEngine(dmc, config, vocab_size=VOCAB).generate(
+        prompts, SamplingParams(max_new_tokens=8))
+    assert [r.tokens for r in results] == expected
+    assert all(r.cache.compression_ratio == 1.0 for r in results)
+
+    runner = InferenceEngine(dmc, config).runner
+    rows = [runner.cache.acquire_row() for _ in prompts]
+    logits = [runner.prefill(rows, prompts)]
+    for step in range(7):
+        logits.append(runner.decode(rows, torch.tensor([e[step] for e in expected])))
+    torch.testing.assert_close(torch.stack(logits, 1)[..., :VOCAB], megatron_logits,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_batched_continuous_generation_equals_one_request_at_a_time(megatron_tp1):
+    model = _model()
+    prompts, news = _prompts([4, 9, 2, 7, 5]), [6, 3, 8, 5, 4]
+    config = EngineConfig(max_batch_size=2, max_sequence_length=24, block_size=2,
+                          prefill_chunk_size=3)
+    batched = InferenceEngine(model, config, vocab_size=VOCAB).generate(
+        prompts, [SamplingParams(max_new_tokens=n) for n in news])
+    assert [r.tokens for r in batched] == [_greedy_reference(model, p, n)
+                                           for p, n in zip(prompts, news)]
+
+
+def test_sequences_join_and_leave_and_the_pool_returns_to_empty(megatron_tp1):
+    model = _model(TINY_MHA)
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=3, max_sequence_length=40,
+                                                 block_size=2, num_blocks=400),
+                             vocab_size=VOCAB)
+    g = torch.Generator().manual_seed(5)
+    for n in torch.randint(1, 12, (12,), generator=g).tolist():
+        new_tokens = int(torch.randint(1, 12, (1,), generator=g))
+        engine.add_request(_prompts([n], seed=n)[0], SamplingParams(max_new_tokens=new_tokens))
+    running, finished = [], 0
+    while engine.has_unfinished:
+        finished += len(engine.step())
+        running.append(engine.num_running)
+        if engine.has_unfinished:
+            assert engine.cache.num_used_blocks > 0
+    assert finished == 12 and max(running) == 3 and len(set(running)) > 2
+    assert engine.cache.num_free_blocks == 400 and engine.cache.num_free_rows == 3
+    assert torch.all(engine.cache.block_tables == -1) and torch.all(engine.cache.lengths == 0)
+
+
+def test_pool_shortage_preempts_a_sequence_without_changing_any_output(megatron_tp1):
+    model = _model(window=None)
+    prompts, news = _prompts([6, 8, 5, 7]), [9, 7, 9, 8]
+    # each sequence fits alone (<= 8 heads x 8 blocks of 2), all four together do not
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=4, max_sequence_length=20,
+                                                 block_size=2, num_blocks=80), vocab_size=VOCAB)
+    results = engine.generate(prompts, [SamplingParams(max_new_tokens=n) for n in news])
+    assert engine.preemptions > 0
+    assert [r.tokens for r in results] == [_greedy_reference(model, p, n)
+                                           for p, n in zip(prompts, news)]
+    assert engine.cache.num_free_blocks == 80
+
+
+def test_prompt_larger_than_the_pool_is_a_clear_error(megatron_tp1):
+    engine = InferenceEngine(_model(), EngineConfig(max_batch_size=2, max_sequence_length=64,
+                                                    block_size=2, num_blocks=6))
+    with pytest.raises(CacheFullError, match="engine.num_blocks"):
+        engine.generate(_prompts([40]))
+    assert engine.cache.num_free_blocks == 6
+
+
+def test_results_report_achieved_ratio_and_kv_memory(megatron_tp1):
+    model = _model()
+    (result,) = InferenceEngine(model, EngineConfig(max_batch_size=1, max_sequence_length=32,
+                                                    block_size=4), vocab_size=VOCAB
+                                ).generate(_prompts([10]), SamplingParams(max_new_tokens=6))
+    stats = result.cache
+    assert stats.tokens == 15  # the last sampled token is never fed
+    assert stats.head_lengths.shape == (2, 4)
+    slots = int(stats.head_lengths.sum())
+    assert stats.compression_ratio == pytest.approx(15 * 8 / slots) and stats.compression_ratio > 1
+    slot_bytes = 2 * TINY_GQA.head_dim * 4
+    assert stats.memory.logical == slots * slot_bytes
+    assert stats.memory.allocated == int(((stats.head_lengths + 3) // 4).sum()) * 4 * slot_bytes
+
+
+def test_stop_token_ends_generation_and_max_new_tokens_caps_it(megatron_tp1):
+    model = _model()
+    prompt = _prompts([5])[0]
+    free_run = _greedy_reference(model, prompt, 6)
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=2, max_sequence_length=32),
+                             vocab_size=VOCAB)
+    stopped, capped = engine.generate(
+        [prompt, prompt], [SamplingParams(max_new_tokens=6, stop_token_ids=(free_run[2],)),
+                           SamplingParams(max_new_tokens=4)])
+    first_stop = free_run.index(free_run[2])
+    assert stopped.tokens == free_run[:first_stop + 1] and stopped.finish_reason == "stop"
+    assert capped.tokens == free_run[:4] and capped.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(megatron_tp1):
+    model = _model()
+    prompts = _prompts([5, 7, 3])
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.95, max_new_tokens=8, seed=42)
+    config = EngineConfig(max_batch_size=3, max_sequence_length=32)
+    alone = InferenceEngine(model, config, vocab_size=VOCAB).generate([prompts[0]], params)
+    together = InferenceEngine(model, config, vocab_size=VOCAB).generate(
+        prompts, [params, SamplingParams(temperature=1.0, max_new_tokens=5), SamplingParams()])
+    assert alone[0].tokens == together[0].tokens
+    other_seed = InferenceEngine(model, config, vocab_size=VOCAB).generate(
+        [prompts[0]], replace(params, seed=43))
+    assert other_seed[0].tokens != alone[0].tokens
+
+
+def test_top_k_of_one_samples_the_greedy_token(megatron_tp1):
+    model = _model()
+    prompt = _prompts([6])[0]
+    (result,) = generate(model, [prompt],
+                         SamplingParams(temperature=2.0, top_k=1, max_new_tokens=5),
+                         EngineConfig(max_batch_size=1, max_sequence_length=16), vocab_size=VOCAB)
+    assert result.tokens == _greedy_reference(model, prompt, 5)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.1, 0.5, 0.15, 0.25]))
+    kept = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.7)).tolist()
+    assert kept == [False, True, False, True]
+    assert torch.isfinite(filter_logits(logits, top_k=0, top_p=0.05)).sum() == 1
+    top3 = torch.isfinite(filter_logits(logits, top_k=3, top_p=1.0))
+    assert top3.tolist() == [False, True, True, True]
+
+
+class _ByteTokenizer:
+    vocab_size = 256
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
+
+def test_generate_api_takes_text_prompts_and_returns_text(megatron_tp1):
+    model = _model()
+    results = generate(model, ["hello", [1, 2, 3]], SamplingParams(max_new_tokens=3),
+                       EngineConfig(max_batch_size=2, max_sequence_length=16),
+                       tokenizer=_ByteTokenizer())
+    assert results[0].prompt_tokens == list(b"hello") and results[1].prompt_tokens == [1, 2, 3]
+    assert results[0].text == _ByteTokenizer().decode(results[0].tokens)
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"block_size": 0}, "engine.block_size"),
+    ({"num_blocks": 8, "kv_memory_mb": 1.0}, "engine.num_blocks"),
+    ({"force_decision": "evict"}, "engine.force_decision"),
+    ({"prefill_chunk_size": 0}, "engine.prefill_chunk_size"),
+])
+def test_bad_engine_settings_name_their_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,key", [({"temperature": -1.0}, "sampling.temperature"),
+                                        ({"top_p": 0.0}, "sampling.top_p"),
+                                        ({"max_new_tokens": 0}, "sampling.max_new_tokens")])
+def test_bad_sampling_settings_name_their_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        SamplingParams(**kwargs)
+
+
+def test_kv_memory_budget_sets_the_pool_size(megatron_tp1):
+    engine = InferenceEngine(_model(), EngineConfig(block_size=4, kv_memory_mb=1.0))
+    block_bytes = 4 * 2 * TINY_GQA.head_dim * 4
+    assert engine.cache.layout.num_blocks == 2 ** 20 // block_bytes
