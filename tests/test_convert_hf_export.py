@@ -1,5 +1,6 @@
 """Hugging Face export: round trip, DMC-aware transformers model, plain Llama export."""
 
+import pytest
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -76,3 +77,40 @@ def test_dmc_with_all_append_equals_stock_llama_with_zeroed_channel(megatron_tp1
         plain = LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval()(ids).logits
         dmc = DMCLlamaForCausalLM.from_pretrained(tmp_path / "dmc").eval()(ids, use_cache=False).logits
     torch.testing.assert_close(dmc, plain, atol=2e-5, rtol=1e-5)
+
+
+def _dmc_export(tmp_path, seed=6):
+    seed_all(seed)
+    model = build_model(TINY_GQA, DMC)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=DMC)
+    return model, DMCLlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+
+
+def test_hf_generate_uses_compressed_cache_and_matches_engine(megatron_tp1, tmp_path):
+    from nemo_dmc.hf.cache import DMCCache
+    from nemo_dmc.inference import EngineConfig, SamplingParams, generate
+
+    model, hf = _dmc_export(tmp_path)
+    ids = _ids(seq=9)
+    cache = DMCCache(hf.config, batch_size=2, max_length=9 + 12)
+    with torch.no_grad():
+        out = hf.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        recomputed = hf.generate(ids, use_cache=False, max_new_tokens=12, do_sample=False)
+    engine = generate(model, [row.tolist() for row in ids],
+                      SamplingParams(max_new_tokens=12), EngineConfig(max_batch_size=2),
+                      vocab_size=TINY_GQA.vocab_size)
+    for row, result in zip(out[:, 9:], engine):
+        assert row.tolist() == list(result.tokens)
+    assert torch.equal(out, recomputed)
+    assert cache.get_seq_length() == 9 + 11 and cache.memory().compression_ratio > 1.3
+
+
+def test_hf_generate_creates_its_cache_and_rejects_padding(megatron_tp1, tmp_path):
+    _, hf = _dmc_export(tmp_path, seed=7)
+    ids = _ids(seq=5)
+    with torch.no_grad():
+        assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 8)
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        hf.generate(ids, attention_mask=padded, max_new_tokens=3)

@@ -12,9 +12,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    rotate_half,
+)
 
 from nemo_dmc.core import DMCConfig, dmc_attention, dmc_states
+from nemo_dmc.hf.cache import DMCCache
+from nemo_dmc.inference.attention import decode_attention, prefill_attention
 
 
 class DMCLlamaHFConfig(LlamaConfig):
@@ -45,23 +52,48 @@ def _padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class DMCLlamaAttention(LlamaAttention):
-    """Llama attention with DMC states (full-sequence forward)."""
+    """Llama attention with DMC states: the full sequence in parallel, or against a
+    :class:`DMCCache` (prefill and decode through ``nemo_dmc.inference``)."""
 
     def __init__(self, config: DMCLlamaHFConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.dmc_config = config.dmc_config()
+        self.is_last_layer = layer_idx == config.num_hidden_layers - 1
+        self.rotary = LlamaRotaryEmbedding(config)
+
+    def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
+        """``nemo_dmc.core.RoPE`` form of the model's rotary embedding: ``x [..., n, d]``."""
+        cos, sin = self.rotary(x, positions.view(1, -1))
+        return x * cos[0] + rotate_half(x) * sin[0]
+
+    def _cached(self, cache: DMCCache, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, c = q.shape[0], q.shape[2]
+        positions = cache.seen + torch.arange(c, device=q.device).expand(b, c)
+        if c == 1 and cache.seen > 0:
+            out = decode_attention(cache.paged, self.layer_idx, cache.rows, q, k, v, positions,
+                                   self.dmc_config, self._rope, self.scaling)
+        else:
+            counts = torch.full((b,), c, device=q.device)
+            out = prefill_attention(cache.paged, self.layer_idx, cache.rows, q, k, v, positions,
+                                    counts, self.dmc_config, self._rope, self.scaling)
+        if self.is_last_layer:
+            cache.advance(c)
+        return out
 
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
                 attention_mask: Optional[Tensor], past_key_values=None, cache_position=None,
                 **kwargs) -> tuple[Tensor, None]:
-        if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
-            raise ValueError("DMCLlamaForCausalLM recomputes the full sequence; pass "
-                             "use_cache=False (compressed-cache generation: nemo_dmc.inference)")
         b, s, _ = hidden_states.shape
         shape = (b, s, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if isinstance(past_key_values, DMCCache):
+            out = self._cached(past_key_values, q, k, v)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+        if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
+            raise ValueError("DMC attention needs a DMCCache (DMCLlamaForCausalLM.generate "
+                             "creates one) or use_cache=False")
         q, k, v, decisions = dmc_states(q, k, v, self.dmc_config, self.training)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -72,7 +104,8 @@ class DMCLlamaAttention(LlamaAttention):
 
 
 class DMCLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` with :class:`DMCLlamaAttention` in every layer."""
+    """``LlamaForCausalLM`` with :class:`DMCLlamaAttention` in every layer; ``generate``
+    keeps DMC's compressed per-head cache (:class:`DMCCache`)."""
 
     config_class = DMCLlamaHFConfig
 
@@ -81,3 +114,22 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         for i, layer in enumerate(self.model.layers):
             layer.self_attn = DMCLlamaAttention(config, i)
         self.post_init()
+
+    def generate(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                 past_key_values=None, **kwargs):
+        """``transformers`` generation with a :class:`DMCCache` (unless ``use_cache=False``).
+
+        Batches must be unpadded (equal prompt lengths); the inference engine of
+        ``nemo_dmc.inference`` batches prompts of mixed lengths.
+        """
+        if past_key_values is None and kwargs.get("use_cache", True) and input_ids is not None:
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("DMCLlamaForCausalLM.generate takes unpadded batches; use "
+                                 "nemo_dmc.inference.generate for prompts of mixed lengths")
+            config = kwargs.get("generation_config") or self.generation_config
+            new = kwargs.get("max_new_tokens") or config.max_new_tokens
+            length = input_ids.shape[1] + new if new else kwargs.get("max_length", config.max_length)
+            past_key_values = DMCCache(self.config, input_ids.shape[0], length,
+                                       dtype=self.dtype, device=input_ids.device)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask,
+                                past_key_values=past_key_values, **kwargs)
