@@ -143,3 +143,19 @@ def test_real_smollm2_gguf_import_matches_transformers_logits(megatron_tp1):
         expected = reference.eval()(ids).logits
     torch.testing.assert_close(_megatron_logits(model, ids, ckpt.model.vocab_size), expected,
                                atol=2e-4, rtol=1e-4)
+
+
+def test_export_cli_round_trips_imported_weights_to_plain_hf_and_nemo(tmp_path):
+    hf_dir = _tiny_llama(tmp_path, kv_heads=2, tied=False)
+    weights = tmp_path / "imported"
+    assert convert_main(["import-hf", "--input", str(hf_dir), "--output", str(weights)]) == 0
+    assert convert_main(["export-hf", "--input", str(weights), "--output",
+                         str(tmp_path / "hf_out")]) == 0
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_hf_logits(tmp_path / "hf_out", ids), _hf_logits(hf_dir, ids))
+    if importlib.util.find_spec("nemo") is None:
+        pytest.skip("NeMo export needs the `nemo` extra")
+    assert convert_main(["export-nemo", "--input", str(weights), "--output",
+                         str(tmp_path / "nemo_out"), "--format", "dmc"]) == 0
+    assert (tmp_path / "nemo_out" / "context" / "io.json").is_file()
+    assert (tmp_path / "nemo_out" / "weights" / "metadata.json").is_file()

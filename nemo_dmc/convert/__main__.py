@@ -1,6 +1,11 @@
 """``python -m nemo_dmc.convert``: checkpoint conversion subcommands.
 
-    python -m nemo_dmc.convert import-hf --input <hf_dir | model.gguf> --output <dir>
+    python -m nemo_dmc.convert import-hf   --input <hf_dir | model.gguf> --output <dir>
+    python -m nemo_dmc.convert export-nemo --input <run | stage | step_N | weights dir> --output <dir>
+    python -m nemo_dmc.convert export-hf   --input <run | stage | step_N | weights dir> --output <dir>
+
+Exports are DMC models when the checkpoint comes from a nemo-dmc training run (which records
+the DMC settings), plain Llama otherwise; ``--format dmc|plain`` overrides.
 """
 
 from __future__ import annotations
@@ -38,6 +43,64 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_export(args: argparse.Namespace):
+    """(model, model_config, dmc or None, target_cr, resolved) for an export subcommand."""
+    from nemo_dmc.core import DMCConfig
+    from nemo_dmc.inference.loading import build_inference_model
+    from nemo_dmc.megatron.model import ModelConfig
+
+    print(f"[convert] loading {args.input}", flush=True)
+    model, shape, dmc, resolved = build_inference_model(args.input, ModelConfig(), DMCConfig(),
+                                                        key="--input")
+    trained = resolved.run_config is not None
+    use_dmc = args.format == "dmc" or (args.format == "auto" and trained)
+    target_cr = float(resolved.run_config.dmc.target_cr) if trained else 4.0
+    print(f"[convert] {shape.num_layers} layers, {shape.num_attention_heads} heads / "
+          f"{shape.kv_heads} KV groups; exporting {'DMC' if use_dmc else 'plain Llama'}",
+          flush=True)
+    return model, shape, (dmc if use_dmc else None), target_cr, resolved
+
+
+def _export_nemo(args: argparse.Namespace) -> int:
+    from nemo_dmc.core import DMCConfig
+    from nemo_dmc.megatron import parallel
+
+    parallel.initialize(tensor_parallel_size=1, seed=0)
+    try:
+        from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint
+
+        model, shape, dmc, target_cr, _ = _load_for_export(args)
+        out = export_nemo_checkpoint(model, shape, dmc or DMCConfig(), args.output,
+                                     target_cr=target_cr)
+    finally:
+        parallel.shutdown()
+    print(f"[convert] wrote NeMo 2 checkpoint {out}", flush=True)
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from nemo_dmc.convert.hf_export import save_hf_checkpoint
+    from nemo_dmc.convert.sharding import gather_full_state
+    from nemo_dmc.inference.loading import find_tokenizer_path
+    from nemo_dmc.megatron import parallel
+
+    parallel.initialize(tensor_parallel_size=1, seed=0)
+    try:
+        model, shape, dmc, target_cr, resolved = _load_for_export(args)
+        out = save_hf_checkpoint(gather_full_state(model), shape, args.output, dmc=dmc,
+                                 target_cr=target_cr)
+    finally:
+        parallel.shutdown()
+    tokenizer = find_tokenizer_path(args.tokenizer, resolved)
+    if tokenizer is not None:
+        from nemo_dmc.data.tokenizer import load_tokenizer
+
+        load_tokenizer(tokenizer).save(out)
+        print(f"[convert] tokenizer from {tokenizer}", flush=True)
+    print(f"[convert] wrote Hugging Face checkpoint {out}", flush=True)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nemo_dmc.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +109,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     imp.add_argument("--input", required=True, type=Path)
     imp.add_argument("--output", required=True, type=Path)
     imp.set_defaults(func=_import_hf)
+    for name, func, text in (("export-nemo", _export_nemo, "checkpoint -> NeMo 2 directory"),
+                             ("export-hf", _export_hf, "checkpoint -> HF safetensors dir")):
+        exp = sub.add_parser(name, help=text)
+        exp.add_argument("--input", required=True, type=Path)
+        exp.add_argument("--output", required=True, type=Path)
+        exp.add_argument("--format", choices=("auto", "dmc", "plain"), default="auto")
+        if name == "export-hf":
+            exp.add_argument("--tokenizer", type=Path, default=None,
+                             help="HF dir, tokenizer.json or .gguf (default: the run's)")
+        exp.set_defaults(func=func)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
