@@ -3,7 +3,13 @@
 Nothing here imports megatron; every other part of nemo_dmc builds on these functions.
 """
 
-from nemo_dmc.core.accumulation import linear_scan, partial_accumulate, windowed_scan
+from nemo_dmc.core.accumulation import (
+    linear_scan,
+    normalize_sums,
+    partial_accumulate,
+    weighted_entries,
+    windowed_scan,
+)
 from nemo_dmc.core.attention import (
     RoPE,
     dmc_attention,
@@ -27,7 +33,7 @@ from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 __all__ = [
     "DMCConfig", "Decisions", "RoPE", "SimulationResult", "Stage",
     "compression_loss", "decision_logits", "dmc_attention", "dmc_score_bias",
-    "dmc_self_attention", "dmc_states", "importance", "linear_scan", "make_decisions", "merge_target",
+    "dmc_self_attention", "dmc_states", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
     "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
     "zero_out_scale",

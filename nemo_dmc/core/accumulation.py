@@ -45,6 +45,19 @@ def windowed_scan(alpha: Tensor, x: Tensor, window: int) -> Tensor:
     return out
 
 
+def weighted_entries(x: Tensor, omega: Tensor) -> Tensor:
+    """``[..., s, d]`` values and ``[..., s]`` importances -> ``[..., s, d + 1]`` entries
+    ``[omega * x, omega]`` in >= fp32: scanning them gives numerator and weight together."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    omega = omega.to(dtype).unsqueeze(-1)
+    return torch.cat([omega * x.to(dtype), omega], dim=-1)
+
+
+def normalize_sums(acc: Tensor) -> Tensor:
+    """Scanned entries ``[..., d + 1]`` -> weighted averages ``S / Z`` ``[..., d]``."""
+    return acc[..., :-1] / acc[..., -1:].clamp_min(torch.finfo(acc.dtype).tiny)
+
+
 def partial_accumulate(x: Tensor, alpha: Tensor, omega: Tensor, window: Optional[int]) -> Tensor:
     """Importance-weighted running average of ``x`` over each merge run.
 
@@ -57,12 +70,10 @@ def partial_accumulate(x: Tensor, alpha: Tensor, omega: Tensor, window: Optional
     Returns:
         ``[b, h, s, d]`` in the dtype of ``x``; row ``i`` is the state after token ``i``.
     """
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    alpha, omega = alpha.to(dtype), omega.to(dtype)
-    weighted = torch.cat([omega.unsqueeze(-1) * x.to(dtype), omega.unsqueeze(-1)], dim=-1)
+    entries = weighted_entries(x, omega)
+    alpha = alpha.to(entries.dtype)
     if window is None:
-        acc = linear_scan(alpha, weighted)
+        acc = linear_scan(alpha, entries)
     else:
-        acc = windowed_scan(alpha, weighted, window)
-    total = acc[..., -1:].clamp_min(torch.finfo(dtype).tiny)
-    return (acc[..., :-1] / total).to(x.dtype)
+        acc = windowed_scan(alpha, entries, window)
+    return normalize_sums(acc).to(x.dtype)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE, dmc_attention
+from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums
 from nemo_dmc.inference import ops
 from nemo_dmc.inference.cache import PagedKVCache
 
@@ -43,7 +43,7 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
     query, entries = ops.chunk_entries(query, key, value, config)
     runs = ops.chronological(cache.open_runs[rows, layer], cache.ring_next[rows, layer])
     sums = ops.accumulate_chunk(entries, decisions.merge, runs, window)
-    states = ops.normalize(sums[..., runs.shape[-2]:, :]).to(key.dtype)
+    states = normalize_sums(sums[..., runs.shape[-2]:, :]).to(key.dtype)
     keys = rotate(rope, states[..., :head_dim], positions)
     values = states[..., head_dim:]
     query = rotate(rope, query, positions)
@@ -80,7 +80,7 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
                                             decisions.merge[..., 0], window)
     cache.open_runs[rows, layer] = runs
     cache.ring_next[rows, layer] = ring_next
-    slot = ops.normalize(runs.sum(-2)).to(key.dtype).unsqueeze(-2)  # [b, hk, 1, 2d]
+    slot = normalize_sums(runs.sum(-2)).to(key.dtype).unsqueeze(-2)  # [b, hk, 1, 2d]
     heads = query.shape[1]  # one RoPE call for the queries and the open slots' keys
     rotated = rotate(rope, torch.cat([query, slot[..., :head_dim]], dim=1), positions)
     query, keys = rotated[:, :heads, 0], rotated[:, heads:]

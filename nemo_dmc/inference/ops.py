@@ -34,6 +34,7 @@ from nemo_dmc.core import (
     importance,
     linear_scan,
     make_decisions,
+    weighted_entries,
     windowed_scan,
     zero_decision_channel,
 )
@@ -97,15 +98,9 @@ def chunk_entries(query: Tensor, key: Tensor, value: Tensor,
     Returns:
         ``(query with the decision channel zeroed [b, hq, c, d], entries [b, hk, c, e])``.
     """
-    dtype = acc_dtype(key.dtype)
-    omega = importance(query, key.shape[1], config.init_offset).to(dtype).unsqueeze(-1)
-    kv = torch.cat([zero_decision_channel(key), value], dim=-1).to(dtype)
-    return zero_decision_channel(query), torch.cat([omega * kv, omega], dim=-1)
-
-
-def normalize(acc: Tensor) -> Tensor:
-    """``[..., e]`` weighted sums -> ``[..., 2d]`` averages ``S / Z`` (keys then values)."""
-    return acc[..., :-1] / acc[..., -1:].clamp_min(torch.finfo(acc.dtype).tiny)
+    omega = importance(query, key.shape[1], config.init_offset)
+    kv = torch.cat([zero_decision_channel(key), value], dim=-1)
+    return zero_decision_channel(query), weighted_entries(kv, omega)
 
 
 def chronological(open_runs: Tensor, ring_next: Tensor) -> Tensor:
@@ -181,7 +176,7 @@ def advance_open_runs(open_runs: Tensor, ring_next: Tensor, entry: Tensor, merge
         entry: ``[b, hk, e]`` the new token's weighted entry; merge: ``[b, hk]`` 0/1.
 
     Returns:
-        ``(open_runs, ring_next)`` after the token; the slot is ``normalize(runs.sum(-2))``.
+        ``(open_runs, ring_next)`` after the token; the slot is ``normalize_sums(runs.sum(-2))``.
     """
     keep = merge.to(open_runs.dtype).view(*merge.shape, 1, 1)
     if window is None:
