@@ -27,6 +27,7 @@ setup(
         "gguf==0.19.0",  # transformers' GGUF loader (tokenizers and weights from .gguf files)
         "accelerate==1.15.0",  # required by transformers to load GGUF weights
         "pyyaml>=6",
+        "hydra-submitit-launcher==1.2.0",  # hydra/launcher=submitit_slurm|submitit_local
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -107,7 +107,7 @@ def test_hydra_yaml_instantiates_dmc_nemo_model():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "nemo" / "dmc_llama2_7b.yaml")
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "examples" / "nemo" / "dmc_llama2_7b.yaml")
     cfg.config.update(CPU_OFF)
     model = instantiate(cfg)
     assert isinstance(model, DMCGPTModel)

@@ -1,0 +1,181 @@
+"""Checkpoints of a stage with megatron-core ``dist_checkpointing``.
+
+Layout: ``<checkpoint dir>/<stage>/step_<NNNNNNN>/`` (a ``torch_dist`` checkpoint). Model and
+optimizer state are sharded tensors keyed like the model (``module.*``, NeMo 2's layout), so a
+checkpoint saved at one tensor-parallel size loads at another. Scheduler and progress live in
+the common state; RNG states are sharded objects per data-parallel rank (and per TP rank for
+megatron's model-parallel tracker). A save is written to ``.tmp-step_<N>`` and renamed into
+place when complete, so a killed run never leaves a partial ``step_*`` directory.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+@dataclass
+class Progress:
+    """Where a stage stands; saved in every checkpoint's common state."""
+
+    stage: str
+    step: int
+    steps: int
+    consumed_samples: int
+    tensor_parallel_size: int
+    data_parallel_size: int
+
+    @property
+    def complete(self) -> bool:
+        return self.step >= self.steps
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_checkpoints(stage_dir: Path) -> List[Tuple[int, Path]]:
+    """Complete checkpoints of a stage as ``(step, path)``, oldest first."""
+    if not stage_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in stage_dir.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(stage_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a stage, or ``None``."""
+    found = list_checkpoints(stage_dir)
+    return found[-1][1] if found else None
+
+
+def read_progress(path: Path) -> Progress:
+    """The :class:`Progress` stored in a checkpoint (common state only, no tensors read)."""
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if "progress" not in common:
+        raise ValueError(f"{path} is not a checkpoint of this trainer (no 'progress' entry)")
+    return Progress(**common["progress"])
+
+
+def _rng_objects(progress: Progress, include_common: bool, include_tracker: bool) -> Dict[str, Any]:
+    """RNG states as sharded objects.
+
+    The default generators (torch, CUDA, numpy, python) are identical on the TP ranks of a DP
+    rank, so one copy per DP rank is kept: it restores at any TP size. megatron's
+    model-parallel tracker differs per TP rank and restores only at the same layout.
+    """
+    tp, tp_rank = progress.tensor_parallel_size, parallel_state.get_tensor_model_parallel_rank()
+    dp, dp_rank = progress.data_parallel_size, parallel_state.get_data_parallel_rank()
+    out: Dict[str, Any] = {}
+    if include_common:
+        state = {"torch": torch.get_rng_state(), "random": random.getstate(),
+                 "numpy": np.random.get_state(),
+                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        out["rng"] = ShardedObject("rng_state.default", state, (dp,), (dp_rank,), replica_id=tp_rank)
+    if include_tracker:
+        tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+        out["rng_tracker"] = ShardedObject("rng_state.tracker", tracker, (tp, dp), (tp_rank, dp_rank))
+    return out
+
+
+def _restore_rng(loaded: Dict[str, Any]) -> None:
+    if "rng" in loaded:
+        state = loaded["rng"]
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+    if "rng_tracker" in loaded:
+        tensor_parallel.get_cuda_rng_tracker().set_states(loaded["rng_tracker"])
+
+
+def _load_model_state(model: DistributedDataParallel, state: Dict[str, Any]) -> None:
+    """Load a state keyed like the DDP wrapper's sharded state (``module.*``) into the
+    wrapped model (megatron's DDP forwards ``load_state_dict`` without the prefix)."""
+    model.module.load_state_dict({key.removeprefix("module."): value
+                                  for key, value in state.items()})
+
+
+def _training_state(model: DistributedDataParallel, optimizer: MegatronOptimizer, is_loading: bool) -> Dict[str, Any]:
+    model_state = model.sharded_state_dict()
+    return {"model": model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+
+
+def _is_rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def save_checkpoint(stage_dir: Path, model: DistributedDataParallel, optimizer: MegatronOptimizer,
+                    scheduler: OptimizerParamScheduler, progress: Progress, keep_last: int) -> Path:
+    """Save atomically to ``stage_dir/step_<N>`` (all ranks call) and keep the newest
+    ``keep_last`` checkpoints of the stage."""
+    final = stage_dir / step_dir_name(progress.step)
+    tmp = stage_dir / f".tmp-{final.name}"
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _training_state(model, optimizer, is_loading=False)
+    state.update(_rng_objects(progress, include_common=True, include_tracker=True))
+    state["scheduler"] = scheduler.state_dict()
+    state["progress"] = asdict(progress)
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if _is_rank0():
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for _, old in list_checkpoints(stage_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: MegatronOptimizer,
+                    scheduler: OptimizerParamScheduler) -> Progress:
+    """Restore model, optimizer, scheduler and RNG from ``path``; return its progress.
+
+    RNG states are restored when the data-parallel size matches the checkpoint's (the
+    model-parallel tracker only when the tensor-parallel size matches too).
+    """
+    saved = read_progress(path)
+    now = Progress(**{**asdict(saved),
+                      "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+                      "data_parallel_size": parallel_state.get_data_parallel_world_size()})
+    same_dp = saved.data_parallel_size == now.data_parallel_size
+    same_tp = saved.tensor_parallel_size == now.tensor_parallel_size
+    request = _training_state(model, optimizer, is_loading=True)
+    request.update(_rng_objects(now, include_common=same_dp, include_tracker=same_dp and same_tp))
+    loaded = dist_checkpointing.load(request, str(path))
+    _load_model_state(model, loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _restore_rng(loaded)
+    return saved
+
+
+def load_model_weights(path: Path, model: DistributedDataParallel) -> Path:
+    """Load only the model weights from a checkpoint of this trainer or a NeMo 2 checkpoint
+    (whose weights are in ``path/weights``); return the directory read."""
+    source = path / "weights" if (path / "weights").is_dir() else path
+    if not (source / "metadata.json").is_file():
+        raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} (metadata.json missing)")
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
+    _load_model_state(model, loaded["model"])
+    return source

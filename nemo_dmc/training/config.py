@@ -1,0 +1,353 @@
+"""Structured (dataclass) configs of a training run, and their validation.
+
+Hydra merges ``conf/`` into :class:`TrainConfig` (registered as ``train_schema``), so unknown
+keys and badly typed values fail while the command line is parsed. :func:`validate_config`
+then checks value ranges and cross-field constraints before any compute, raising a
+:class:`ConfigError` whose message starts with the offending key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from nemo_dmc.core import DMCConfig, Stage
+from nemo_dmc.megatron.model import ModelConfig, transformer_config
+
+STAGE_ORDER = (Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
+DATA_SOURCES = ("pydocs", "indexed", "random")
+DECAY_STYLES = ("cosine", "linear", "constant")
+RECOMPUTE_MODES = ("none", "selective")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent; the message names its key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message if key in message else f"{key}: {message}")
+        self.key, self.message = key, message
+
+    def __reduce__(self):  # picklable, so one rank can hand it to the others
+        return ConfigError, (self.key, self.message)
+
+
+@dataclass
+class DMCSettings:
+    """DMC mechanism and its token budget (``dmc.*``).
+
+    budget_pct: token budget of the stages with a ``budget_share``, in percent of
+        ``model.pretrain_tokens`` (the paper uses 2-8 %); ``null`` = use stage steps/tokens.
+    """
+
+    target_cr: float = 4.0
+    init_offset: float = 5.0
+    temperature: float = 0.1
+    window: Optional[int] = 12
+    budget_pct: Optional[float] = None
+
+    def core(self) -> DMCConfig:
+        """The :class:`nemo_dmc.core.DMCConfig` the attention layers use."""
+        return DMCConfig(init_offset=self.init_offset, temperature=self.temperature,
+                         window=self.window)
+
+
+@dataclass
+class StageSettings:
+    """One stage (``stage.<name>.*``); selected stages have ``enabled: true``.
+
+    Length precedence: ``dmc.budget_pct * budget_share`` (when both are set), else
+    ``tokens``, else ``steps``. ``lr``/``min_lr``/``warmup_steps``/``decay_style`` override
+    ``optim.*`` for this stage.
+    """
+
+    enabled: bool = False
+    steps: Optional[int] = None
+    tokens: Optional[int] = None
+    budget_share: float = 0.0
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    decay_style: Optional[str] = None
+
+
+@dataclass
+class StagesConfig:
+    """The three stages of the recipe, run in this order when enabled."""
+
+    zero_out: StageSettings = field(default_factory=StageSettings)
+    retrofit: StageSettings = field(default_factory=StageSettings)
+    finetune: StageSettings = field(default_factory=StageSettings)
+
+    def selected(self) -> List[Stage]:
+        """Enabled stages in recipe order."""
+        return [s for s in STAGE_ORDER if getattr(self, s.value).enabled]
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from (``data.*``).
+
+    source: ``pydocs`` (the built-in Python-docs corpus, prepared once into ``cache_dir``),
+        ``indexed`` (megatron ``.bin/.idx`` prefixes with a tokenizer), or ``random``
+        (uniform random tokens; for tests and smoke runs).
+    """
+
+    source: str = "pydocs"
+    cache_dir: str = "data_cache/pydocs"
+    tokenizer: Optional[str] = None
+    train_prefixes: List[str] = field(default_factory=list)
+    valid_prefixes: List[str] = field(default_factory=list)
+    max_documents: Optional[int] = None
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    """Adam with weight decay, clipping and a warmup + decay schedule (``optim.*``)."""
+
+    lr: float = 3.0e-5
+    min_lr: float = 3.0e-6
+    warmup_steps: int = 0
+    decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout (``parallel.*``); ``data_parallel_size: null`` = world / TP."""
+
+    tensor_model_parallel_size: int = 1
+    data_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    recompute: str = "none"
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard scalars, ``metrics.jsonl`` and the progress bar (rank 0 only)."""
+
+    tensorboard: bool = True
+    log_interval: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class ValidationConfig:
+    """Validation with hard decisions every ``interval`` steps (0: only at stage end)."""
+
+    interval: int = 0
+    batches: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    """dist_checkpointing saves (``checkpoint.*``).
+
+    dir: ``null`` = ``<run_dir>/checkpoints``. save_interval: ``null`` = only at stage end.
+    pretrained: base weights for the first stage when the run holds no earlier stage (a
+        checkpoint of this trainer, or a NeMo 2 checkpoint directory with ``weights/``).
+    """
+
+    dir: Optional[str] = None
+    save_interval: Optional[int] = None
+    keep_last: int = 2
+    resume: bool = True
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """Root of a training run (``python -m nemo_dmc.train``)."""
+
+    name: str = "dmc"
+    run_dir: str = "runs/dmc"
+    seed: int = 1234
+    precision: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dmc: DMCSettings = field(default_factory=DMCSettings)
+    stage: StagesConfig = field(default_factory=StagesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+
+def register_schema() -> None:
+    """Register :class:`TrainConfig` in Hydra's ConfigStore as ``train_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
+    """Data-parallel size of ``world_size`` processes (checked by :func:`validate_config`)."""
+    return world_size // cfg.parallel.tensor_model_parallel_size
+
+
+def _named_error(err: Exception, default_key: str) -> ConfigError:
+    """A :class:`ConfigError` for a library check whose message names a config key."""
+    named = re.search(r"\b(model|parallel|dmc)\.\w+", str(err))
+    return ConfigError(named.group(0) if named else default_key, str(err))
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _check_min(value: Optional[float], key: str, minimum: float, allow_none: bool = False) -> None:
+    if value is None:
+        _require(allow_none, key, "must be set")
+        return
+    _require(value >= minimum, key, f"must be >= {minimum}, got {value}")
+
+
+def use_bf16(cfg: TrainConfig, cuda_available: bool) -> bool:
+    """Whether the run trains in bf16 (``precision: auto`` = bf16 on GPU, fp32 on CPU)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and cuda_available)
+
+
+def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> None:
+    """Check every range and cross-field constraint; raise :class:`ConfigError` naming the key."""
+    _require(cfg.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
+    _require(cfg.precision != "bf16" or cuda_available, "precision",
+             "bf16 needs a CUDA device; use 'fp32' or 'auto' on CPU")
+    _validate_parallel(cfg, world_size)
+    try:  # megatron's TransformerConfig of the model: shapes, TP, sequence parallel
+        transformer_config(cfg.model, cfg.parallel.tensor_model_parallel_size,
+                           cfg.parallel.sequence_parallel, use_bf16(cfg, cuda_available),
+                           cfg.parallel.recompute == "selective")
+    except (ValueError, AssertionError) as err:
+        raise _named_error(err, "model") from err
+    _check_min(cfg.model.pretrain_tokens, "model.pretrain_tokens", 1, allow_none=True)
+    _validate_dmc(cfg.dmc)
+    _validate_data(cfg, world_size)
+    _validate_optim(cfg.optim)
+    _check_min(cfg.logging.log_interval, "logging.log_interval", 1)
+    _check_min(cfg.validation.interval, "validation.interval", 0)
+    _check_min(cfg.validation.batches, "validation.batches", 1)
+    _check_min(cfg.checkpoint.keep_last, "checkpoint.keep_last", 1)
+    _check_min(cfg.checkpoint.save_interval, "checkpoint.save_interval", 1, allow_none=True)
+    if cfg.checkpoint.pretrained is not None:
+        _validate_pretrained(cfg.model, Path(cfg.checkpoint.pretrained))
+    _validate_stages(cfg)
+
+
+def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
+    par = cfg.parallel
+    _check_min(par.tensor_model_parallel_size, "parallel.tensor_model_parallel_size", 1)
+    _require(world_size % par.tensor_model_parallel_size == 0,
+             "parallel.tensor_model_parallel_size",
+             f"{par.tensor_model_parallel_size} does not divide the world size {world_size}")
+    dp = data_parallel_size(cfg, world_size)
+    _require(par.data_parallel_size in (None, dp), "parallel.data_parallel_size",
+             f"is {par.data_parallel_size}, but world size {world_size} / TP "
+             f"{par.tensor_model_parallel_size} = {dp}")
+    _require(par.recompute != "full", "parallel.recompute",
+             "'full' recompute is not supported: DMC needs each layer's decisions for its loss; "
+             "use 'selective' (core attention) or 'none'")
+    _require(par.recompute in RECOMPUTE_MODES, "parallel.recompute",
+             f"must be one of {RECOMPUTE_MODES}, got {par.recompute!r}")
+
+
+def _validate_pretrained(model: ModelConfig, path: Path) -> None:
+    """The base checkpoint exists and, if it records its shape (``model_config.yaml`` of
+    ``python -m nemo_dmc.convert``), matches ``model.*``."""
+    from nemo_dmc.convert.checkpoint_dir import MODEL_CONFIG_FILE, read_model_config
+
+    _require(path.is_dir(), "checkpoint.pretrained", f"no checkpoint directory at {path}")
+    if not (path / MODEL_CONFIG_FILE).is_file():
+        return
+    saved = read_model_config(path)
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "kv_heads",
+                "ffn_hidden_size", "vocab_size", "rotary_base", "rope_scaling_factor",
+                "share_embeddings_and_output_weights"):
+        ours, theirs = getattr(model, key), getattr(saved, key)
+        name = "num_query_groups" if key == "kv_heads" else key
+        _require(ours == theirs, f"model.{name}",
+                 f"is {ours}, but checkpoint.pretrained={path} has {theirs} "
+                 f"({path / MODEL_CONFIG_FILE}); pick the matching model=... preset")
+
+
+def _validate_dmc(dmc: DMCSettings) -> None:
+    _check_min(dmc.target_cr, "dmc.target_cr", 1.0)
+    try:  # temperature, window
+        dmc.core()
+    except ValueError as err:
+        raise _named_error(err, "dmc") from err
+    if dmc.budget_pct is not None:
+        _require(0 < dmc.budget_pct <= 100, "dmc.budget_pct",
+                 f"must be in (0, 100] percent, got {dmc.budget_pct}")
+
+
+def _validate_data(cfg: TrainConfig, world_size: int) -> None:
+    data = cfg.data
+    _require(data.source in DATA_SOURCES, "data.source",
+             f"must be one of {DATA_SOURCES}, got {data.source!r}")
+    _check_min(data.micro_batch_size, "data.micro_batch_size", 1)
+    _check_min(data.global_batch_size, "data.global_batch_size", 1)
+    per_step = data.micro_batch_size * data_parallel_size(cfg, world_size)
+    _require(data.global_batch_size % per_step == 0, "data.global_batch_size",
+             f"{data.global_batch_size} is not a multiple of data.micro_batch_size x data-parallel "
+             f"size = {per_step}")
+    _check_min(data.max_documents, "data.max_documents", 20, allow_none=True)
+    if data.source == "indexed":
+        _require(bool(data.train_prefixes), "data.train_prefixes", "required with data.source=indexed")
+        _require(bool(data.valid_prefixes), "data.valid_prefixes", "required with data.source=indexed")
+        _require(data.tokenizer is not None, "data.tokenizer", "required with data.source=indexed")
+
+
+def _validate_optim(optim: OptimConfig) -> None:
+    _require(optim.lr > 0, "optim.lr", f"must be > 0, got {optim.lr}")
+    _require(0 <= optim.min_lr <= optim.lr, "optim.min_lr",
+             f"must be in [0, optim.lr={optim.lr}], got {optim.min_lr}")
+    _check_min(optim.warmup_steps, "optim.warmup_steps", 0)
+    _require(optim.decay_style in DECAY_STYLES, "optim.decay_style",
+             f"must be one of {DECAY_STYLES}, got {optim.decay_style!r}")
+    _check_min(optim.weight_decay, "optim.weight_decay", 0.0)
+    for key in ("beta1", "beta2"):
+        value = getattr(optim, key)
+        _require(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
+    _require(optim.eps > 0, "optim.eps", f"must be > 0, got {optim.eps}")
+    _check_min(optim.clip_grad, "optim.clip_grad", 0.0)
+
+
+def _validate_stages(cfg: TrainConfig) -> None:
+    from nemo_dmc.training.plan import plan_stages
+
+    _require(bool(cfg.stage.selected()), "stage", "no stage selected (e.g. stage=retrofit)")
+    for stage in cfg.stage.selected():
+        key = f"stage.{stage.value}"
+        settings: StageSettings = getattr(cfg.stage, stage.value)
+        _check_min(settings.steps, f"{key}.steps", 1, allow_none=True)
+        _check_min(settings.tokens, f"{key}.tokens", 1, allow_none=True)
+        _require(0 <= settings.budget_share <= 1, f"{key}.budget_share",
+                 f"must be in [0, 1], got {settings.budget_share}")
+        _require(settings.lr is None or settings.lr > 0, f"{key}.lr", f"must be > 0, got {settings.lr}")
+        _check_min(settings.min_lr, f"{key}.min_lr", 0.0, allow_none=True)
+        _check_min(settings.warmup_steps, f"{key}.warmup_steps", 0, allow_none=True)
+        _require(settings.decay_style in (None, *DECAY_STYLES), f"{key}.decay_style",
+                 f"must be null or one of {DECAY_STYLES}, got {settings.decay_style!r}")
+    for plan in plan_stages(cfg):
+        key = f"stage.{plan.stage.value}"
+        _require(plan.min_lr <= plan.lr, f"{key}.min_lr",
+                 f"min_lr {plan.min_lr} exceeds lr {plan.lr}")
+        _require(plan.warmup_steps < plan.steps, f"{key}.warmup_steps",
+                 f"warmup ({plan.warmup_steps} steps) must be shorter than the stage "
+                 f"({plan.steps} steps)")

@@ -1,0 +1,132 @@
+"""One optimizer step and one validation pass over a megatron-core DMC model.
+
+A step accumulates gradients over this rank's micro-batches (loss = masked LM cross-entropy
++ the one-sided compression loss against the step's target CR, divided by the number of
+micro-batches), lets megatron's DDP all-reduce them over the data-parallel group
+(``finalize_model_grads``), then clips and steps the optimizer and the lr schedule.
+
+The Gumbel noise of a micro-batch is drawn after seeding the default generator from
+``(noise key, position of the micro-batch in the global batch)``: training is then the same
+for every data- and tensor-parallel layout, and a resumed step draws the noise it drew before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch import Tensor, nn
+
+from nemo_dmc.core import realised_cr
+from nemo_dmc.megatron.stats import DMCStats, collect_dmc_stats
+from nemo_dmc.training.batches import Batch, MicroBatches
+from nemo_dmc.training.metrics import Validation
+
+
+@dataclass
+class StepResult:
+    """Metrics of one optimizer step, averaged over micro-batches and data-parallel ranks."""
+
+    lm_loss: float
+    dmc_loss: float
+    cr: float
+    layer_cr: List[float]
+    grad_norm: Optional[float]
+    lr: float
+
+
+def token_loss(model: nn.Module, batch: Batch, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the loss-masked tokens of one micro-batch, and their count."""
+    per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+    loss_mask = batch["loss_mask"].float()
+    return (per_token.float() * loss_mask).sum(), loss_mask.sum()
+
+
+def _merge_fractions(stats: Optional[DMCStats], num_layers: int) -> Tensor:
+    """``[1 + layers]``: overall and per-layer fraction of merges (0 without decisions)."""
+    if stats is None:
+        return torch.zeros(1 + num_layers)
+    layer = 1.0 - 1.0 / stats.layer_cr.detach().float().cpu()
+    return torch.cat([stats.merge_fraction.detach().float().cpu().view(1), layer])
+
+
+def _mean_over_dp(values: Tensor) -> Tensor:
+    """Average a CPU tensor over the data-parallel group."""
+    group = parallel_state.get_data_parallel_group()
+    size = parallel_state.get_data_parallel_world_size()
+    if size == 1:
+        return values
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reduced = values.to(device)
+    dist.all_reduce(reduced, group=group)
+    return reduced.cpu() / size
+
+
+def noise_seed(key: str, position: int) -> int:
+    """A 63-bit seed for the Gumbel noise of global micro-batch ``position`` of step ``key``."""
+    digest = hashlib.blake2b(f"{key}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+               batches: MicroBatches, mask: Tensor, consumed_samples: int,
+               target_cr: Optional[float], num_layers: int, noise_key: str) -> StepResult:
+    """One optimizer step from ``consumed_samples``; ``target_cr=None`` trains LM loss only.
+
+    ``noise_key`` identifies the step (run seed, stage, step) for :func:`noise_seed`.
+    """
+    model.train()
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    n = batches.num_micro
+    totals = torch.zeros(2)
+    fractions = torch.zeros(1 + num_layers)
+    for micro in range(n):
+        torch.manual_seed(noise_seed(noise_key, batches.position(micro)))
+        loss_sum, tokens = token_loss(model, batches.train(consumed_samples, micro), mask)
+        loss = loss_sum / tokens.clamp_min(1.0)
+        totals[0] += loss.detach().float().cpu()
+        stats = collect_dmc_stats(model)
+        if stats is not None and target_cr is not None:
+            dmc_loss = stats.loss(target_cr)
+            totals[1] += dmc_loss.detach().float().cpu()
+            loss = loss + dmc_loss
+        fractions += _merge_fractions(stats, num_layers)
+        (loss / n).backward()
+    finalize_model_grads([model])
+    lr = optimizer.param_groups[0]["lr"]
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(1)
+    means = _mean_over_dp(torch.cat([totals, fractions]) / n)
+    crs = realised_cr(means[2:])
+    return StepResult(lm_loss=float(means[0]), dmc_loss=float(means[1]), cr=float(crs[0]),
+                      layer_cr=crs[1:].tolist(),
+                      grad_norm=None if grad_norm is None else float(grad_norm), lr=float(lr))
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: MicroBatches, mask: Tensor, num_batches: int,
+             num_layers: int) -> Validation:
+    """LM loss and realised CR (hard decisions) over the first ``num_batches`` validation
+    micro-batches of every data-parallel rank."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = torch.zeros(1), torch.zeros(1)
+    fractions = torch.zeros(1 + num_layers)
+    for index in range(num_batches):
+        batch_loss, batch_tokens = token_loss(model, batches.valid(index), mask)
+        loss_sum += batch_loss.cpu()
+        tokens += batch_tokens.cpu()
+        fractions += _merge_fractions(collect_dmc_stats(model), num_layers)
+    model.train(was_training)
+    sums = _mean_over_dp(torch.cat([loss_sum, tokens, fractions / num_batches]))
+    crs = realised_cr(sums[2:])
+    return Validation(lm_loss=float(sums[0] / sums[1].clamp_min(1.0)), cr=float(crs[0]),
+                      layer_cr=crs[1:].tolist())

@@ -1,0 +1,121 @@
+"""Run logging on rank 0: TensorBoard scalars, ``metrics.jsonl``, a tqdm bar, stage summaries.
+
+Scalars are tagged ``<stage>/<split>/<name>`` against the stage's step; ``metrics.jsonl``
+holds one JSON object per logged step (``{"stage", "split", "step", ...scalars}``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from tqdm import tqdm
+
+from nemo_dmc.training.config import LoggingConfig
+
+
+@dataclass
+class Validation:
+    """Validation result with hard decisions (identical on every rank)."""
+
+    lm_loss: float
+    cr: float
+    layer_cr: List[float]
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.lm_loss, 80.0))
+
+
+@dataclass
+class StageSummary:
+    """What one stage did (printed as one line at its end)."""
+
+    stage: str
+    steps_run: int
+    steps: int
+    tokens: int
+    budget_tokens: int
+    seconds: float
+    target_cr: float
+    validation: Validation
+
+    def line(self) -> str:
+        val = self.validation
+        layers = " ".join(f"{cr:.2f}" for cr in val.layer_cr)
+        return (f"[{self.stage}] {self.steps_run}/{self.steps} steps run, {self.tokens:,} tokens "
+                f"({100 * self.tokens / max(1, self.budget_tokens):.0f}% of budget) in "
+                f"{self.seconds:.0f}s | val loss {val.lm_loss:.3f} ppl {val.perplexity:.1f} | "
+                f"realised CR {val.cr:.2f} (target {self.target_cr:.2f}) | per-layer CR {layers}")
+
+
+class RunLogger:
+    """Writes metrics on the logging rank; a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, enabled: bool) -> None:
+        self.cfg, self.enabled = cfg, enabled
+        self._bar: Optional[tqdm] = None
+        self._writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def start_stage(self, stage: str, steps: int, first_step: int, message: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(message)
+        if self.cfg.progress_bar:
+            self._bar = tqdm(total=steps, initial=first_step, desc=stage, unit="step",
+                             dynamic_ncols=True)
+
+    def log(self, stage: str, split: str, step: int, scalars: Dict[str, float],
+            layer_cr: Optional[List[float]] = None) -> None:
+        """Record scalars (and per-layer CRs) of ``split`` at ``step`` of ``stage``."""
+        if not self.enabled:
+            return
+        record = {"stage": stage, "split": split, "step": step, **scalars}
+        if layer_cr is not None:
+            record["layer_cr"] = layer_cr
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(f"{stage}/{split}/{name}", value, step)
+            for layer, cr in enumerate(layer_cr or []):
+                self._writer.add_scalar(f"{stage}/{split}/layer_cr/{layer}", cr, step)
+
+    def advance(self, postfix: Dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+            self._bar.update(1)
+
+    def end_stage(self, summary: StageSummary) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._writer is not None:
+            self._writer.flush()
+        print(summary.line(), flush=True)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

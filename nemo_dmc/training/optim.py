@@ -1,0 +1,121 @@
+"""Adam with weight decay, gradient clipping and a warmup + decay schedule.
+
+On GPU this is megatron-core's own optimizer (``get_megatron_optimizer``: fp32 main params
+for bf16, optional distributed optimizer). On CPU, :class:`CPUAdamW` runs the same
+``FP32Optimizer`` logic (``main_grad`` -> ``grad``, clip, step, dist_checkpointing state sharded
+like the params) around ``torch.optim.AdamW``, replacing only the parts megatron hard-codes
+to CUDA tensors. Both are driven by megatron's ``OptimizerParamScheduler``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import FP32Optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch import nn
+
+from nemo_dmc.training.config import OptimConfig
+from nemo_dmc.training.plan import StagePlan
+
+
+def megatron_optimizer_config(optim: OptimConfig, plan: StagePlan, bf16: bool) -> OptimizerConfig:
+    """megatron ``OptimizerConfig`` of a stage."""
+    return OptimizerConfig(
+        optimizer="adam", lr=plan.lr, min_lr=plan.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.eps,
+        clip_grad=optim.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+
+
+def param_groups(model: nn.Module) -> List[Dict]:
+    """megatron's grouping: no weight decay for biases and 1-D (norm) params.
+
+    Groups carry megatron's identifier keys (``wd_mult``, ``lr_mult``, ...) so checkpoints
+    match groups by key, and the scheduler scales lr/wd per group.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+    common = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+    return [{"params": decay, "wd_mult": 1.0, **common},
+            {"params": no_decay, "wd_mult": 0.0, **common}]
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer, config: OptimizerConfig | None = None) -> None:
+    """Create zero Adam moments so a checkpoint can be loaded into a fresh optimizer."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not optimizer.state[param]:
+                optimizer.state[param]["exp_avg"] = torch.zeros_like(param.data)
+                optimizer.state[param]["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+class CPUAdamW(FP32Optimizer):
+    """megatron's ``FP32Optimizer`` over ``torch.optim.AdamW`` without CUDA-only helpers.
+
+    Grad norm: the global L2 norm over non-duplicated params (``get_main_grads_for_grad_norm``),
+    summed over the model-parallel group, as megatron computes it on GPU.
+    """
+
+    def __init__(self, model: nn.Module, config: OptimizerConfig) -> None:
+        adamw = torch.optim.AdamW(param_groups(model), lr=config.lr,
+                                  betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_eps, weight_decay=config.weight_decay)
+        MegatronOptimizer.__init__(self, adamw, config, _init_adam_state)  # skips CUDA tensors
+        self._scale = torch.ones(1)
+        self.is_stub_optimizer = False
+
+    @torch.no_grad()
+    def get_grad_norm(self) -> float:
+        grads = self.get_main_grads_for_grad_norm()
+        total = torch.zeros((), dtype=torch.float64)
+        for grad in grads:
+            total += grad.detach().double().pow(2).sum()
+        dist.all_reduce(total, group=self.get_grad_stats_parallel_group())
+        return float(total.sqrt())
+
+    @torch.no_grad()
+    def clip_grad_norm(self, clip_grad: float) -> float:
+        norm = self.get_grad_norm()
+        coeff = clip_grad / (norm + 1.0e-6)
+        if coeff < 1.0:
+            grads = [p.grad for p in self.get_parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, coeff)
+        return norm
+
+
+def build_optimizer(ddp_model: nn.Module, optim: OptimConfig, plan: StagePlan,
+                    bf16: bool) -> MegatronOptimizer:
+    """The stage's optimizer: megatron's on GPU, :class:`CPUAdamW` on CPU."""
+    config = megatron_optimizer_config(optim, plan, bf16)
+    if torch.cuda.is_available():
+        return get_megatron_optimizer(config, [ddp_model])
+    return CPUAdamW(ddp_model, config)
+
+
+def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig,
+                    plan: StagePlan) -> OptimizerParamScheduler:
+    """Linear warmup to ``plan.lr``, then ``plan.decay_style`` to ``plan.min_lr`` at the
+    stage's last step; constant weight decay."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if plan.warmup_steps else plan.lr,
+        max_lr=plan.lr,
+        min_lr=plan.min_lr,
+        lr_warmup_steps=plan.warmup_steps,
+        lr_decay_steps=plan.steps,
+        lr_decay_style=plan.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=plan.steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )

@@ -1,0 +1,237 @@
+"""Run the selected stages (zero-out -> retrofit -> fine-tune) of one run directory.
+
+Each stage resumes from its own latest checkpoint in the run (``checkpoint.resume``);
+otherwise it starts from the weights the previous stage ended with (in memory, or that
+stage's final checkpoint in the run), else from ``checkpoint.pretrained``, else from a
+random init. The data position carries over between stages, so no stage re-reads samples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from nemo_dmc.core import Stage, target_cr, zero_out_scale
+from nemo_dmc.megatron import parallel
+from nemo_dmc.megatron.cpu_shims import causal_attention_mask
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.stats import set_dmc_mode
+from nemo_dmc.megatron.zero_out import zero_decision_projections
+from nemo_dmc.training.batches import MicroBatches, build_splits
+from nemo_dmc.training.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    read_progress,
+    save_checkpoint,
+)
+from nemo_dmc.training.config import STAGE_ORDER, TrainConfig, use_bf16, validate_config
+from nemo_dmc.training.launch import export_rendezvous_env
+from nemo_dmc.training.loop import StepResult, train_step, validate
+from nemo_dmc.training.metrics import RunLogger, StageSummary, Validation
+from nemo_dmc.training.optim import build_optimizer, build_scheduler
+from nemo_dmc.training.plan import StagePlan, plan_stages
+
+
+@dataclass
+class Session:
+    """What every stage of a run shares."""
+
+    cfg: TrainConfig
+    model: DistributedDataParallel
+    batches: MicroBatches
+    mask: torch.Tensor
+    logger: RunLogger
+    bf16: bool
+
+
+def final_checkpoint(cfg: TrainConfig, stage: Stage) -> Optional[Path]:
+    """The stage's latest checkpoint in this run if it finished the stage, else ``None``."""
+    latest = latest_checkpoint(cfg.checkpoint_dir / stage.value)
+    return latest if latest is not None and read_progress(latest).complete else None
+
+
+def initial_weights(cfg: TrainConfig, first: Stage) -> Optional[Path]:
+    """Where the first selected stage takes its weights from when it does not resume."""
+    index = STAGE_ORDER.index(first)
+    if index > 0:
+        previous = final_checkpoint(cfg, STAGE_ORDER[index - 1])
+        if previous is not None:
+            return previous
+    return Path(cfg.checkpoint.pretrained) if cfg.checkpoint.pretrained else None
+
+
+def _consumed_after(path: Optional[Path]) -> int:
+    """Samples consumed by the run that wrote ``path`` (0 for a NeMo 2 or other checkpoint)."""
+    if path is None or not (path / "metadata.json").is_file():
+        return 0
+    try:
+        return read_progress(path).consumed_samples
+    except ValueError:  # a dist checkpoint without this trainer's progress
+        return 0
+
+
+def resume_point(cfg: TrainConfig, stage: Stage) -> Optional[Path]:
+    """The checkpoint a stage resumes from (its latest in the run), if ``checkpoint.resume``."""
+    return latest_checkpoint(cfg.checkpoint_dir / stage.value) if cfg.checkpoint.resume else None
+
+
+def samples_to_read(cfg: TrainConfig, plans: List[StagePlan], start_samples: int) -> int:
+    """Train samples the selected stages read, counting from sample 0: each stage resumes
+    from its own checkpoint if it has one, else continues where the previous one ended."""
+    end = consumed = start_samples
+    for plan in plans:
+        latest = resume_point(cfg, plan.stage)
+        done = read_progress(latest) if latest is not None else None
+        if done is not None:
+            consumed = done.consumed_samples
+        consumed += (plan.steps - (done.step if done else 0)) * cfg.data.global_batch_size
+        end = max(end, consumed)
+    return end
+
+
+def run(cfg: TrainConfig) -> List[StageSummary]:
+    """Validate ``cfg``, set up torch.distributed and megatron, run the stages, tear down."""
+    world_size = export_rendezvous_env()
+    validate_config(cfg, world_size, torch.cuda.is_available())
+    parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.seed)
+    try:
+        return _run_stages(cfg)
+    finally:
+        parallel.shutdown()
+
+
+def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int) -> Session:
+    cuda = torch.cuda.is_available()
+    bf16 = use_bf16(cfg, cuda)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = build_model(cfg.model, cfg.dmc.core(), sequence_parallel=cfg.parallel.sequence_parallel,
+                        bf16=bf16, recompute_core_attention=cfg.parallel.recompute == "selective")
+    if cuda:
+        model.cuda()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer and cuda)
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    train_samples = samples_to_read(cfg, plans, start_samples)
+    valid_samples = cfg.validation.batches * cfg.data.micro_batch_size * dp_size
+    splits = build_splits(cfg, train_samples, valid_samples)
+    batches = MicroBatches(splits, cfg.data.micro_batch_size, cfg.data.global_batch_size,
+                           parallel_state.get_data_parallel_rank(), dp_size, device)
+    logger = RunLogger(Path(cfg.run_dir), cfg.logging, enabled=dist.get_rank() == 0)
+    return Session(cfg, ddp, batches, causal_attention_mask(cfg.model.seq_length, device),
+                   logger, bf16)
+
+
+def _run_stages(cfg: TrainConfig) -> List[StageSummary]:
+    plans = plan_stages(cfg)
+    weights = initial_weights(cfg, plans[0].stage)
+    consumed = _consumed_after(weights)
+    session = _build_session(cfg, plans, consumed)
+    summaries = []
+    try:
+        for plan in plans:
+            summary, consumed = _run_stage(session, plan, weights, consumed)
+            summaries.append(summary)
+            weights = None  # the next stage continues from the weights in memory
+    finally:
+        session.logger.close()
+    return summaries
+
+
+def _set_mode(session: Session, stage: Stage, step: int, steps: int) -> Optional[float]:
+    """Put the model in the stage's mode for ``step`` (0-based); return the step's CR target."""
+    if stage is Stage.ZERO_OUT:
+        set_dmc_mode(session.model, "zero_out", zero_out_scale(step, steps))
+        return None
+    set_dmc_mode(session.model, "dmc")
+    return target_cr(stage, step + 1, steps, session.cfg.dmc.target_cr)
+
+
+def _start_stage(session: Session, plan: StagePlan, weights: Optional[Path], consumed: int
+                 ) -> Tuple[MegatronOptimizer, OptimizerParamScheduler, int, int]:
+    """Optimizer and schedule of the stage, resumed from its checkpoint if it has one
+    (else after loading ``weights``); returns them with the start step and sample."""
+    model, logger, name = session.model, session.logger, plan.stage.value
+    resume = resume_point(session.cfg, plan.stage)
+    if resume is None and weights is not None:
+        logger.note(f"[{name}] initial weights from {load_model_weights(weights, model)}")
+    optimizer = build_optimizer(model, session.cfg.optim, plan, session.bf16)
+    scheduler = build_scheduler(optimizer, session.cfg.optim, plan)
+    if resume is None:
+        return optimizer, scheduler, 0, consumed
+    progress = load_checkpoint(resume, model, optimizer, scheduler)
+    logger.note(f"[{name}] resumed from {resume} (step {progress.step})")
+    return optimizer, scheduler, progress.step, progress.consumed_samples
+
+
+def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
+               consumed: int) -> Tuple[StageSummary, int]:
+    """Train the stage to its last step, save, validate; return its summary and the data
+    position it ended at."""
+    cfg, model, logger, name = session.cfg, session.model, session.logger, plan.stage.value
+    optimizer, scheduler, step, consumed = _start_stage(session, plan, weights, consumed)
+    first_step, started = step, time.perf_counter()
+    logger.start_stage(name, plan.steps, step,
+                       f"[{name}] {plan.steps} steps x {plan.tokens_per_step:,} tokens "
+                       f"({plan.budget_source}), lr {plan.lr:g} -> {plan.min_lr:g}")
+    while step < plan.steps:
+        tic = time.perf_counter()
+        target = _set_mode(session, plan.stage, step, plan.steps)
+        result = train_step(model, optimizer, scheduler, session.batches, session.mask, consumed,
+                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}")
+        step += 1
+        consumed += cfg.data.global_batch_size
+        last = step == plan.steps
+        if step % cfg.logging.log_interval == 0 or last:
+            _log_step(session, plan, step, result, target, time.perf_counter() - tic)
+        logger.advance({"loss": result.lm_loss, "cr": result.cr})
+        if cfg.validation.interval and step % cfg.validation.interval == 0 and not last:
+            _log_validation(session, plan, step)
+        if last and plan.stage is Stage.ZERO_OUT:
+            zero_decision_projections(model)
+        if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
+            progress = Progress(name, step, plan.steps, consumed,
+                                parallel_state.get_tensor_model_parallel_world_size(),
+                                parallel_state.get_data_parallel_world_size())
+            save_checkpoint(cfg.checkpoint_dir / name, model, optimizer, scheduler, progress,
+                            cfg.checkpoint.keep_last)
+    set_dmc_mode(model, "dmc")
+    summary = StageSummary(name, step - first_step, plan.steps, step * plan.tokens_per_step,
+                           plan.tokens, time.perf_counter() - started,
+                           target_cr(plan.stage, plan.steps, plan.steps, cfg.dmc.target_cr),
+                           _log_validation(session, plan, step))
+    logger.end_stage(summary)
+    return summary, consumed
+
+
+def _log_step(session: Session, plan: StagePlan, step: int, result: StepResult,
+              target: Optional[float], seconds: float) -> None:
+    scalars = {"lm_loss": result.lm_loss, "dmc_loss": result.dmc_loss,
+               "target_cr": target or 1.0, "cr": result.cr, "lr": result.lr,
+               "tokens_per_s": plan.tokens_per_step / seconds,
+               "tokens": step * plan.tokens_per_step, "budget_tokens": plan.tokens}
+    if result.grad_norm is not None:
+        scalars["grad_norm"] = result.grad_norm
+    session.logger.log(plan.stage.value, "train", step, scalars, result.layer_cr)
+
+
+def _log_validation(session: Session, plan: StagePlan, step: int) -> Validation:
+    cfg = session.cfg
+    result = validate(session.model, session.batches, session.mask, cfg.validation.batches,
+                      cfg.model.num_layers)
+    session.logger.log(plan.stage.value, "valid", step,
+                       {"lm_loss": result.lm_loss, "ppl": result.perplexity, "cr": result.cr},
+                       result.layer_cr)
+    return result

@@ -1,0 +1,161 @@
+"""End-to-end stage runs in this process (2-layer model, random tokens)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.megatron import parallel
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.zero_out import decision_channel_rows
+from nemo_dmc.train import CONFIG_DIR, to_train_config
+from nemo_dmc.training.checkpoint import latest_checkpoint, load_model_weights
+from nemo_dmc.training.config import ConfigError, TrainConfig
+from nemo_dmc.training.launch import free_port
+from nemo_dmc.training.metrics import StageSummary
+from nemo_dmc.training.runner import run
+
+MICRO_RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",
+             "data.global_batch_size=4", "optim.lr=1e-2"]
+
+
+def micro_config(run_dir: Path, *overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"run_dir={run_dir}", *MICRO_RUN, *overrides])
+    return to_train_config(cfg)
+
+
+@pytest.fixture
+def train():
+    """``train(run_dir, *overrides)`` runs conf/config.yaml in-process on one rank; the
+    rendezvous variables a run exports are removed afterwards."""
+    saved = dict(os.environ)
+
+    def _train(run_dir: Path, *overrides: str) -> List[StageSummary]:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(key, None)
+        return run(micro_config(run_dir, *overrides))
+
+    yield _train
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def records(run_dir: Path, stage: str, split: str = "train") -> List[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["stage"] == stage and r["split"] == split]
+
+
+def test_chain_prints_validation_perplexity_and_realised_cr_per_stage(train, tmp_path, capsys):
+    summaries = train(tmp_path, "stage.zero_out.steps=2", "stage.retrofit.steps=3",
+                      "stage.finetune.steps=2")
+    assert [s.stage for s in summaries] == ["zero_out", "retrofit", "finetune"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "realised CR" in line]
+    assert [line.split("]")[0] + "]" for line in lines] == ["[zero_out]", "[retrofit]", "[finetune]"]
+    for summary, line in zip(summaries, lines):
+        assert math.isfinite(summary.validation.perplexity) and summary.validation.cr >= 1.0
+        assert len(summary.validation.layer_cr) == 2
+        assert f"ppl {summary.validation.perplexity:.1f}" in line
+
+
+def test_zero_out_stage_ends_with_zeroed_decision_projections(train, tmp_path):
+    train(tmp_path, "stage=zero_out", "stage.zero_out.steps=2")
+    final = latest_checkpoint(tmp_path / "checkpoints" / "zero_out")
+    os.environ["MASTER_PORT"] = str(free_port())
+    parallel.initialize(tensor_parallel_size=1, seed=0)
+    try:
+        model = build_model(micro_config(tmp_path).model, DMCConfig())
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        load_model_weights(final, ddp)
+        rows = decision_channel_rows(groups=2, heads_per_group=2, head_dim=16)
+        for layer in model.decoder.layers:
+            weight = layer.self_attention.linear_qkv.weight
+            assert torch.count_nonzero(weight[rows]) == 0
+            assert torch.count_nonzero(weight) > weight.numel() // 2
+    finally:
+        parallel.shutdown()
+
+
+def test_retrofit_target_ramps_linearly_from_one_to_the_final_ratio(train, tmp_path):
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=4", "dmc.target_cr=3")
+    assert [r["target_cr"] for r in records(tmp_path, "retrofit")] == [1.5, 2.0, 2.5, 3.0]
+
+
+def test_finetune_holds_the_final_ratio(train, tmp_path):
+    train(tmp_path, "stage=finetune", "stage.finetune.steps=2", "dmc.target_cr=3")
+    assert [r["target_cr"] for r in records(tmp_path, "finetune")] == [3.0, 3.0]
+
+
+def test_dmc_loss_is_the_shortfall_of_merges_below_the_target(train, tmp_path):
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=3")
+    for r in records(tmp_path, "retrofit"):
+        shortfall = (1 - 1 / r["target_cr"]) - (1 - 1 / r["cr"])
+        assert shortfall > 0
+        assert r["dmc_loss"] == pytest.approx(shortfall, abs=1e-5)
+
+
+def test_a_stage_run_alone_continues_from_the_previous_stage_final_checkpoint(train, tmp_path):
+    chained, alone = tmp_path / "chained", tmp_path / "alone"
+    steps = ["stage.zero_out.steps=2", "stage.retrofit.steps=2"]
+    train(chained, "stage=[zero_out,retrofit]", *steps)
+    train(alone, "stage=zero_out", *steps)
+    train(alone, "stage=retrofit", *steps)
+    assert records(alone, "retrofit") and len(records(alone, "zero_out")) == 2
+    for a, b in zip(records(chained, "retrofit"), records(alone, "retrofit")):
+        assert (a["lm_loss"], a["dmc_loss"], a["cr"]) == (b["lm_loss"], b["dmc_loss"], b["cr"])
+
+
+def test_a_finished_stage_is_not_trained_again(train, tmp_path):
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=2")
+    (summary,) = train(tmp_path, "stage=retrofit", "stage.retrofit.steps=2")
+    assert summary.steps_run == 0
+    assert len(records(tmp_path, "retrofit")) == 2
+    assert len(records(tmp_path, "retrofit", "valid")) == 2
+
+
+def test_validation_runs_every_interval_and_at_the_end(train, tmp_path):
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=5", "validation.interval=2")
+    assert [r["step"] for r in records(tmp_path, "retrofit", "valid")] == [2, 4, 5]
+
+
+def test_tensorboard_records_the_training_and_validation_scalars(train, tmp_path):
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=2", "logging.tensorboard=true")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("lm_loss", "dmc_loss", "target_cr", "cr", "layer_cr/0", "layer_cr/1", "lr",
+                 "tokens_per_s", "tokens", "budget_tokens", "grad_norm"):
+        assert f"retrofit/train/{name}" in tags
+    for name in ("lm_loss", "ppl", "cr", "layer_cr/1"):
+        assert f"retrofit/valid/{name}" in tags
+
+
+def test_retrofit_drives_the_realised_ratio_toward_the_target(train, tmp_path):
+    (summary,) = train(tmp_path, "stage=retrofit", "stage.retrofit.steps=30", "dmc.target_cr=2")
+    assert summary.validation.cr > 1.5
+
+
+def test_trains_on_the_python_docs_corpus_prepared_into_the_cache(train, tmp_path):
+    pydocs = ["data=pydocs", f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=40",
+              "model.vocab_size=512", "stage=retrofit", "stage.retrofit.steps=2"]
+    (summary,) = train(tmp_path / "run", *pydocs)
+    assert math.isfinite(summary.validation.lm_loss)
+    assert (tmp_path / "cache" / "train.bin").is_file() and (tmp_path / "cache" / "valid.idx").is_file()
+
+
+def test_a_cache_prepared_with_other_settings_is_refused_by_name(train, tmp_path):
+    pydocs = ["data=pydocs", f"data.cache_dir={tmp_path / 'cache'}", "model.vocab_size=512",
+              "stage=retrofit", "stage.retrofit.steps=1"]
+    train(tmp_path / "a", *pydocs, "data.max_documents=40")
+    with pytest.raises(ConfigError, match="data.cache_dir"):
+        train(tmp_path / "b", *pydocs, "data.max_documents=60")

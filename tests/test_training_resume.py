@@ -1,0 +1,58 @@
+"""A run killed mid-stage resumes from its latest checkpoint and replays the same losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",
+       "data.global_batch_size=4", "optim.lr=1e-2", "stage=[zero_out,retrofit]",
+       "stage.zero_out.steps=2", "stage.retrofit.steps=16", "checkpoint.save_interval=3"]
+
+
+def command(run_dir: Path) -> List[str]:
+    return [sys.executable, "-m", "nemo_dmc.train", f"hydra.run.dir={run_dir}", *RUN]
+
+
+def train_records(run_dir: Path) -> List[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return [r for r in lines if r["split"] == "train"]
+
+
+def losses_by_step(run_dir: Path) -> Dict[tuple, tuple]:
+    """The last logged (lm loss, dmc loss, CR) of every (stage, step)."""
+    return {(r["stage"], r["step"]): (r["lm_loss"], r["dmc_loss"], r["cr"])
+            for r in train_records(run_dir)}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_losses_step_for_step(tmp_path):
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    subprocess.run(command(uninterrupted), cwd=REPO, check=True, capture_output=True, timeout=600)
+
+    # Its own session, so SIGKILL reaches the helper processes dist_checkpointing spawns.
+    process = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not any(r["stage"] == "retrofit" and r["step"] >= 7 for r in train_records(killed)):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended too early"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    steps_before_kill = {k for k in losses_by_step(killed) if k[0] == "retrofit"}
+    assert 7 <= len(steps_before_kill) < 16
+
+    subprocess.run(command(killed), cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert losses_by_step(killed) == losses_by_step(uninterrupted)
