@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
 from nemo_dmc.training.checkpoint import (
     Progress,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    load_model_weights,
     read_progress,
     save_checkpoint,
 )
@@ -89,6 +89,6 @@ def test_model_weights_load_from_a_nemo2_checkpoint_directory(megatron_tp1, tmp_
                             str(tmp_path / "weights"))
     target = micro_ddp()
     torch.nn.init.zeros_(next(target.parameters()))
-    assert load_model_weights(tmp_path, target) == tmp_path / "weights"
+    assert load_weights_checkpoint(target, tmp_path) == tmp_path / "weights"
     for a, b in zip(source.parameters(), target.parameters()):
         assert torch.equal(a, b)

@@ -19,7 +19,8 @@ from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.zero_out import decision_channel_rows
 from nemo_dmc.train import CONFIG_DIR, to_train_config
-from nemo_dmc.training.checkpoint import latest_checkpoint, load_model_weights
+from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
+from nemo_dmc.training.checkpoint import latest_checkpoint
 from nemo_dmc.training.config import ConfigError, TrainConfig
 from nemo_dmc.training.launch import free_port
 from nemo_dmc.training.metrics import StageSummary
@@ -76,7 +77,7 @@ def test_zero_out_stage_ends_with_zeroed_decision_projections(train, tmp_path):
     try:
         model = build_model(micro_config(tmp_path).model, DMCConfig())
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
-        load_model_weights(final, ddp)
+        load_weights_checkpoint(ddp, final)
         rows = decision_channel_rows(groups=2, heads_per_group=2, head_dim=16)
         for layer in model.decoder.layers:
             weight = layer.self_attention.linear_qkv.weight

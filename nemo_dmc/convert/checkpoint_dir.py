@@ -1,8 +1,8 @@
 """Weights-only checkpoint directories: ``weights/`` (megatron dist_checkpointing, keys
 prefixed ``module.`` as in NeMo 2) beside ``model_config.yaml`` (our model shape).
 
-Any tensor-parallel size can load them (dist_checkpointing reshards); training reads them
-with ``nemo_dmc.training.checkpoint.load_model_weights``.
+Any tensor-parallel size can load them (dist_checkpointing reshards);
+:func:`load_weights_checkpoint` also reads the weights of trainer and NeMo 2 checkpoints.
 """
 
 from __future__ import annotations
@@ -62,11 +62,20 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> None:
-    """Load a weights checkpoint into an (unwrapped) megatron model at any TP size."""
-    source = Path(checkpoint) / WEIGHTS_DIR
+def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
+    """Load only the model weights of a checkpoint, at any TP size; return the dir read.
+
+    ``checkpoint``: a weights checkpoint or NeMo 2 checkpoint (``weights/`` inside), or a
+    dist_checkpointing directory of the trainer (model keys ``module.*``). ``model`` is a
+    megatron GPT model, bare or wrapped in megatron's DDP.
+    """
+    checkpoint = Path(checkpoint)
+    source = checkpoint / WEIGHTS_DIR if (checkpoint / WEIGHTS_DIR).is_dir() else checkpoint
     if not (source / "metadata.json").is_file():
-        raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source}")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="module.")},
+        raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} "
+                                "(metadata.json missing)")
+    bare = getattr(model, "module", model)
+    loaded = dist_checkpointing.load({"model": bare.sharded_state_dict(prefix="module.")},
                                      str(source))
-    model.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
+    bare.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
+    return source

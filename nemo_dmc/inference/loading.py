@@ -4,7 +4,7 @@ Accepted ``checkpoint`` paths:
 
 * a training run directory (``<run>/checkpoints/<stage>/step_N``: the latest checkpoint of the
   last stage that has one), a stage directory, or one ``step_N`` directory — loaded with
-  ``nemo_dmc.training.checkpoint.load_model_weights``; the run's ``.hydra/config.yaml`` (if
+  ``nemo_dmc.convert.checkpoint_dir.load_weights_checkpoint``; the run's ``.hydra/config.yaml`` (if
   found above the checkpoint) supplies ``model``, ``dmc`` and the tokenizer;
 * a NeMo 2 directory with ``weights/`` (same loader);
 * a weights checkpoint of ``python -m nemo_dmc.convert`` (``weights/`` + ``model_config.yaml``),
@@ -105,27 +105,12 @@ def dmc_config_from_run(run_config: Any) -> DMCConfig:
                      window=None if dmc.window is None else int(dmc.window))
 
 
-class _WeightsOnly:
-    """What ``load_model_weights`` reads from its DDP argument, for a bare model: the
-    wrapped module and its sharded state keyed ``module.*``."""
-
-    def __init__(self, module: GPTModel) -> None:
-        self.module = module
-
-    def sharded_state_dict(self) -> dict:
-        return self.module.sharded_state_dict(prefix="module.")
-
-
 def load_weights(model: GPTModel, resolved: ResolvedCheckpoint) -> None:
     """Load the checkpoint's weights into ``model`` (built at the current TP size)."""
-    if resolved.kind == "weights":
+    if resolved.kind in ("weights", "trainer"):
         from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
 
         load_weights_checkpoint(model, resolved.path)
-    elif resolved.kind == "trainer":
-        from nemo_dmc.training.checkpoint import load_model_weights
-
-        load_model_weights(resolved.path, _WeightsOnly(model))  # type: ignore[arg-type]
     else:
         state = torch.load(resolved.path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):

@@ -168,14 +168,3 @@ def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: Megat
     scheduler.load_state_dict(loaded["scheduler"])
     _restore_rng(loaded)
     return saved
-
-
-def load_model_weights(path: Path, model: DistributedDataParallel) -> Path:
-    """Load only the model weights from a checkpoint of this trainer or a NeMo 2 checkpoint
-    (whose weights are in ``path/weights``); return the directory read."""
-    source = path / "weights" if (path / "weights").is_dir() else path
-    if not (source / "metadata.json").is_file():
-        raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} (metadata.json missing)")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
-    _load_model_state(model, loaded["model"])
-    return source

@@ -20,6 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
 from nemo_dmc.core import Stage, target_cr, zero_out_scale
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
@@ -31,7 +32,6 @@ from nemo_dmc.training.checkpoint import (
     Progress,
     latest_checkpoint,
     load_checkpoint,
-    load_model_weights,
     read_progress,
     save_checkpoint,
 )
@@ -166,7 +166,7 @@ def _start_stage(session: Session, plan: StagePlan, weights: Optional[Path], con
     model, logger, name = session.model, session.logger, plan.stage.value
     resume = resume_point(session.cfg, plan.stage)
     if resume is None and weights is not None:
-        logger.note(f"[{name}] initial weights from {load_model_weights(weights, model)}")
+        logger.note(f"[{name}] initial weights from {load_weights_checkpoint(model, weights)}")
     optimizer = build_optimizer(model, session.cfg.optim, plan, session.bf16)
     scheduler = build_scheduler(optimizer, session.cfg.optim, plan)
     if resume is None:
