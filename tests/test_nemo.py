@@ -86,10 +86,15 @@ def test_training_loss_adds_compression_loss_per_token(megatron_tp1):
 
 def test_zero_out_stage_decays_channel_then_zeroes_rows(megatron_tp1):
     seed_all(4)
-    model = _nemo_model(stage="zero_out", steps=10)
-    model.apply_stage()
+    model = _nemo_model(stage="zero_out", steps=10).train()
+    tokens, positions, mask = _inputs()
+    batch = {"tokens": tokens, "labels": tokens, "position_ids": positions,
+             "attention_mask": mask, "loss_mask": torch.ones(tokens.shape)}
+    out = model.training_step(batch)
     attn = [m for m in model.modules() if isinstance(m, DMCSelfAttention)]
     assert all(m.dmc_mode == "zero_out" and m.zero_out_scale == 1.0 for m in attn)
+    loss_sum, num_tokens, _ = model.training_loss_reduction.forward(batch, out)
+    torch.testing.assert_close(loss_sum / num_tokens, out.mean())  # LM loss only
     model.on_train_end()
     d = TINY_GQA.head_dim
     assert torch.all(attn[0].linear_qkv.weight[[d - 1, 2 * d - 1, 3 * d - 1]] == 0)

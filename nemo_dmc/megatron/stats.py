@@ -18,7 +18,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
 )
 
-from nemo_dmc.core import compression_loss, realised_cr
+from nemo_dmc.core import Stage, compression_loss, realised_cr, target_cr, zero_out_scale
 from nemo_dmc.megatron.attention import DMC_MODE, ZERO_OUT_MODE, DMCSelfAttention
 
 
@@ -58,6 +58,18 @@ def set_dmc_mode(model: nn.Module, mode: str, zero_out_scale: float = 1.0) -> No
     for module in dmc_attention_modules(model):
         module.dmc_mode = mode
         module.zero_out_scale = zero_out_scale
+
+
+def apply_stage(model: nn.Module, stage: Stage | str, step: int, steps: int,
+                final_cr: float) -> Optional[float]:
+    """Put the DMC layers in ``stage``'s mode for optimizer step ``step`` (0-based) of
+    ``steps``; return that step's CR target (``None`` in zero-out, which trains LM only)."""
+    stage = Stage(stage)
+    if stage is Stage.ZERO_OUT:
+        set_dmc_mode(model, ZERO_OUT_MODE, zero_out_scale(step, steps))
+        return None
+    set_dmc_mode(model, DMC_MODE)
+    return target_cr(stage, step + 1, steps, final_cr)
 
 
 def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
-from nemo_dmc.core import Stage, target_cr, zero_out_scale
-from nemo_dmc.megatron.stats import collect_dmc_stats, set_dmc_mode
+from nemo_dmc.core import Stage
+from nemo_dmc.megatron.stats import apply_stage, collect_dmc_stats
 from nemo_dmc.megatron.zero_out import zero_decision_projections
 
 
@@ -28,8 +28,9 @@ class DMCLossReduction(MaskedTokenLossReduction):
                 forward_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
         loss_sum, num_tokens, extra = super().forward(batch, forward_out)
         stats = collect_dmc_stats(self.model)
-        if stats is not None and not self.validation_step:
-            loss_sum = loss_sum + stats.loss(self.model.current_target_cr()) * num_tokens
+        target = self.model.stage_target_cr
+        if stats is not None and target is not None and not self.validation_step:
+            loss_sum = loss_sum + stats.loss(target) * num_tokens
         return loss_sum, num_tokens, extra
 
 
@@ -40,24 +41,18 @@ class DMCGPTModel(GPTModel):
     with the ramped target CR); the zero-out stage ends by zeroing the decision rows.
     """
 
+    stage_target_cr: Optional[float] = None
+    """CR target of the current training step (set by :meth:`training_step`)."""
+
     @property
     def _step(self) -> int:
         trainer = getattr(self, "_trainer", None)
         return trainer.global_step if trainer is not None else 0
 
-    def current_target_cr(self) -> float:
-        c = self.config
-        return target_cr(c.dmc_stage, self._step, c.dmc_stage_steps, c.dmc_target_cr)
-
-    def apply_stage(self) -> None:
-        """Put the DMC layers in the mode the stage needs at the current step."""
-        if Stage(self.config.dmc_stage) is Stage.ZERO_OUT:
-            set_dmc_mode(self, "zero_out", zero_out_scale(self._step, self.config.dmc_stage_steps))
-        else:
-            set_dmc_mode(self, "dmc")
-
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
-        self.apply_stage()
+        c = self.config
+        self.stage_target_cr = apply_stage(self, c.dmc_stage, self._step, c.dmc_stage_steps,
+                                           c.dmc_target_cr)
         return super().training_step(batch, batch_idx)
 
     def on_train_end(self) -> None:

@@ -21,11 +21,11 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
-from nemo_dmc.core import Stage, target_cr, zero_out_scale
+from nemo_dmc.core import Stage, target_cr
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
-from nemo_dmc.megatron.stats import set_dmc_mode
+from nemo_dmc.megatron.stats import apply_stage, set_dmc_mode
 from nemo_dmc.megatron.zero_out import zero_decision_projections
 from nemo_dmc.training.batches import MicroBatches, build_splits
 from nemo_dmc.training.checkpoint import (
@@ -150,15 +150,6 @@ def _run_stages(cfg: TrainConfig) -> List[StageSummary]:
     return summaries
 
 
-def _set_mode(session: Session, stage: Stage, step: int, steps: int) -> Optional[float]:
-    """Put the model in the stage's mode for ``step`` (0-based); return the step's CR target."""
-    if stage is Stage.ZERO_OUT:
-        set_dmc_mode(session.model, "zero_out", zero_out_scale(step, steps))
-        return None
-    set_dmc_mode(session.model, "dmc")
-    return target_cr(stage, step + 1, steps, session.cfg.dmc.target_cr)
-
-
 def _start_stage(session: Session, plan: StagePlan, weights: Optional[Path], consumed: int
                  ) -> Tuple[MegatronOptimizer, OptimizerParamScheduler, int, int]:
     """Optimizer and schedule of the stage, resumed from its checkpoint if it has one
@@ -188,7 +179,7 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
                        f"({plan.budget_source}), lr {plan.lr:g} -> {plan.min_lr:g}")
     while step < plan.steps:
         tic = time.perf_counter()
-        target = _set_mode(session, plan.stage, step, plan.steps)
+        target = apply_stage(model, plan.stage, step, plan.steps, cfg.dmc.target_cr)
         result = train_step(model, optimizer, scheduler, session.batches, session.mask, consumed,
                             target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}")
         step += 1
