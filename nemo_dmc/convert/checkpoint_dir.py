@@ -8,8 +8,10 @@ Any tensor-parallel size can load them (dist_checkpointing reshards);
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as dist
 import yaml
@@ -22,31 +24,46 @@ MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
 
 
-def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output: Path) -> Path:
-    """Write ``output/{weights,model_config.yaml}`` atomically (temp dir, then rename).
+def is_rank0() -> bool:
+    """Global rank 0, or a process without ``torch.distributed``."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
-    All ranks must call it. An existing ``output`` is replaced only once the new one is
-    complete.
-    """
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def atomic_checkpoint_dir(output: Path, subdirs: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside ``output`` (with ``subdirs``) for every rank to
+    write into; on success rank 0 renames it to ``output``, replacing an older one only
+    once the new one is complete. All ranks must enter it."""
     output = Path(output)
     tmp = output.with_name(f".tmp-{output.name}")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
+    if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / WEIGHTS_DIR).mkdir(parents=True)
-        (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config), sort_keys=False))
-    if dist.is_initialized():
-        dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(prefix="module.")},
-                            str(tmp / WEIGHTS_DIR))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank0:
+        tmp.mkdir(parents=True)
+        for sub in subdirs:
+            (tmp / sub).mkdir()
+    _barrier()
+    yield tmp
+    _barrier()
+    if is_rank0():
         shutil.rmtree(output, ignore_errors=True)
         tmp.rename(output)
-    if dist.is_initialized():
-        dist.barrier()
-    return output
+    _barrier()
+
+
+def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output: Path) -> Path:
+    """Write ``output/{weights,model_config.yaml}`` atomically (all ranks call)."""
+    with atomic_checkpoint_dir(output, (WEIGHTS_DIR,)) as tmp:
+        if is_rank0():
+            (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config),
+                                                                sort_keys=False))
+        dist_checkpointing.save({"model": model.sharded_state_dict(prefix="module.")},
+                                str(tmp / WEIGHTS_DIR))
+    return Path(output)
 
 
 def read_model_config(checkpoint: Path) -> ModelConfig:

@@ -3,26 +3,16 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch import nn
 
+from nemo_dmc.convert.checkpoint_dir import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron.model import ModelConfig
 from nemo_dmc.nemo.config import dmc_llama_config
 from nemo_dmc.nemo.model import DMCGPTModel
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def export_nemo_checkpoint(model: nn.Module, model_config: ModelConfig, dmc: DMCConfig,
@@ -33,23 +23,14 @@ def export_nemo_checkpoint(model: nn.Module, model_config: ModelConfig, dmc: DMC
     ``nemo.lightning.io.load_context(output / "context", subpath="model")`` restores a
     :class:`DMCGPTModel` with every DMC setting; ``weights/`` loads at any TP size.
     """
-    output = Path(output)
-    tmp = output.with_name(f".tmp-{output.name}")
     config = dmc_llama_config(model_config, dmc, target_cr=target_cr, stage=stage,
                               stage_steps=stage_steps)
     nemo_model = DMCGPTModel(config, tokenizer=None)
-    if _rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "weights").mkdir(parents=True)
-        nemo_model.io_dump(tmp / "context", yaml_attrs=["config"])
-    _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(prefix="module."), str(tmp / "weights"))
-    _barrier()
-    if _rank0():
-        shutil.rmtree(output, ignore_errors=True)
-        tmp.rename(output)
-    _barrier()
-    return output
+    with atomic_checkpoint_dir(output, ("weights",)) as tmp:
+        if is_rank0():
+            nemo_model.io_dump(tmp / "context", yaml_attrs=["config"])
+        dist_checkpointing.save(model.sharded_state_dict(prefix="module."), str(tmp / "weights"))
+    return Path(output)
 
 
 def load_nemo_model(path: Path) -> DMCGPTModel:

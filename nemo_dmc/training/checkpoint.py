@@ -26,6 +26,8 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from nemo_dmc.convert.checkpoint_dir import atomic_checkpoint_dir, is_rank0
+
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
@@ -118,29 +120,18 @@ def _training_state(model: DistributedDataParallel, optimizer: MegatronOptimizer
             "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
 
-def _is_rank0() -> bool:
-    return dist.get_rank() == 0
-
-
 def save_checkpoint(stage_dir: Path, model: DistributedDataParallel, optimizer: MegatronOptimizer,
                     scheduler: OptimizerParamScheduler, progress: Progress, keep_last: int) -> Path:
     """Save atomically to ``stage_dir/step_<N>`` (all ranks call) and keep the newest
     ``keep_last`` checkpoints of the stage."""
     final = stage_dir / step_dir_name(progress.step)
-    tmp = stage_dir / f".tmp-{final.name}"
-    if _is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = _training_state(model, optimizer, is_loading=False)
-    state.update(_rng_objects(progress, include_common=True, include_tracker=True))
-    state["scheduler"] = scheduler.state_dict()
-    state["progress"] = asdict(progress)
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
-    if _is_rank0():
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+    with atomic_checkpoint_dir(final) as tmp:
+        state = _training_state(model, optimizer, is_loading=False)
+        state.update(_rng_objects(progress, include_common=True, include_tracker=True))
+        state["scheduler"] = scheduler.state_dict()
+        state["progress"] = asdict(progress)
+        dist_checkpointing.save(state, str(tmp))
+    if is_rank0():
         for _, old in list_checkpoints(stage_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
