@@ -7,13 +7,13 @@ plain Llama that stock ``LlamaForCausalLM`` loads.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from nemo_dmc.convert.checkpoint_dir import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron.model import ModelConfig
 
@@ -89,17 +89,11 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
     """
     from safetensors.torch import save_file
 
-    output = Path(output)
-    tmp = output.with_name(f".tmp-{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     hf_state = megatron_to_hf(state, model)
     if dtype is not None:
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
-    if model.share_embeddings_and_output_weights:
-        hf_state.pop("lm_head.weight", None)
-    llama_config(model, dtype or torch.float32, dmc, target_cr).save_pretrained(tmp)
-    save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
-    return output
+    with atomic_checkpoint_dir(output) as tmp:
+        if is_rank0():
+            llama_config(model, dtype or torch.float32, dmc, target_cr).save_pretrained(tmp)
+            save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return Path(output)
