@@ -29,16 +29,10 @@ def pytest_collection_modifyitems(config, items):
 def megatron_tp1():
     """megatron parallel state for one process (TP=1), torn down after the test."""
     from nemo_dmc.megatron import parallel
+    from nemo_dmc.training.launch import free_port
 
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     parallel.initialize(tensor_parallel_size=1, seed=1234)
     yield
     parallel.shutdown()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

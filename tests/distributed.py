@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nemo_dmc.training.launch import free_port
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, errors) -> None:
@@ -30,7 +25,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     try:
         mp.start_processes(_worker, args=(world_size, port, fn, args, errors),
                            nprocs=world_size, start_method="spawn")
