@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from megatron.core import dist_checkpointing
 from omegaconf import OmegaConf
 
-from conftest import _free_port
+from nemo_dmc.training.launch import free_port
 from megatron_utils import TINY_GQA
 from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
 from nemo_dmc.core import DMCConfig
@@ -71,7 +71,7 @@ def test_weights_checkpoint_and_state_dict_file_load(megatron_tp1, tmp_path):
 
 
 def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatch):
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(FileNotFoundError, match="^load: "):
         run(GenerateConfig(load=str(tmp_path / "nowhere"), prompt_token_ids=[[1, 2]]))
 
