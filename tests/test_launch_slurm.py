@@ -103,3 +103,32 @@ def test_a_single_process_ignores_an_inherited_master_port(monkeypatch):
         env = rendezvous_env()
     assert (env["RANK"], env["WORLD_SIZE"]) == ("0", "1")
     assert env["MASTER_PORT"] != port
+
+
+class _FakeSubmititJob:
+    """What :mod:`submitit`'s JobEnvironment exposes to :func:`rendezvous_env`."""
+
+    def __init__(self, job_id: str, tasks: int, rank: int) -> None:
+        self.job_id, self.num_tasks, self.global_rank, self.local_rank = job_id, tasks, rank, rank
+        self.hostnames = ["localhost"]
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_submitit_job_ports_are_agreed_by_tasks_and_outside_the_ephemeral_range(monkeypatch,
+                                                                                 tasks):
+    from nemo_dmc.training import launch
+
+    for key in LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("MASTER_PORT", "29533")  # inherited by every job of a sweep: ignored
+    envs = []
+    for rank in range(tasks):
+        monkeypatch.setattr(launch, "_job_environment",
+                            lambda rank=rank: _FakeSubmititJob("4242", tasks, rank))
+        envs.append(rendezvous_env())
+    ports = {int(env["MASTER_PORT"]) for env in envs}
+    assert [env["RANK"] for env in envs] == [str(r) for r in range(tasks)]
+    assert 29533 not in ports
+    if tasks > 1:  # all tasks meet on one port, below the kernel's ephemeral ports
+        assert len(ports) == 1 and 15000 <= ports.pop() < 32768

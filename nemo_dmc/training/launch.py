@@ -4,8 +4,9 @@
 * ``srun`` (one task per process; SLURM's ``SLURM_PROCID``/``SLURM_NTASKS``/
   ``SLURM_JOB_NODELIST``), and hydra-submitit-launcher jobs (``submitit_slurm``,
   ``submitit_local``): rank, world size, local rank from the job environment; the master is
-  the first host of the allocation (or ``MASTER_ADDR``) and the port is derived from the job
-  id (under srun, an exported ``MASTER_PORT`` is used instead).
+  the first host of the allocation (or ``MASTER_ADDR``); a single-task job takes a free local
+  port, a multi-task job derives its port from the job id, below the kernel's ephemeral range
+  so no outgoing connection holds it (under srun, an exported ``MASTER_PORT`` is used instead).
 * a plain ``python -m nemo_dmc.train``: one process on a free local port.
 """
 
@@ -16,7 +17,7 @@ import random
 import socket
 from typing import Dict
 
-_PORT_RANGE = (20000, 60000)
+_PORT_RANGE = (15000, 32000)  # below Linux's default ephemeral ports (32768-60999)
 
 
 def free_port() -> int:
@@ -50,9 +51,13 @@ def rendezvous_env() -> Dict[str, str]:
     if job is None:  # one process: any free local port (an inherited one may be taken)
         return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    # A submitit job's port comes from its job id: the jobs of one sweep inherit the same
-    # environment but may share a node. Under srun, an exported MASTER_PORT wins.
+    # The jobs of one sweep inherit the same environment but may share a node, so an inherited
+    # MASTER_PORT is not used for submitit jobs. One task needs no agreement: any free port.
+    # The tasks of a multi-task job agree on a port derived from the job id. Under srun, an
+    # exported MASTER_PORT wins.
     port = None if "SUBMITIT_EXECUTOR" in environ else environ.get("MASTER_PORT")
+    if port is None and job.num_tasks == 1:
+        port = str(free_port())
     port = port or str(random.Random(job.job_id).randint(*_PORT_RANGE))
     return {"MASTER_ADDR": environ.get("MASTER_ADDR") or job.hostnames[0],
             "MASTER_PORT": port, "RANK": str(job.global_rank),
