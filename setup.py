@@ -9,7 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["nemo_dmc", "nemo_dmc.*"]),
+    # The Triton kernels live in kernels/ (the product's layout) and install as nemo_dmc.kernels.
+    packages=find_packages(include=["nemo_dmc", "nemo_dmc.*"]) + ["nemo_dmc.kernels"],
+    package_dir={"nemo_dmc.kernels": "kernels"},
     # Pinned, tested versions. torch must be the CPU or CUDA build matching your machine:
     # install with `pip install -c constraints.txt ...` so pip never swaps it.
     install_requires=[

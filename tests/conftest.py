@@ -6,6 +6,10 @@ import warnings
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Triton reads TRITON_INTERPRET when it is imported: without a GPU, run kernels in its
+# interpreter on CPU tensors (tests/test_kernels_*). Must precede any import of triton.
+if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|unified memory).*")
 
 

@@ -6,8 +6,13 @@ from enum import Enum
 
 
 class Stage(str, Enum):
-    """The three stages of the DMC recipe."""
+    """The stages of the DMC recipe, preceded by plain language-model training.
 
+    ``PRETRAIN`` trains with vanilla attention (LM loss only): pretraining from scratch, or
+    the continued-training baseline that DMC is compared against.
+    """
+
+    PRETRAIN = "pretrain"
     ZERO_OUT = "zero_out"
     RETROFIT = "retrofit"
     FINETUNE = "finetune"
@@ -16,13 +21,13 @@ class Stage(str, Enum):
 def target_cr(stage: Stage | str, step: int, stage_steps: int, final_cr: float) -> float:
     """Target compression ratio after ``step`` of ``stage_steps`` optimizer steps of ``stage``.
 
-    Zero-out trains no decisions (1.0); retrofit ramps linearly from 1 to ``final_cr``,
+    Pretraining and zero-out train no decisions (1.0); retrofit ramps linearly from 1 to ``final_cr``,
     reaching it at the stage's last step; fine-tune holds ``final_cr``.
     """
     if final_cr < 1.0:
         raise ValueError(f"dmc.target_cr must be >= 1, got {final_cr}")
     stage = Stage(stage)
-    if stage is Stage.ZERO_OUT:
+    if stage in (Stage.PRETRAIN, Stage.ZERO_OUT):
         return 1.0
     if stage is Stage.FINETUNE:
         return final_cr

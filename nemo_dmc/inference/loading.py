@@ -29,7 +29,7 @@ from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron.model import ModelConfig, build_model
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
-STAGES = ("zero_out", "retrofit", "finetune")
+STAGES = ("pretrain", "zero_out", "retrofit", "finetune")
 
 
 @dataclass

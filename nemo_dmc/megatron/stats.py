@@ -63,8 +63,12 @@ def set_dmc_mode(model: nn.Module, mode: str, zero_out_scale: float = 1.0) -> No
 def apply_stage(model: nn.Module, stage: Stage | str, step: int, steps: int,
                 final_cr: float) -> Optional[float]:
     """Put the DMC layers in ``stage``'s mode for optimizer step ``step`` (0-based) of
-    ``steps``; return that step's CR target (``None`` in zero-out, which trains LM only)."""
+    ``steps``; return that step's CR target (``None`` in pretraining and zero-out, which
+    train the LM only; pretraining runs plain attention, i.e. zero-out mode at scale 1)."""
     stage = Stage(stage)
+    if stage is Stage.PRETRAIN:
+        set_dmc_mode(model, ZERO_OUT_MODE, 1.0)
+        return None
     if stage is Stage.ZERO_OUT:
         set_dmc_mode(model, ZERO_OUT_MODE, zero_out_scale(step, steps))
         return None

@@ -16,7 +16,7 @@ from typing import List, Optional
 from nemo_dmc.core import DMCConfig, Stage
 from nemo_dmc.megatron.model import ModelConfig, transformer_config
 
-STAGE_ORDER = (Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
+STAGE_ORDER = (Stage.PRETRAIN, Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
 DATA_SOURCES = ("pydocs", "indexed", "random")
 DECAY_STYLES = ("cosine", "linear", "constant")
 RECOMPUTE_MODES = ("none", "selective")
@@ -75,8 +75,9 @@ class StageSettings:
 
 @dataclass
 class StagesConfig:
-    """The three stages of the recipe, run in this order when enabled."""
+    """The stages (plain pretraining, then the three DMC stages), run in this order when enabled."""
 
+    pretrain: StageSettings = field(default_factory=StageSettings)
     zero_out: StageSettings = field(default_factory=StageSettings)
     retrofit: StageSettings = field(default_factory=StageSettings)
     finetune: StageSettings = field(default_factory=StageSettings)

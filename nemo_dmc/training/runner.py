@@ -198,7 +198,8 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
                                 parallel_state.get_data_parallel_world_size())
             save_checkpoint(cfg.checkpoint_dir / name, model, optimizer, scheduler, progress,
                             cfg.checkpoint.keep_last)
-    set_dmc_mode(model, "dmc")
+    if plan.stage is not Stage.PRETRAIN:  # validate a pretrained model with plain attention
+        set_dmc_mode(model, "dmc")
     summary = StageSummary(name, step - first_step, plan.steps, step * plan.tokens_per_step,
                            plan.tokens, time.perf_counter() - started,
                            target_cr(plan.stage, plan.steps, plan.steps, cfg.dmc.target_cr),
