@@ -160,3 +160,17 @@ def test_a_cache_prepared_with_other_settings_is_refused_by_name(train, tmp_path
     train(tmp_path / "a", *pydocs, "data.max_documents=40")
     with pytest.raises(ConfigError, match="data.cache_dir"):
         train(tmp_path / "b", *pydocs, "data.max_documents=60")
+
+
+def test_pretrain_stage_trains_plain_attention_and_feeds_a_dmc_retrofit(train, tmp_path):
+    base = tmp_path / "base"
+    [summary] = train(base, "stage=pretrain", "stage.pretrain.steps=3")
+    assert summary.stage == "pretrain" and summary.validation.cr == 1.0
+    trained = records(base, "pretrain")
+    assert [r["target_cr"] for r in trained] == [1.0] * 3
+    assert all(r["cr"] == 1.0 and r["dmc_loss"] == 0.0 for r in trained)  # no DMC decisions
+
+    final = latest_checkpoint(base / "checkpoints" / "pretrain")
+    [retrofit] = train(tmp_path / "dmc", "stage=retrofit", "stage.retrofit.steps=2",
+                       f"checkpoint.pretrained={final}")
+    assert retrofit.stage == "retrofit" and retrofit.target_cr == 4.0
