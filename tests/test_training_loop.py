@@ -174,3 +174,13 @@ def test_pretrain_stage_trains_plain_attention_and_feeds_a_dmc_retrofit(train, t
     [retrofit] = train(tmp_path / "dmc", "stage=retrofit", "stage.retrofit.steps=2",
                        f"checkpoint.pretrained={final}")
     assert retrofit.stage == "retrofit" and retrofit.target_cr == 4.0
+
+
+def test_a_run_writes_its_config_so_its_checkpoints_load_without_hydra_files(train, tmp_path):
+    from nemo_dmc.inference.loading import resolve_checkpoint
+
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=1", "dmc.window=3")
+    resolved = resolve_checkpoint(tmp_path)
+    assert not (tmp_path / ".hydra").exists() and resolved.run_config is not None
+    assert resolved.path == latest_checkpoint(tmp_path / "checkpoints" / "retrofit")
+    assert resolved.run_config.model.hidden_size == 64 and resolved.run_config.dmc.window == 3

@@ -4,8 +4,9 @@ Accepted ``checkpoint`` paths:
 
 * a training run directory (``<run>/checkpoints/<stage>/step_N``: the latest checkpoint of the
   last stage that has one), a stage directory, or one ``step_N`` directory — loaded with
-  ``nemo_dmc.convert.checkpoint_dir.load_weights_checkpoint``; the run's ``.hydra/config.yaml`` (if
-  found above the checkpoint) supplies ``model``, ``dmc`` and the tokenizer;
+  ``nemo_dmc.convert.checkpoint_dir.load_weights_checkpoint``; the run's ``run_config.yaml``
+  (written by the trainer into run_dir) or Hydra's ``.hydra/config.yaml``, if found above the
+  checkpoint, supplies ``model``, ``dmc`` and the tokenizer;
 * a NeMo 2 directory with ``weights/`` (same loader);
 * a weights checkpoint of ``python -m nemo_dmc.convert`` (``weights/`` + ``model_config.yaml``),
   loaded with ``nemo_dmc.convert.checkpoint_dir.load_weights_checkpoint``;
@@ -27,8 +28,10 @@ from omegaconf import OmegaConf
 
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron.model import ModelConfig, build_model
+from nemo_dmc.training.config import RUN_CONFIG_FILE
 
-RUN_CONFIG = Path(".hydra") / "config.yaml"
+# A run's config: the trainer's own copy in run_dir, else Hydra's (when run_dir is its output).
+RUN_CONFIGS = (Path(RUN_CONFIG_FILE), Path(".hydra") / "config.yaml")
 STAGES = ("pretrain", "zero_out", "retrofit", "finetune")
 
 
@@ -49,8 +52,9 @@ class ResolvedCheckpoint:
 
 def _find_run_config(path: Path) -> Optional[Any]:
     for parent in [path, *path.parents][:5]:
-        if (parent / RUN_CONFIG).is_file():
-            return OmegaConf.load(parent / RUN_CONFIG)
+        for name in RUN_CONFIGS:
+            if (parent / name).is_file():
+                return OmegaConf.load(parent / name)
     return None
 
 

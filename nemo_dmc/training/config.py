@@ -16,6 +16,8 @@ from typing import List, Optional
 from nemo_dmc.core import DMCConfig, Stage
 from nemo_dmc.megatron.model import ModelConfig, transformer_config
 
+# The resolved config of a run, written into its run_dir (checkpoints find it there).
+RUN_CONFIG_FILE = "run_config.yaml"
 STAGE_ORDER = (Stage.PRETRAIN, Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
 DATA_SOURCES = ("pydocs", "indexed", "random")
 DECAY_STYLES = ("cosine", "linear", "constant")

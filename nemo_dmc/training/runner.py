@@ -8,6 +8,7 @@ random init. The data position carries over between stages, so no stage re-reads
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from omegaconf import OmegaConf
 
-from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
+from nemo_dmc.convert.checkpoint_dir import is_rank0, load_weights_checkpoint
 from nemo_dmc.core import Stage, target_cr
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
@@ -35,7 +37,13 @@ from nemo_dmc.training.checkpoint import (
     read_progress,
     save_checkpoint,
 )
-from nemo_dmc.training.config import STAGE_ORDER, TrainConfig, use_bf16, validate_config
+from nemo_dmc.training.config import (
+    RUN_CONFIG_FILE,
+    STAGE_ORDER,
+    TrainConfig,
+    use_bf16,
+    validate_config,
+)
 from nemo_dmc.training.launch import export_rendezvous_env
 from nemo_dmc.training.loop import StepResult, train_step, validate
 from nemo_dmc.training.metrics import RunLogger, StageSummary, Validation
@@ -106,9 +114,22 @@ def run(cfg: TrainConfig) -> List[StageSummary]:
     validate_config(cfg, world_size, torch.cuda.is_available())
     parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.seed)
     try:
+        write_run_config(cfg)
         return _run_stages(cfg)
     finally:
         parallel.shutdown()
+
+
+def write_run_config(cfg: TrainConfig) -> None:
+    """Rank 0 writes the resolved config to ``<run_dir>/run_config.yaml`` (atomically), so
+    the run's checkpoints describe themselves wherever Hydra put its own output."""
+    if not is_rank0():
+        return
+    path = Path(cfg.run_dir) / RUN_CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
 
 
 def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int) -> Session:
