@@ -42,3 +42,76 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if mode == "triton":
         return True
     return tensor.is_cuda
+
+
+# -- training: partial accumulation and DMC attention -------------------------------------------
+
+_TRAINING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def partial_accumulate(x: torch.Tensor, alpha: torch.Tensor, omega: torch.Tensor,
+                       window) -> torch.Tensor:
+    """Partial accumulation of keys/values; see :func:`nemo_dmc.core.partial_accumulate`.
+    fp64 inputs always take the reference."""
+    if use_triton(x) and x.dtype in _TRAINING_DTYPES:
+        from nemo_dmc.kernels.partial_accumulation import partial_accumulate as kernel
+
+        return kernel(x, alpha, omega, window)
+    from nemo_dmc.core.accumulation import partial_accumulate as reference
+
+    return reference(x, alpha, omega, window)
+
+
+def dmc_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  state_bias: torch.Tensor, softmax_scale=None, mask=None,
+                  dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention with the DMC per-key bias; see :func:`nemo_dmc.core.dmc_attention`.
+    The fused kernel covers the training case (no extra mask, no dropout, equal q/k/v
+    dtypes other than fp64); anything else takes the reference."""
+    fused = (mask is None and dropout_p == 0.0 and query.dtype in _TRAINING_DTYPES
+             and query.dtype == key.dtype == value.dtype)
+    if fused and use_triton(query):
+        from nemo_dmc.kernels.dmc_attention import dmc_attention as kernel
+
+        return kernel(query, key, value, state_bias, softmax_scale)
+    from nemo_dmc.core.attention import dmc_attention as reference
+
+    return reference(query, key, value, state_bias, softmax_scale, mask, dropout_p)
+
+
+# -- inference: decode step ---------------------------------------------------------------------
+
+_DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor,
+                           value_pool: torch.Tensor, block_tables: torch.Tensor,
+                           lengths: torch.Tensor, scale: float, workspace=None,
+                           max_slots=None) -> torch.Tensor:
+    """Decode attention over the per-head paged cache; see
+    :func:`nemo_dmc.inference.ops.paged_decode_attention` (``workspace`` is used by the
+    reference only, ``max_slots``, a bound of ``lengths``, by the kernel only). fp64 pools
+    always take the reference."""
+    if use_triton(query) and key_pool.dtype in _DECODE_DTYPES:
+        from nemo_dmc.kernels.decode_attention import paged_decode_attention as kernel
+
+        return kernel(query, key_pool, value_pool, block_tables, lengths, scale, max_slots)
+    from nemo_dmc.inference.ops import paged_decode_attention as reference
+
+    return reference(query, key_pool, value_pool, block_tables, lengths, scale, workspace)
+
+
+def decode_cache_update(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        positions: torch.Tensor, rows: torch.Tensor, open_runs: torch.Tensor,
+                        ring_next: torch.Tensor, lengths: torch.Tensor,
+                        block_tables: torch.Tensor, key_pool: torch.Tensor,
+                        value_pool: torch.Tensor, free, tables, config, window) -> None:
+    """Fused cache update of one decode token per sequence; see
+    :func:`nemo_dmc.inference.ops.decode_cache_update`. fp64 caches take the reference."""
+    if (use_triton(key) and key_pool.dtype in _DECODE_DTYPES
+            and open_runs.dtype == torch.float32):
+        from nemo_dmc.kernels.cache_update import decode_cache_update as kernel
+    else:
+        from nemo_dmc.inference.ops import decode_cache_update as kernel
+    kernel(query, key, value, positions, rows, open_runs, ring_next, lengths, block_tables,
+           key_pool, value_pool, free, tables, config, window)

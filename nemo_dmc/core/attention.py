@@ -86,15 +86,21 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
 RoPE = Callable[[Tensor, Tensor], Tensor]
 """``rope(x, positions)``: rotate ``x`` ``[..., s, d]`` at integer ``positions`` ``[s]``."""
 
+Accumulate = Callable[[Tensor, Tensor, Tensor, Optional[int]], Tensor]
+"""``accumulate(x, alpha, omega, window)`` with the contract of :func:`partial_accumulate`."""
+
 
 def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, training: bool,
-               noise: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Decisions]:
+               noise: Optional[Tensor] = None, accumulate: Accumulate = partial_accumulate,
+               ) -> Tuple[Tensor, Tensor, Tensor, Decisions]:
     """Decisions, importance and partial accumulation of one layer (everything before RoPE).
 
     Args:
         query: ``[b, hq, s, d]`` pre-RoPE queries.
         key, value: ``[b, hk, s, d]`` pre-RoPE keys and values.
         noise: optional ``[b, hk, s]`` logistic noise for relaxed (training) decisions.
+        accumulate: a function like :func:`partial_accumulate` (e.g. the kernel dispatch
+            ``nemo_dmc.kernels.dispatch.partial_accumulate``).
 
     Returns:
         ``(query, key_states, value_states, decisions)``: the query and the accumulated keys
@@ -104,8 +110,7 @@ def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, tra
     omega = importance(query, key.shape[1], config.init_offset)
     query, key = zero_decision_channel(query), zero_decision_channel(key)
     # keys and values share decisions and weights: one accumulation over [k | v]
-    states = partial_accumulate(torch.cat([key, value], dim=-1), decisions.alpha, omega,
-                                config.window)
+    states = accumulate(torch.cat([key, value], dim=-1), decisions.alpha, omega, config.window)
     key, value = states.split([key.shape[-1], value.shape[-1]], dim=-1)
     return query, key, value, decisions
 

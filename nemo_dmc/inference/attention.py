@@ -1,4 +1,5 @@
-"""DMC attention of one layer against the paged cache (pure torch, no megatron).
+"""DMC attention of one layer against the paged cache (no megatron; the decode step's
+kernels go through :mod:`nemo_dmc.kernels.dispatch`: Triton on CUDA, else pure torch).
 
 :func:`prefill_attention` takes a chunk of tokens per sequence in parallel; :func:`decode_attention`
 takes one token per sequence. Both take pre-RoPE ``query [b, hq, c, d]``, ``key``/``value``
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums
+from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums, zero_decision_channel
 from nemo_dmc.inference import ops
 from nemo_dmc.inference.cache import PagedKVCache
 
@@ -68,27 +69,32 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
 
 def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tensor, key: Tensor,
                      value: Tensor, positions: Tensor, config: DMCConfig, rope: Optional[RoPE],
-                     scale: float) -> Tensor:
+                     scale: float, tables: Optional[ops.RopeTables] = None,
+                     max_slots: Optional[int] = None) -> Tensor:
     """One token per row (``c = 1``) at ``positions [b, 1]``: append or merge per head, write
-    the open slot (key rotated at this position), attend over each head's slots."""
-    window = cache.layout.window
+    the open slot (key rotated at this position), attend over each head's slots.
+
+    Both steps go through :mod:`nemo_dmc.kernels.dispatch` (Triton on CUDA). ``tables``: the
+    RoPE at ``positions`` (shared by all layers of a step; computed here when ``None``);
+    ``max_slots``: a bound of the heads' lengths known without a device sync (e.g. the
+    longest row's tokens), which sizes the Triton kernel's sequence splits.
+    """
+    from nemo_dmc.kernels import dispatch
+
     head_dim = key.shape[-1]
-    decisions = ops.chunk_decisions(key, positions[:, 0] == 0, config)
-    query, entries = ops.chunk_entries(query, key, value, config)
-    runs, ring_next = ops.advance_open_runs(cache.open_runs[rows, layer],
-                                            cache.ring_next[rows, layer], entries[..., 0, :],
-                                            decisions.merge[..., 0], window)
-    cache.open_runs[rows, layer] = runs
-    cache.ring_next[rows, layer] = ring_next
-    slot = normalize_sums(runs.sum(-2)).to(key.dtype).unsqueeze(-2)  # [b, hk, 1, 2d]
-    heads = query.shape[1]  # one RoPE call for the queries and the open slots' keys
-    rotated = rotate(rope, torch.cat([query, slot[..., :head_dim]], dim=1), positions)
-    query, keys = rotated[:, :heads, 0], rotated[:, heads:]
-    cache.commit(rows, layer, keys, slot[..., head_dim:], decisions.merge, torch.ones_like(rows))
-    lengths = cache.lengths[rows, layer]
-    bs = cache.layout.block_size
-    slots = -(-int(lengths.max()) // bs) * bs
-    workspace = cache.workspace(lengths.numel() * slots * head_dim)
-    out = ops.paged_decode_attention(query, cache.key_pool, cache.value_pool,
-                                     cache.block_tables[rows, layer], lengths, scale, workspace)
+    query, key, value = query[:, :, 0], key[:, :, 0], value[:, :, 0]
+    if tables is None:
+        tables = ops.rope_tables(rope, positions[:, 0], head_dim, key.dtype)
+    free = cache.free_blocks_for_decode(rows, layer)
+    if free is not None:  # else the pool is exhausted: cache.overflow is set, nothing written
+        dispatch.decode_cache_update(
+            query, key, value, positions[:, 0], rows, cache.open_runs[:, layer],
+            cache.ring_next[:, layer], cache.lengths[:, layer], cache.block_tables[:, layer],
+            cache.key_pool, cache.value_pool, free, tables, config, cache.layout.window)
+        cache.pop_taken_blocks(free)
+    query = ops.apply_rope_tables(zero_decision_channel(query), tables)
+    out = dispatch.paged_decode_attention(query, cache.key_pool, cache.value_pool,
+                                          cache.block_tables[rows, layer],
+                                          cache.lengths[rows, layer], scale, cache.workspace,
+                                          max_slots)
     return out.unsqueeze(2)

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from nemo_dmc.inference.ops import acc_dtype, run_entries
+from nemo_dmc.inference.ops import FreeBlocks, acc_dtype, run_entries
 
 
 class CacheFullError(RuntimeError):
@@ -173,6 +173,23 @@ class PagedKVCache:
     def blocks_needed_for_next_token(self, rows: Tensor) -> int:
         """Blocks one more token per row may need (heads whose last block is full)."""
         return int((self.lengths[rows] % self.layout.block_size == 0).sum())
+
+    def free_blocks_for_decode(self, rows: Tensor, layer: int) -> Optional[FreeBlocks]:
+        """The free stack for one decode token per row in ``layer`` (see
+        :func:`~nemo_dmc.inference.ops.decode_cache_update`), or ``None`` (and
+        :attr:`overflow` set) when it cannot cover every head whose last block is full."""
+        if self.overflow:
+            return None
+        needed = int((self.lengths[rows, layer] % self.layout.block_size == 0).sum())
+        if needed > self._num_free:
+            self.overflow = True
+            return None
+        taken = torch.zeros(1, dtype=torch.int32, device=self.lengths.device)
+        return FreeBlocks(ids=self._free_blocks, top=self._num_free, taken=taken)
+
+    def pop_taken_blocks(self, free: FreeBlocks) -> None:
+        """Remove the blocks a decode update took from the top of the free stack."""
+        self._num_free -= int(free.taken)
 
     def _allocate(self, rows: Tensor, layer: int, old: Tensor, new: Tensor) -> bool:
         """Give each ``(row, head)`` blocks for ``new`` slots; False (nothing taken) if short."""

@@ -1,10 +1,10 @@
 """Pure-torch kernels of DMC inference: decisions of new tokens, the open-slot (running-average)
 state, and attention over a paged per-head cache.
 
-This module is the one dispatch point for faster kernels (e.g. Triton): the cache update
-(:func:`advance_open_runs`, :func:`accumulate_chunk`) and the decode attention
-(:func:`paged_decode_attention`) are separate functions with fixed shapes. All decision,
-importance and accumulation math comes from :mod:`nemo_dmc.core`.
+The decode step's two kernels, :func:`decode_cache_update` and :func:`paged_decode_attention`,
+are the PyTorch references of the Triton kernels in ``nemo_dmc.kernels``;
+:mod:`nemo_dmc.kernels.dispatch` picks one or the other. All decision, importance and
+accumulation math comes from :mod:`nemo_dmc.core`.
 
 Shape letters: ``b`` sequences, ``hq`` query heads and ``hk`` KV heads (local to this
 tensor-parallel rank), ``c`` tokens of a chunk, ``d`` head dim, ``e = 2d + 1`` a weighted
@@ -21,7 +21,7 @@ is at ``ring_next``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from nemo_dmc.core import (
     DMCConfig,
+    RoPE,
     decision_logits,
     dmc_score_bias,
     importance,
@@ -36,8 +37,11 @@ from nemo_dmc.core import (
     make_decisions,
     weighted_entries,
     windowed_scan,
+    normalize_sums,
     zero_decision_channel,
 )
+
+Workspace = Union[Tuple[Tensor, Tensor], Callable[[int], Tuple[Tensor, Tensor]]]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -188,16 +192,126 @@ def advance_open_runs(open_runs: Tensor, ring_next: Tensor, entry: Tensor, merge
     return runs, (index + 1) % window
 
 
+@dataclass
+class RopeTables:
+    """RoPE at one position per sequence as ``y_j = x_j * cos_j + x_{partner_j} * sin_j``.
+
+    cos, sin: ``[b, d]`` (>= fp32); partner: ``[b, d]`` int64 channel paired with ``j``.
+    Every rotary embedding that rotates channel pairs (rotate-half, interleaved, partial)
+    has this form; :func:`rope_tables` reads it off the model's own RoPE callable.
+    """
+
+    cos: Tensor
+    sin: Tensor
+    partner: Tensor
+
+
+def rope_tables(rope: Optional[RoPE], positions: Tensor, dim: int, dtype: torch.dtype,
+                check: bool = False) -> RopeTables:
+    """:class:`RopeTables` of ``rope`` at ``positions [b]`` (``rope=None``: the identity).
+
+    The rotation of each position is probed on the ``dim`` unit vectors; ``check`` verifies
+    on a random vector that it moves at most one partner channel into each channel.
+    """
+    b, device = positions.shape[0], positions.device
+    dtype = acc_dtype(dtype)
+    channels = torch.arange(dim, device=device).expand(b, dim)
+    if rope is None:
+        ones = torch.ones(b, dim, dtype=dtype, device=device)
+        return RopeTables(ones, torch.zeros_like(ones), channels.clone())
+    eye = torch.eye(dim, dtype=dtype, device=device).unsqueeze(1).expand(dim, b, dim)
+    probe = rope(eye.contiguous(), positions).to(dtype)  # [i, b, j] = j-th output of e_i
+    cos = probe.diagonal(dim1=0, dim2=2).contiguous()  # [b, d]
+    off = probe.masked_fill(torch.eye(dim, dtype=torch.bool, device=device).unsqueeze(1), 0.0)
+    partner = off.abs().argmax(dim=0)  # [b, d]
+    sin = off.gather(0, partner.unsqueeze(0)).squeeze(0)
+    tables = RopeTables(cos, sin, partner)
+    if check:
+        x = torch.randn(1, b, dim, dtype=dtype, device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+        expected = rope(x, positions).to(dtype)[0]
+        if not torch.allclose(apply_rope_tables(x[0].unsqueeze(1), tables)[:, 0], expected,
+                              atol=1e-4, rtol=1e-4):
+            raise ValueError("the model's rotary embedding does not rotate channel pairs; "
+                             "DMC decode cannot fuse it (use a rotate-half or interleaved RoPE)")
+    return tables
+
+
+def apply_rope_tables(x: Tensor, tables: RopeTables) -> Tensor:
+    """RoPE of ``x [b, h, d]`` (one position per sequence) computed in >= fp32, cast back."""
+    dtype = tables.cos.dtype
+    xf = x.to(dtype)
+    mate = xf.gather(-1, tables.partner.unsqueeze(1).expand_as(x))
+    return (xf * tables.cos.unsqueeze(1) + mate * tables.sin.unsqueeze(1)).to(x.dtype)
+
+
+@dataclass
+class FreeBlocks:
+    """Blocks a decode step may take, prepared by the host (:class:`PagedKVCache`).
+
+    The ``k``-th block taken (``k`` counted by ``taken``, ``[1]`` int32, advanced by the
+    update) is ``ids[top - 1 - k]``: the top of the cache's free stack. The host checks
+    before the step that the stack holds enough blocks and pops ``taken`` blocks after it.
+    """
+
+    ids: Tensor
+    top: int
+    taken: Tensor
+
+
+def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Tensor,
+                        rows: Tensor, open_runs: Tensor, ring_next: Tensor, lengths: Tensor,
+                        block_tables: Tensor, key_pool: Tensor, value_pool: Tensor,
+                        free: FreeBlocks, tables: RopeTables, config: DMCConfig,
+                        window: Optional[int]) -> None:
+    """One decode token per sequence into one layer's cache, in place: decide (hard, from
+    ``k[D-1] - c``; position 0 appends), weigh (``omega`` from the group's mean ``q[D-1]``),
+    append to or merge into the open run, write the open slot (key rotated at ``positions``,
+    channel D-1 zeroed before RoPE) into its block, taking a new block from ``free`` when an
+    append crosses into one, and advance the lengths.
+
+    Args:
+        query: ``[b, hq, d]``; key, value: ``[b, hk, d]`` (pre-RoPE); positions, rows: ``[b]``.
+        open_runs: ``[R, hk, r, e]``; ring_next, lengths: ``[R, hk]``; block_tables:
+            ``[R, hk, m]`` (one layer's views of the cache, indexed by ``rows``).
+        key_pool, value_pool: ``[n, bs, d]``; tables: RoPE at ``positions``.
+    """
+    d, bs = key.shape[-1], key_pool.shape[1]
+    decisions = chunk_decisions(key.unsqueeze(2), positions == 0, config)
+    _, entries = chunk_entries(query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2), config)
+    merge = decisions.merge[..., 0]
+    runs, ring = advance_open_runs(open_runs[rows], ring_next[rows], entries[..., 0, :], merge,
+                                   window)
+    open_runs[rows], ring_next[rows] = runs, ring
+    slot = normalize_sums(runs.sum(-2))  # [b, hk, 2d]
+    keys = apply_rope_tables(slot[..., :d], tables)
+    old = lengths[rows]
+    appends = 1 - merge.long()
+    new = old + appends
+    index = (new - 1) // bs
+    heads = torch.arange(key.shape[1], device=key.device).expand_as(old)
+    grow = ((appends == 1) & (old % bs == 0)).reshape(-1)
+    k = free.taken.long() + torch.cumsum(grow.long(), 0) - 1  # the k-th block taken
+    r_idx = rows.unsqueeze(1).expand_as(old).reshape(-1)
+    h_idx, i_idx = heads.reshape(-1), index.reshape(-1)
+    block_tables[r_idx[grow], h_idx[grow], i_idx[grow]] = free.ids[free.top - 1 - k[grow]]
+    free.taken += grow.sum().to(free.taken.dtype)
+    block = block_tables[r_idx, h_idx, i_idx]
+    offset = ((new - 1) % bs).reshape(-1)
+    key_pool[block, offset] = keys.reshape(-1, d).to(key_pool.dtype)
+    value_pool[block, offset] = slot[..., d:].reshape(-1, d).to(value_pool.dtype)
+    lengths[rows] = new
+
+
 def gather_slots(key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, lengths: Tensor,
-                 workspace: Optional[Tuple[Tensor, Tensor]] = None
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+                 workspace: Optional[Workspace] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Copy each head's slots out of the paged pool into padded tensors.
 
     Args:
         key_pool, value_pool: ``[n, bs, d]``.
         block_tables: ``[b, hk, m]`` block ids (< 0 where unused); lengths: ``[b, hk]`` slots.
         workspace: optional flat buffers (each >= ``b * hk * t * d`` elements) to copy into,
-            saving an allocation per call.
+            saving an allocation per call, or a callable giving such buffers for a size.
 
     Returns:
         ``keys [b, hk, t, d], values [b, hk, t, d], valid [b, hk, t]`` with ``t`` the longest
@@ -208,6 +322,8 @@ def gather_slots(key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, len
     blocks = max(1, -(-int(lengths.max()) // bs)) if lengths.numel() else 1
     ids = block_tables[..., :blocks].clamp_min(0).reshape(-1)
     shape, numel = (b, hk, blocks * bs, d), b * hk * blocks * bs * d
+    if callable(workspace):
+        workspace = workspace(numel)
     if workspace is not None and workspace[0].numel() >= numel:
         keys = torch.index_select(key_pool, 0, ids, out=workspace[0][:numel].view(-1, bs, d))
         values = torch.index_select(value_pool, 0, ids, out=workspace[1][:numel].view(-1, bs, d))
@@ -219,18 +335,18 @@ def gather_slots(key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, len
 
 def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
                            block_tables: Tensor, lengths: Tensor, scale: float,
-                           workspace: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+                           workspace: Optional[Workspace] = None) -> Tensor:
     """One query token per sequence over each KV head's own slots (GQA: the ``hq / hk``
     query heads of a group read their KV head's slots).
 
     Args:
         query: ``[b, hq, d]`` (RoPE applied, decision channel zeroed).
         key_pool, value_pool: ``[n, bs, d]`` (keys rotated); block_tables: ``[b, hk, m]``;
-        lengths: ``[b, hk]`` (>= 1: the open slot is always present); workspace: see
-        :func:`gather_slots`.
+        lengths: ``[b, hk]`` (a head of length 0 gives a zero output; the engine's heads
+        always hold their open slot); workspace: see :func:`gather_slots`.
 
     Returns:
-        ``[b, hq, d]``.
+        ``[b, hq, d]`` in the pool's dtype (scores and softmax in >= fp32).
     """
     b, hq, d = query.shape
     hk = block_tables.shape[1]
@@ -240,7 +356,7 @@ def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
     padding = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     padding.masked_fill_(~valid, float("-inf"))
     scores = torch.matmul(q, keys.to(dtype).transpose(-1, -2)) + padding.unsqueeze(2)
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [b, hk, g, t]
+    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(values.dtype)  # [b, hk, g, t]
     return torch.matmul(probs, values).view(b, hq, d)
 
 

@@ -23,6 +23,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from torch import Tensor
 
 from nemo_dmc.core import DMCConfig
+from nemo_dmc.inference import ops
 from nemo_dmc.inference.attention import decode_attention, prefill_attention
 from nemo_dmc.inference.cache import CacheFullError, CacheLayout, PagedKVCache
 from nemo_dmc.megatron.attention import ZERO_OUT_MODE, DMCSelfAttention, megatron_rope
@@ -85,6 +86,8 @@ class DMCModelRunner:
             dtype=model.config.params_dtype), device=self.device)
         freqs = model.rotary_pos_emb(max_sequence_length)
         self._rope = megatron_rope(freqs, model.config)
+        probe = torch.tensor([0, 1, max_sequence_length - 1], device=self.device)
+        ops.rope_tables(self._rope, probe, self.head_dim, model.config.params_dtype, check=True)
 
     @property
     def device(self) -> torch.device:
@@ -163,11 +166,15 @@ class DMCModelRunner:
         positions = starts.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         positions = positions.clamp_max(limit - 1)  # padding of short rows in a chunk
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
+        step_info = None  # decode: RoPE of this step's positions (all layers) and a length bound
+        if counts is None:
+            rope = ops.rope_tables(self._rope, positions[:, 0], self.head_dim, hidden.dtype)
+            step_info = (rope, last + 1)  # a head holds at most one slot per token
         for layer_number, layer in enumerate(self.model.decoder.layers):
             residual = hidden
             x = layer.input_layernorm(hidden)
             attn_out = self._attention(layer_number, layer.self_attention, x, rows, positions,
-                                       counts)
+                                       counts, step_info)
             hidden = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
                 attn_out, residual, layer.hidden_dropout)
             residual = hidden
@@ -185,12 +192,13 @@ class DMCModelRunner:
         return logits.transpose(0, 1).float()
 
     def _attention(self, layer: int, attn: DMCSelfAttention, x: Tensor, rows: Tensor,
-                   positions: Tensor, counts: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+                   positions: Tensor, counts: Optional[Tensor],
+                   step_info: Optional[Tuple[ops.RopeTables, int]] = None) -> Tensor:
         query, key, value = attn.get_query_key_value_tensors(x)  # [c, b, heads, d]
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if counts is None:
             out = decode_attention(self.cache, layer, rows, query, key, value, positions,
-                                   self.dmc[layer], self._rope, self.scale)
+                                   self.dmc[layer], self._rope, self.scale, *step_info)
         else:
             out = prefill_attention(self.cache, layer, rows, query, key, value, positions,
                                     counts, self.dmc[layer], self._rope, self.scale)

@@ -26,10 +26,10 @@ from nemo_dmc.core import (
     DMCConfig,
     Decisions,
     RoPE,
-    dmc_attention,
     dmc_states,
     sample_logistic_noise,
 )
+from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 
 DMC_MODE = "dmc"
 ZERO_OUT_MODE = "zero_out"
@@ -97,9 +97,9 @@ class DMCCoreAttention(MegatronModule):
                 self.softmax_scale, attention_mask, dropout_p)
         if dropout_p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = dmc_attention(*args)
+                out = dispatch.dmc_attention(*args)
         else:
-            out = dmc_attention(*args)
+            out = dispatch.dmc_attention(*args)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
@@ -124,6 +124,7 @@ class DMCSelfAttention(SelfAttention):
         self.dmc_mode = DMC_MODE
         self.zero_out_scale = 1.0
         self.last_decisions: Optional[Decisions] = None
+        self.kv_policy = None  # an eviction baseline (nemo_dmc.baselines.eviction.kv_policy)
 
     def _training_noise(self, batch: int, seq: int, device: torch.device) -> Tensor:
         """Noise for this rank's KV heads, cut from one sample over all KV heads.
@@ -167,7 +168,8 @@ class DMCSelfAttention(SelfAttention):
             if self.training and self.dmc_config.force_decision is None:
                 noise = self._training_noise(key.shape[1], key.shape[0], key.device)
             q, k, v, decisions = dmc_states(_to_bhsd(query), _to_bhsd(key), _to_bhsd(value),
-                                            self.dmc_config, self.training, noise)
+                                            self.dmc_config, self.training, noise,
+                                            accumulate=dispatch.partial_accumulate)
             query, key, value = _to_sbhd(q), _to_sbhd(k), _to_sbhd(v)
             state_bias = decisions.state_bias
             self.last_decisions = decisions
@@ -183,6 +185,10 @@ class DMCSelfAttention(SelfAttention):
         megatron's own checkpointed path closes over ``attention_bias``, which would cut its
         gradient; here the bias is an explicit checkpoint input.
         """
+        if self.kv_policy is not None:
+            from nemo_dmc.baselines.eviction import policy_core_attention
+
+            return policy_core_attention(self, query, key, value)
         if not (self.checkpoint_core_attention and self.training):
             return self.core_attention(query, key, value, mask, attention_bias=state_bias)
 

@@ -1,0 +1,134 @@
+"""Fused DMC attention (nemo_dmc.kernels) == nemo_dmc.core.dmc_attention, values and grads.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); sizes stay tiny.
+"""
+
+import pytest
+import torch
+
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.core import dmc_attention as reference
+from nemo_dmc.kernels import dispatch
+from nemo_dmc.kernels.dmc_attention import dmc_attention as kernel
+
+SMALL_BLOCKS = dict(block_m=16, block_n=16, block_bwd=(16, 16, 16))
+
+
+def _inputs(b, hq, hk, s, d, dtype=torch.float32, hard=False, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for h in (hq, hk, hk))
+    if hard:
+        bias = (torch.rand(b, hk, s, generator=g) > 0.5).float() * DMCConfig().hard_bias
+    else:
+        bias = torch.randn(b, hk, s, generator=g) - 1.0
+    tensors = [t.to(device, dtype) for t in (q, k, v)] + [bias.to(device)]
+    return [t.requires_grad_() for t in tensors]
+
+
+def _grads(fn, inputs, seed=1):
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return out, torch.autograd.grad(out, inputs, g)
+
+
+def _assert_matches(inputs, atol=2e-5, rtol=1e-4, scale=None, **blocks):
+    out, grads = _grads(lambda *a: kernel(*a, softmax_scale=scale, **(blocks or SMALL_BLOCKS)), inputs)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(lambda *a: reference(*a, softmax_scale=scale), ref_inputs)
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    for name, got, want in zip(("q", "k", "v", "state_bias"), grads, ref_grads):
+        assert torch.isfinite(got).all(), name
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_kernel_matches_reference_for_gqa_ratios(groups):
+    _assert_matches(_inputs(1, groups, 1, 17, 16))
+
+
+@pytest.mark.parametrize("seq", [1, 16, 33])
+def test_kernel_matches_reference_for_lengths_around_block_size(seq):
+    _assert_matches(_inputs(seq // 16 + 1, 2, 1, seq, 16))
+
+
+def test_kernel_pads_head_dim_and_takes_explicit_scale():
+    _assert_matches(_inputs(1, 2, 2, 12, 24), scale=0.3)
+
+
+def test_hard_bias_gives_no_nans_and_matches_reference():
+    _assert_matches(_inputs(1, 2, 1, 21, 16, hard=True))
+
+
+def test_kernel_matches_reference_bf16():
+    _assert_matches(_inputs(1, 4, 2, 18, 32, dtype=torch.bfloat16), atol=3e-2, rtol=3e-2)
+
+
+def test_kernel_reads_megatron_permuted_layout_without_copies():
+    q, k, v, bias = _inputs(2, 2, 1, 17, 16)
+    # [s, b, h, d] storage seen as [b, h, s, d], as DMCCoreAttention passes it
+    q, k, v = (t.detach().permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3).requires_grad_()
+               for t in (q, k, v))
+    out = kernel(q, k, v, bias, **SMALL_BLOCKS)
+    assert out.stride() == q.stride()
+    _assert_matches([q, k, v, bias])
+
+
+def test_dispatch_runs_kernel_only_without_mask_and_dropout(monkeypatch):
+    calls = []
+    import nemo_dmc.kernels.dmc_attention as module
+
+    monkeypatch.setattr(module.DMCAttention, "apply",
+                        lambda *a: calls.append(a) or reference(*a[:5]))
+    monkeypatch.setenv("NEMO_DMC_KERNELS", "triton")
+    q, k, v, bias = _inputs(1, 2, 1, 5, 16)
+    dispatch.dmc_attention(q, k, v, bias)
+    assert len(calls) == 1
+    mask = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    dispatch.dmc_attention(q, k, v, bias, None, mask)
+    dispatch.dmc_attention(q, k, v, bias, None, None, 0.1)
+    assert len(calls) == 1
+    monkeypatch.setenv("NEMO_DMC_KERNELS", "torch")
+    dispatch.dmc_attention(q, k, v, bias)
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference_on_cuda(groups, dtype):
+    inputs = _inputs(2, 4 * groups, 4, 1000, 128, dtype=dtype, device="cuda")
+    tol = dict(atol=2e-4, rtol=1e-3) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    _assert_matches(inputs, block_m=64, block_n=64, block_bwd=(32, 64, 64), **tol)
+
+
+def test_megatron_dmc_training_step_through_kernels_matches_torch(megatron_tp1, monkeypatch):
+    from megatron_utils import TINY_GQA
+    from nemo_dmc.megatron.cpu_shims import causal_attention_mask
+    from nemo_dmc.megatron.model import build_model
+    from nemo_dmc.megatron.parallel import seed_all
+    from nemo_dmc.megatron.stats import collect_dmc_stats
+
+    import nemo_dmc.kernels.dmc_attention as attention_kernels
+    import nemo_dmc.kernels.partial_accumulation as accumulation_kernels
+
+    calls = []
+    for fn in (attention_kernels.DMCAttention, accumulation_kernels.PartialAccumulation):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
+    seed_all(3)
+    model = build_model(TINY_GQA, DMCConfig(init_offset=0.0)).train()
+    tokens = torch.randint(0, TINY_GQA.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    positions, mask = torch.arange(12)[None], causal_attention_mask(12)
+    losses, grads = [], []
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("NEMO_DMC_KERNELS", mode)
+        torch.manual_seed(11)  # same Gumbel noise
+        loss = model(tokens, positions, mask, labels=tokens).mean()
+        loss = loss + collect_dmc_stats(model).loss(4.0)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    assert len(calls) == 2 * TINY_GQA.num_layers  # both kernels in every layer, triton run only
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
