@@ -1,0 +1,46 @@
+"""``python -m nemo_dmc.evaluate``: evaluate a checkpoint (Hydra, ``conf/evaluate.yaml``).
+
+Held-out perplexity at the realised CR, realised CR overall / per layer / per KV head (with a
+heatmap PNG), KV bytes against the uncompressed cache, and passkey retrieval, under DMC or a
+baseline cache policy. Writes ``results.json`` to ``output_dir`` and prints a summary.
+
+Examples::
+
+    python -m nemo_dmc.evaluate load=runs/dmc_tiny
+    python -m nemo_dmc.evaluate load=runs/dmc_tiny method=vanilla
+    python -m nemo_dmc.evaluate load=runs/dmc_tiny method=h2o ratio=4 data.num_sequences=64
+    python -m nemo_dmc.evaluate load=runs/dmc_tiny passkey.lengths='[64,128,256]' output_dir=eval/x
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+# megatron-core on CPU: optional fused kernels (Apex, Transformer Engine, CUDA mempools) absent.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|unified memory).*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatron)\.")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from nemo_dmc.evaluation.config import EvaluateConfig, register_schema  # noqa: E402
+from nemo_dmc.evaluation.runner import run  # noqa: E402
+
+register_schema()
+
+__all__ = ["EvaluateConfig", "main", "run"]
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from nemo_dmc.data.datasets import CorruptDatasetError
+
+    try:
+        run(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError, ImportError, CorruptDatasetError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

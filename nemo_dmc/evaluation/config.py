@@ -1,0 +1,127 @@
+"""Structured config of ``python -m nemo_dmc.evaluate`` (``conf/evaluate.yaml``).
+
+Hydra merges the YAML into :class:`EvaluateConfig` (registered as ``evaluate_schema``), so an
+unknown key or a badly typed value stops the command with a message naming the key;
+:meth:`EvaluateConfig.validate` then checks ranges, naming the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from nemo_dmc.generate import DMCSettings, ParallelSettings
+from nemo_dmc.megatron.model import ModelConfig
+
+METHODS = ("dmc", "vanilla", "h2o", "tova", "streaming")
+"""Cache policies: DMC decisions, plain attention, and training-free eviction baselines."""
+
+EVICTION_METHODS = ("h2o", "tova", "streaming")
+KV_DTYPES = ("model", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class HeldOutData:
+    """Held-out text (``data.*``). ``null`` keys take the checkpoint's training-run value,
+    else the trainer's default (the built-in pydocs corpus).
+
+    source: ``pydocs``, ``indexed`` (``valid_prefixes`` + tokenizer) or ``random``.
+    num_sequences: held-out sequences of ``model.seq_length`` tokens to score.
+    """
+
+    source: Optional[str] = None
+    cache_dir: Optional[str] = None
+    valid_prefixes: Optional[List[str]] = None
+    max_documents: Optional[int] = None
+    seed: Optional[int] = None
+    num_sequences: int = 16
+    micro_batch_size: int = 4
+
+
+@dataclass
+class PasskeySettings:
+    """Passkey retrieval (``passkey.*``).
+
+    lengths: prompt lengths in tokens (``[]`` = 1/4, 1/2 and all of ``model.seq_length``).
+    depths: needle position as a fraction of the filler (0 = start, 1 = end).
+    samples: prompts per (length, depth), each with its own pass key.
+    """
+
+    enabled: bool = True
+    lengths: List[int] = field(default_factory=list)
+    depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 2
+    digits: int = 5
+    seed: int = 0
+
+
+@dataclass
+class KVSettings:
+    """How KV bytes are counted (``kv.*``): ``dtype`` of the cache (``model`` = the weights'
+    dtype) and ``block_size`` (slots per block of the paged cache, for allocated bytes)."""
+
+    dtype: str = "model"
+    block_size: int = 16
+
+
+@dataclass
+class EvaluateConfig:
+    """Root of ``conf/evaluate.yaml``.
+
+    load: the checkpoint (as for ``nemo_dmc.generate``: run / stage / step dir, NeMo 2 dir,
+        convert weights dir, or ``.pt``). tokenizer: ``null`` = the training run's.
+    method: ``dmc`` | ``vanilla`` (plain attention) | ``h2o`` | ``tova`` | ``streaming``
+        (eviction at compression ``ratio``, keeping ``sinks`` first tokens).
+    output_dir: ``null`` = ``<checkpoint dir>/evaluation/<method>[_<ratio>]``.
+    heatmap: write the per-(layer, KV head) CR heatmap PNG (not for ``vanilla``; matplotlib).
+    """
+
+    load: Optional[str] = None
+    tokenizer: Optional[str] = None
+    method: str = "dmc"
+    ratio: Optional[float] = None
+    sinks: int = 4
+    output_dir: Optional[str] = None
+    seed: int = 1234
+    heatmap: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dmc: DMCSettings = field(default_factory=DMCSettings)
+    data: HeldOutData = field(default_factory=HeldOutData)
+    passkey: PasskeySettings = field(default_factory=PasskeySettings)
+    kv: KVSettings = field(default_factory=KVSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad key (before anything is built)."""
+        if self.load is None:
+            raise ValueError("load: give the checkpoint to evaluate (load=<run or checkpoint>)")
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method in EVICTION_METHODS:
+            if self.ratio is None or self.ratio < 1.0:
+                raise ValueError(f"ratio: method={self.method} needs a compression ratio >= 1 "
+                                 f"(e.g. ratio=4), got {self.ratio}")
+        elif self.ratio is not None:
+            raise ValueError(f"ratio: only the eviction methods ({', '.join(EVICTION_METHODS)}) "
+                             f"take a ratio; method={self.method} sets its own")
+        if self.sinks < 0:
+            raise ValueError(f"sinks: must be >= 0, got {self.sinks}")
+        for key in ("num_sequences", "micro_batch_size"):
+            if getattr(self.data, key) < 1:
+                raise ValueError(f"data.{key}: must be >= 1, got {getattr(self.data, key)}")
+        if self.passkey.samples < 1 or not 1 <= self.passkey.digits <= 12:
+            raise ValueError("passkey.samples must be >= 1 and passkey.digits in 1..12")
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey.depths) or not self.passkey.depths:
+            raise ValueError(f"passkey.depths: give fractions in [0, 1], got {self.passkey.depths}")
+        if self.kv.dtype not in KV_DTYPES:
+            raise ValueError(f"kv.dtype: must be one of {', '.join(KV_DTYPES)}, "
+                             f"got {self.kv.dtype!r}")
+        if self.kv.block_size < 1:
+            raise ValueError(f"kv.block_size: must be >= 1, got {self.kv.block_size}")
+
+
+def register_schema() -> None:
+    """Register :class:`EvaluateConfig` in Hydra's ConfigStore as ``evaluate_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)

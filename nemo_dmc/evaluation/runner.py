@@ -1,0 +1,194 @@
+"""One evaluation of a checkpoint under one cache policy: held-out perplexity, realised CR
+(overall, per layer, per KV head, heatmap), KV bytes and passkey retrieval, written to
+``results.json`` and summarised on one screen."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_dmc.core import DMCConfig
+from nemo_dmc.evaluation.compression import (
+    KV_DTYPES,
+    CompressionTally,
+    compression_report,
+    dmc_head_slots,
+    eviction_head_slots,
+    uniform_head_slots,
+    write_heatmap,
+)
+from nemo_dmc.evaluation.config import EvaluateConfig
+from nemo_dmc.evaluation.data import (
+    data_tokenizer_path,
+    heldout_batches,
+    heldout_dataset,
+    resolve_data,
+)
+from nemo_dmc.evaluation.passkey import passkey_accuracy, passkey_prompts
+from nemo_dmc.evaluation.perplexity import heldout_perplexity
+from nemo_dmc.evaluation.policy import cache_policy, eviction_ratio
+from nemo_dmc.inference.cache import CacheLayout
+
+RESULTS_FILE = "results.json"
+HEATMAP_FILE = "head_cr_heatmap.png"
+
+
+def method_tag(cfg: EvaluateConfig) -> str:
+    """``dmc``, ``vanilla`` or ``<eviction>_<ratio>`` (e.g. ``h2o_4``)."""
+    return cfg.method if cfg.ratio is None else f"{cfg.method}_{cfg.ratio:g}"
+
+
+def output_dir(cfg: EvaluateConfig) -> Path:
+    """``output_dir``, else ``<load dir>/evaluation/<method tag>``."""
+    if cfg.output_dir is not None:
+        return Path(cfg.output_dir)
+    load = Path(cfg.load)
+    return (load if load.is_dir() else load.parent) / "evaluation" / method_tag(cfg)
+
+
+def passkey_lengths(cfg: EvaluateConfig, seq_length: int) -> List[int]:
+    """``passkey.lengths``, or 1/4, 1/2 and all of the model's sequence length."""
+    lengths = list(cfg.passkey.lengths) or sorted({max(1, seq_length // 4),
+                                                   max(1, seq_length // 2), seq_length})
+    bad = [n for n in lengths if not 1 <= n <= seq_length]
+    if bad:
+        raise ValueError(f"passkey.lengths: {bad} outside 1..model.seq_length ({seq_length})")
+    return lengths
+
+
+def run(cfg: EvaluateConfig) -> Dict[str, Any]:
+    """Evaluate ``cfg.load``; return the results (also written to ``results.json``)."""
+    from nemo_dmc.megatron import parallel
+
+    cfg.validate()
+    parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
+    try:
+        return _evaluate(cfg)
+    finally:
+        parallel.shutdown()
+
+
+def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
+    from nemo_dmc.data.tokenizer import load_tokenizer
+    from nemo_dmc.inference.loading import build_inference_model, find_tokenizer_path
+
+    started = time.time()
+    dmc = DMCConfig(init_offset=cfg.dmc.init_offset, window=cfg.dmc.window)
+    model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, dmc, key="load")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model.to(device)
+    run_config = resolved.run_config if resolved is not None else None
+    data = resolve_data(cfg.data, run_config, cfg.tokenizer)
+    tokenizer_path = find_tokenizer_path(cfg.tokenizer, resolved) or data_tokenizer_path(data)
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+    if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer: {tokenizer_path} has {tokenizer.vocab_size} tokens, more "
+                         f"than the model's vocab_size {model_cfg.vocab_size}")
+    dtype = next(model.parameters()).dtype if cfg.kv.dtype == "model" else KV_DTYPES[cfg.kv.dtype]
+    layout = CacheLayout(num_layers=model_cfg.num_layers, kv_heads=model_cfg.kv_heads,
+                         head_dim=model_cfg.head_dim, window=dmc.window,
+                         block_size=cfg.kv.block_size, num_blocks=1, max_sequences=1,
+                         max_sequence_length=model_cfg.seq_length, dtype=dtype)
+    tally = CompressionTally(layout)
+
+    def count(batch: Dict[str, torch.Tensor]) -> None:
+        b, s = batch["tokens"].shape
+        if cfg.method == "dmc":
+            tally.add(dmc_head_slots(model), s, open_state=True)
+        else:
+            slots = eviction_head_slots(model) if cfg.method != "vanilla" else None
+            if slots is None:
+                ratio = eviction_ratio(model, cfg.method) or 1.0
+                slots = uniform_head_slots(b, s, model_cfg.num_layers, model_cfg.kv_heads, ratio)
+            tally.add(slots, s, open_state=False)
+
+    dataset = heldout_dataset(data, model_cfg, cfg.data.num_sequences)
+    batches = heldout_batches(dataset, cfg.data.num_sequences, cfg.data.micro_batch_size, device)
+    passkey: Dict[str, Any]
+    with cache_policy(model, cfg.method, cfg.ratio, cfg.sinks):
+        ppl = heldout_perplexity(model, batches, after_forward=count)
+        if not cfg.passkey.enabled:
+            passkey = {"skipped": "passkey.enabled=false"}
+        elif tokenizer is None:
+            passkey = {"skipped": "no tokenizer (give tokenizer=...)"}
+        else:
+            lengths = passkey_lengths(cfg, model_cfg.seq_length)
+            prompts = passkey_prompts(tokenizer, lengths, cfg.passkey.depths,
+                                      cfg.passkey.samples, cfg.passkey.digits, cfg.passkey.seed)
+            report = passkey_accuracy(model, prompts, tokenizer.vocab_size,
+                                      cfg.data.micro_batch_size, device)
+            passkey = {**asdict(report), "lengths": lengths, "depths": list(cfg.passkey.depths),
+                       "samples": cfg.passkey.samples}
+
+    compression = compression_report(tally)
+    out = output_dir(cfg)
+    results: Dict[str, Any] = {
+        "checkpoint": str(resolved.path) if resolved is not None else None,
+        "load": cfg.load, "method": cfg.method, "ratio": cfg.ratio,
+        "model": asdict(model_cfg), "dmc": asdict(dmc),
+        "perplexity": {"loss": ppl.loss, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
+                       "sequences": ppl.sequences, "split": "valid", "source": data.source},
+        "compression": asdict(compression), "passkey": passkey, "heatmap": None,
+        "tokenizer": str(tokenizer_path) if tokenizer_path is not None else None,
+        "config": _plain(cfg), "seconds": None,
+    }
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.heatmap and cfg.method != "vanilla":
+            title = f"realised CR per KV head (overall {compression.cr:.2f})"
+            results["heatmap"] = str(write_heatmap(compression.head_cr, out / HEATMAP_FILE, title))
+        results["seconds"] = round(time.time() - started, 2)
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(summary(results, out), flush=True)
+    return results
+
+
+def _plain(cfg: EvaluateConfig) -> Dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.3f} MiB"
+
+
+def summary(results: Dict[str, Any], out: Optional[Path] = None) -> str:
+    """The one-screen summary printed after an evaluation."""
+    ppl, comp = results["perplexity"], results["compression"]
+    kv = comp["kv_bytes"]
+    method = results["method"] + (f" (ratio {results['ratio']:g})" if results["ratio"] else "")
+    lines = [
+        f"checkpoint: {results['checkpoint']}",
+        f"method: {method}",
+        f"held-out perplexity: {ppl['perplexity']:.3f} (loss {ppl['loss']:.4f}) over "
+        f"{ppl['sequences']} x {ppl['tokens'] // max(1, ppl['sequences'])} tokens of the "
+        f"{ppl['source']} valid split",
+        f"realised CR: {comp['cr']:.2f}; per layer: "
+        + " ".join(f"{cr:.2f}" for cr in comp["layer_cr"]),
+        f"KV cache per sequence: {_mib(kv['logical_per_sequence'])} vs "
+        f"{_mib(kv['vanilla_per_sequence'])} uncompressed "
+        f"({100 * kv['fraction_of_vanilla']:.1f}%); all: {kv['slots']:,} slots, "
+        f"{_mib(kv['logical'])} logical, {_mib(kv['allocated'])} allocated, "
+        f"{_mib(kv['open_state'])} open state",
+    ]
+    pk = results["passkey"]
+    if "skipped" in pk:
+        lines.append(f"passkey: skipped ({pk['skipped']})")
+    else:
+        lines.append(f"passkey accuracy: {pk['accuracy']:.3f} ({pk['correct']}/{pk['total']})")
+        depths = pk["depths"]
+        lines.append("  length \\ depth " + " ".join(f"{d:>5.2f}" for d in depths))
+        for length in pk["lengths"]:
+            row = {c["depth"]: c["accuracy"] for c in pk["cells"] if c["length"] == length}
+            lines.append(f"  {length:>14} " + " ".join(f"{row.get(d, float('nan')):>5.2f}"
+                                                        for d in depths))
+    if out is not None:
+        lines.append(f"results: {out / RESULTS_FILE}"
+                     + (f"; heatmap: {results['heatmap']}" if results["heatmap"] else ""))
+    return "\n".join(lines)
