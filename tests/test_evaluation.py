@@ -237,6 +237,11 @@ def test_vanilla_method_holds_every_token(megatron_tp1, tmp_path, tokenizer):
         vanilla["compression"]["kv_bytes"]["vanilla"]
     assert vanilla["perplexity"]["loss"] != pytest.approx(dmc["perplexity"]["loss"])
     assert (tmp_path / "vanilla" / "results.json").is_file()
+    # seq_length= evaluates shorter held-out sequences than the checkpoint's model.seq_length
+    short = run(_compose(f"load={run_dir}", "data.num_sequences=4", "passkey.enabled=false",
+                         "method=vanilla", "seq_length=32", f"output_dir={tmp_path / 'short'}"))
+    assert short["perplexity"]["tokens"] < vanilla["perplexity"]["tokens"]
+    assert short["model"]["seq_length"] == 32
 
 
 def test_eviction_method_reports_its_realised_ratio(megatron_tp1, tmp_path, tokenizer):
@@ -263,7 +268,8 @@ def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("overrides, key", [((), "load"), (("load=x", "method=h2o"), "ratio"),
                                             (("load=x", "method=lru"), "method"),
-                                            (("load=x", "kv.dtype=int3"), "kv.dtype")])
+                                            (("load=x", "kv.dtype=int3"), "kv.dtype"),
+                                            (("load=x", "seq_length=0"), "seq_length")])
 def test_bad_values_are_errors_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"^{key}: "):
         _compose(*overrides).validate()

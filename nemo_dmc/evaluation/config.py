@@ -74,6 +74,9 @@ class EvaluateConfig:
         (eviction at compression ``ratio``, keeping ``sinks`` first tokens).
     output_dir: ``null`` = ``<checkpoint dir>/evaluation/<method>[_<ratio>]``.
     heatmap: write the per-(layer, KV head) CR heatmap PNG (not for ``vanilla``; matplotlib).
+    seq_length: tokens per held-out sequence and longest passkey prompt (``null`` = the
+        checkpoint's ``model.seq_length``), e.g. to compare an imported model with its
+        retrofit trained at a shorter length.
     """
 
     load: Optional[str] = None
@@ -84,6 +87,7 @@ class EvaluateConfig:
     output_dir: Optional[str] = None
     seed: int = 1234
     heatmap: bool = True
+    seq_length: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     dmc: DMCSettings = field(default_factory=DMCSettings)
     data: HeldOutData = field(default_factory=HeldOutData)
@@ -95,6 +99,8 @@ class EvaluateConfig:
         """Raise ``ValueError`` naming the first bad key (before anything is built)."""
         if self.load is None:
             raise ValueError("load: give the checkpoint to evaluate (load=<run or checkpoint>)")
+        if self.seq_length is not None and self.seq_length < 1:
+            raise ValueError(f"seq_length: must be >= 1 (or null), got {self.seq_length}")
         if self.method not in METHODS:
             raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method in EVICTION_METHODS:

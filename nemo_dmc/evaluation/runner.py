@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -81,6 +81,8 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     started = time.time()
     dmc = DMCConfig(init_offset=cfg.dmc.init_offset, window=cfg.dmc.window)
     model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, dmc, key="load")
+    if cfg.seq_length is not None:
+        model_cfg = replace(model_cfg, seq_length=cfg.seq_length)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     model.to(device)
