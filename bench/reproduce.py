@@ -49,9 +49,10 @@ BASE_ARGS = ["stage=pretrain", "model=base_mha", f"stage.pretrain.steps={BASE_ST
              "validation.interval=100", "checkpoint.save_interval=50",
              "logging.progress_bar=false"]
 
-# Continued training from the base (DMC, vanilla and GQA alike): 2,048 tokens per step.
+# Continued training from the base (DMC, vanilla and GQA alike): 1,024 tokens per step, so
+# the 8% budget is 256 optimizer steps (DMC's decisions need steps more than tokens).
 CONTINUED_ARGS = ["model=base_mha", f"model.pretrain_tokens={BASE_TOKENS}",
-                  "data.micro_batch_size=4", "data.global_batch_size=4", "optim.lr=1e-3",
+                  "data.micro_batch_size=2", "data.global_batch_size=2", "optim.lr=1e-3",
                   "optim.min_lr=1e-4", "validation.batches=8", "logging.progress_bar=false"]
 # DMC's budget split over its stages (fractions of --budget-pct).
 DMC_SHARES = {"zero_out": 0.1, "retrofit": 0.65, "finetune": 0.25}
@@ -67,8 +68,8 @@ SMOLLM2_CR = 2
 SMOLLM2_ARGS = ["model=smollm2_135m", "model.seq_length=128", "data.micro_batch_size=1",
                 "data.global_batch_size=2", "data.cache_dir=data_cache/pydocs_smollm2",
                 "stage=[zero_out,retrofit,finetune]", "stage.zero_out.steps=10",
-                "stage.retrofit.steps=60", "stage.finetune.steps=20", "optim.lr=5e-4",
-                "optim.min_lr=5e-5", "validation.batches=8", f"dmc.target_cr={SMOLLM2_CR}",
+                "stage.retrofit.steps=150", "stage.finetune.steps=30", "optim.lr=1e-3",
+                "optim.min_lr=1e-4", "validation.batches=8", f"dmc.target_cr={SMOLLM2_CR}",
                 "logging.progress_bar=false"]
 
 
