@@ -67,6 +67,16 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, l
                     other=0.0) * keep
     if WINDOWED:
         ring = tl.load(ring_ptr + row * sg_row + h * sg_h)
+    old = tl.load(len_ptr + row * sl_row + h * sl_h)
+    # Everything this program overwrites below (the run, its ring index, the length) has
+    # been read above, by many threads: the mate-permuted run, the replicated [BLOCK_R]
+    # weights and the scalars are loaded by threads other than the one storing them. On a
+    # GPU nothing orders another warp's load before this thread's store, so without this
+    # barrier a late warp could read the updated run / ring / length (and the block-taking
+    # branch below, whose scalar atomic broadcasts through a barrier, could diverge).
+    # A no-op in the interpreter.
+    tl.debug_barrier()
+    if WINDOWED:
         at = tl.where(merge, ring, 0)
         tl.store(ring_ptr + row * sg_row + h * sg_h, (at + 1) % R)
         put = r == at
@@ -89,17 +99,18 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, l
     slot_k = (tl.sum(run_k, 0) / z) * cos + (tl.sum(run_km, 0) / z) * sin
     slot_v = tl.sum(run_v, 0) / z
     # its place: a new slot on append (a new block when the last one is full)
-    old = tl.load(len_ptr + row * sl_row + h * sl_h)
     appends = 1 - merge.to(old.dtype)
     new = old + appends
     entry = table_ptr + row * st_row + h * st_h + (new - 1) // BS
     if (appends == 1) & (old % BS == 0):
         taken = tl.atomic_add(taken_ptr, 1)
-        block = tl.load(free_ptr + free_top - 1 - taken)
+        # both branches must give `block` one type when compiled (the interpreter does not
+        # check): free ids and block tables may differ in integer width
+        block = tl.load(free_ptr + free_top - 1 - taken).to(tl.int64)
         tl.store(entry, block)
     else:
-        block = tl.load(entry)
-    addr = block.to(tl.int64) * sp_n + ((new - 1) % BS) * sp_s + cols
+        block = tl.load(entry).to(tl.int64)
+    addr = block * sp_n + ((new - 1) % BS) * sp_s + cols
     tl.store(k_pool + addr, slot_k.to(k_pool.dtype.element_ty), mask=cmask)
     tl.store(v_pool + addr, slot_v.to(v_pool.dtype.element_ty), mask=cmask)
     tl.store(len_ptr + row * sl_row + h * sl_h, new)

@@ -128,13 +128,19 @@ def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
     g = hq // hk
     if key_pool.stride(-1) != 1 or value_pool.stride() != key_pool.stride():
         raise ValueError("key_pool and value_pool need one contiguous layout")
+    if value_pool.dtype != key_pool.dtype:  # tl.dot (compiled) needs equal operand dtypes
+        raise ValueError("key_pool and value_pool need one dtype")
     query = query if query.stride(-1) == 1 else query.contiguous()
+    # the kernel indexes the block table's last dim with unit stride (it is only read)
+    block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     max_slots = max_slots if max_slots is not None else block_tables.shape[-1] * bs
     split = split or default_split(max_slots, b * hk)
     block_n = block_n or max(16, min(64, triton.next_power_of_2(split)))
     if split % block_n:
         raise ValueError(f"split={split} must be a multiple of block_n={block_n}")
     num_splits = max(1, -(-max_slots // split))
+    if num_splits > 65535:  # grid axis 1
+        raise ValueError(f"split={split} gives {num_splits} splits (> 65535); use a larger split")
     m = query.new_empty(b, hq, num_splits, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = query.new_empty(b, hq, num_splits, d, dtype=torch.float32)

@@ -62,6 +62,12 @@ def partial_accumulate(x: torch.Tensor, alpha: torch.Tensor, omega: torch.Tensor
     return reference(x, alpha, omega, window)
 
 
+def _max_head_dim(dtype: torch.dtype) -> int:
+    """Largest head dim of the fused attention kernel: its (64, 64)-tiles of fp32 at head dim
+    256 need ~340 KB of shared memory on sm_90 (limit 227 KB); 16-bit ones fit up to 256."""
+    return 128 if dtype == torch.float32 else 256
+
+
 def dmc_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   state_bias: torch.Tensor, softmax_scale=None, mask=None,
                   dropout_p: float = 0.0) -> torch.Tensor:
@@ -69,7 +75,9 @@ def dmc_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     The fused kernel covers the training case (no extra mask, no dropout, equal q/k/v
     dtypes other than fp64); anything else takes the reference."""
     fused = (mask is None and dropout_p == 0.0 and query.dtype in _TRAINING_DTYPES
-             and query.dtype == key.dtype == value.dtype)
+             and query.dtype == key.dtype == value.dtype
+             and query.shape[-1] <= _max_head_dim(query.dtype)
+             and query.shape[0] * query.shape[1] <= 65535)  # the kernel's grid axis 1
     if fused and use_triton(query):
         from nemo_dmc.kernels.dmc_attention import dmc_attention as kernel
 
@@ -92,7 +100,8 @@ def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor,
     :func:`nemo_dmc.inference.ops.paged_decode_attention` (``workspace`` is used by the
     reference only, ``max_slots``, a bound of ``lengths``, by the kernel only). fp64 pools
     always take the reference."""
-    if use_triton(query) and key_pool.dtype in _DECODE_DTYPES:
+    if (use_triton(query) and key_pool.dtype in _DECODE_DTYPES
+            and value_pool.dtype == key_pool.dtype and query.dtype in _DECODE_DTYPES):
         from nemo_dmc.kernels.decode_attention import paged_decode_attention as kernel
 
         return kernel(query, key_pool, value_pool, block_tables, lengths, scale, max_slots)

@@ -37,9 +37,12 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 @triton.jit
 def _load_block(ptr, rows, dims, seq, head_dim, stride_s):
-    """``[rows, dims]`` block of a ``[seq, head_dim]`` matrix with row stride ``stride_s``."""
+    """``[rows, dims]`` block of a ``[seq, head_dim]`` matrix with row stride ``stride_s``.
+    Row offsets in int64: with megatron's ``[s, b, h, d]`` layout ``stride_s = b * h * d``,
+    so ``rows * stride_s`` reaches the whole tensor's size (> 2**31 at long contexts)."""
     mask = (rows < seq)[:, None] & (dims < head_dim)[None, :]
-    return tl.load(ptr + rows[:, None] * stride_s + dims[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride_s + dims[None, :], mask=mask,
+                   other=0.0)
 
 
 @triton.jit
@@ -63,9 +66,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, seq, head_dim, head
     hk = h // groups
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_block(q_ptr + b.to(tl.int64) * sqb + h * sqh, rows, dims, seq, head_dim, sqs)
-    k_ptr += b.to(tl.int64) * skb + hk * skh
-    v_ptr += b.to(tl.int64) * svb + hk * svh
+    q = _load_block(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, dims, seq, head_dim, sqs)
+    k_ptr += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_ptr += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     bias_ptr += (b * (heads // groups) + hk).to(tl.int64) * seq
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -85,9 +88,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, seq, head_dim, head
         m_i = m_new
     l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
-    o_ptr += b.to(tl.int64) * sob + h * soh
+    o_ptr += b.to(tl.int64) * sob + h.to(tl.int64) * soh
     mask = (rows < seq)[:, None] & (dims < head_dim)[None, :]
-    tl.store(o_ptr + rows[:, None] * sos + dims[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + rows.to(tl.int64)[:, None] * sos + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + bh.to(tl.int64) * seq + rows, m_i + tl.log(l_i), mask=rows < seq)
 
 
@@ -106,8 +110,8 @@ def _attn_bwd_kv(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
     n0 = tl.program_id(0) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_block(k_ptr + b.to(tl.int64) * skb + hk * skh, cols, dims, seq, head_dim, sks)
-    v = _load_block(v_ptr + b.to(tl.int64) * svb + hk * svh, cols, dims, seq, head_dim, svs)
+    k = _load_block(k_ptr + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, cols, dims, seq, head_dim, sks)
+    v = _load_block(v_ptr + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, cols, dims, seq, head_dim, svs)
     bias = tl.load(bias_ptr + bhk.to(tl.int64) * seq + cols, mask=cols < seq, other=0.0).to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -115,8 +119,8 @@ def _attn_bwd_kv(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
     start = (n0 // BLOCK_M) * BLOCK_M
     for g in range(0, groups):
         h = hk * groups + g
-        q_head = q_ptr + b.to(tl.int64) * sqb + h * sqh
-        do_head = do_ptr + b.to(tl.int64) * sdb + h * sdh
+        q_head = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_head = do_ptr + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         row_head = (b * heads + h).to(tl.int64) * seq
         for m0 in range(start, seq, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
@@ -149,12 +153,12 @@ def _attn_bwd_q(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
     hk = h // groups
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = _load_block(q_ptr + b.to(tl.int64) * sqb + h * sqh, rows, dims, seq, head_dim, sqs)
-    do = _load_block(do_ptr + b.to(tl.int64) * sdb + h * sdh, rows, dims, seq, head_dim, sds)
+    q = _load_block(q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, dims, seq, head_dim, sqs)
+    do = _load_block(do_ptr + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, dims, seq, head_dim, sds)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * seq + rows, mask=rows < seq, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * seq + rows, mask=rows < seq, other=0.0)
-    k_ptr += b.to(tl.int64) * skb + hk * skh
-    v_ptr += b.to(tl.int64) * svb + hk * svh
+    k_ptr += b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_ptr += b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     bias_ptr += (b * (heads // groups) + hk).to(tl.int64) * seq
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.minimum((tl.program_id(0) + 1) * BLOCK_M, seq)
@@ -253,5 +257,11 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
     hq, hk = query.shape[1], key.shape[1]
     if hq % hk:
         raise ValueError(f"{hq} query heads do not split into {hk} KV heads")
+    for size in (block_m, block_n, *block_bwd):
+        # tl.arange needs powers of two and tl.dot (compiled, not interpreted) M, N, K >= 16
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16, got {size}")
+    if query.shape[0] * hq > 65535:  # grid axis 1 (b * hq programs) is limited to 65535
+        raise ValueError(f"batch * heads = {query.shape[0] * hq} exceeds the grid limit 65535")
     scale = softmax_scale if softmax_scale is not None else query.shape[-1] ** -0.5
     return DMCAttention.apply(query, key, value, state_bias, scale, (block_m, block_n, *block_bwd))

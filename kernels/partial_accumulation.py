@@ -370,4 +370,7 @@ def partial_accumulate(x: Tensor, alpha: Tensor, omega: Tensor, window: Optional
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
+    for size in (block_s, block_d):
+        if size < 1 or size & (size - 1):  # tl.arange (and tl.flip) need powers of two
+            raise ValueError(f"block sizes must be powers of two, got {size}")
     return PartialAccumulation.apply(x, alpha, omega, window, block_s, block_d)

@@ -1,8 +1,9 @@
 """DMC Llama for Hugging Face transformers: Llama whose attention is DMC.
 
 Same weights and names as ``LlamaForCausalLM``; each layer's attention takes decisions,
-accumulates keys/values and applies the survival bias through ``nemo_dmc.core`` (the same
-functions the megatron model uses), so eval logits match the megatron DMC model.
+accumulates keys/values and applies the survival bias through ``nemo_dmc.core`` and
+``nemo_dmc.kernels.dispatch`` (the same functions the megatron model uses: Triton kernels on
+CUDA, the pure-torch references elsewhere), so eval logits match the megatron DMC model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from nemo_dmc.core import DMCConfig, dmc_attention, dmc_states
+from nemo_dmc.core import DMCConfig, dmc_states
+from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 from nemo_dmc.hf.cache import DMCCache
 from nemo_dmc.inference.attention import decode_attention, prefill_attention
 
@@ -94,10 +96,11 @@ class DMCLlamaAttention(LlamaAttention):
         if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
             raise ValueError("DMC attention needs a DMCCache (DMCLlamaForCausalLM.generate "
                              "creates one) or use_cache=False")
-        q, k, v, decisions = dmc_states(q, k, v, self.dmc_config, self.training)
+        q, k, v, decisions = dmc_states(q, k, v, self.dmc_config, self.training,
+                                        accumulate=dispatch.partial_accumulate)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out = dmc_attention(q, k, v, decisions.state_bias, self.scaling,
+        out = dispatch.dmc_attention(q, k, v, decisions.state_bias, self.scaling,
                             mask=_padding_mask(attention_mask),
                             dropout_p=self.attention_dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
