@@ -1,12 +1,12 @@
 """Fused DMC cache update of one decode step in Triton.
 
 One program per (sequence, KV head) does, in place on one layer's cache: the hard decision
-(``k[D-1] - c > 0``; position 0 appends), the importance ``omega = sigmoid(mean_g q[D-1] + c)``
-over the GQA group, append-or-merge into the open run (a ring of ``W`` entries, or the
-running sum ``[S | Z]``), the open slot ``S / Z`` with its key rotated at the token's
-position (channel D-1 zeroed before RoPE), the write into its block (popping a new block
-from the host's free stack through an atomic counter when an append crosses into one) and
-the new length.
+(``s * k[D-1] - c > 0``; position 0 appends), the importance
+``omega = sigmoid(s * mean_g q[D-1] + c)`` over the GQA group (``s`` = ``decision_scale``),
+append-or-merge into the open run (a ring of ``W`` entries, or the running sum ``[S | Z]``),
+the open slot ``S / Z`` with its key rotated at the token's position (channel D-1 zeroed
+before RoPE), the write into its block (popping a new block from the host's free stack
+through an atomic counter when an append crosses into one) and the new length.
 
 Reference: :func:`nemo_dmc.inference.ops.decode_cache_update` (same arguments). Blocks taken
 in one launch may be handed to heads in a different order than the reference's (the atomic
@@ -27,8 +27,8 @@ _FORCE = {None: -1, "append": 0, "merge": 1}
 @triton.jit
 def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, len_ptr,
                    table_ptr, k_pool, v_pool, free_ptr, taken_ptr, cos_ptr, sin_ptr, mate_ptr,
-                   free_top, init_offset, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sr_row, sr_h, sr_r,
-                   sg_row, sg_h, sl_row, sl_h, st_row, st_h, sp_n, sp_s, s_tab,
+                   free_top, init_offset, decision_scale, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
+                   sr_row, sr_h, sr_r, sg_row, sg_h, sl_row, sl_h, st_row, st_h, sp_n, sp_s, s_tab,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
                    BLOCK_G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
                    WINDOWED: tl.constexpr, FORCE: tl.constexpr, BS: tl.constexpr):
@@ -40,7 +40,7 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, l
     mate = tl.load(mate_ptr + i * s_tab + cols, mask=cmask, other=0)  # RoPE partner channels
     # decision and importance
     k_row = k_ptr + i * sk_b + h * sk_h
-    logit = tl.load(k_row + D - 1).to(tl.float32) - init_offset
+    logit = tl.load(k_row + D - 1).to(tl.float32) * decision_scale - init_offset
     if FORCE == 1:
         merge = pos > 0
     elif FORCE == 0:
@@ -49,7 +49,7 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, l
         merge = (logit > 0) & (pos > 0)
     g = tl.arange(0, BLOCK_G)
     q_last = tl.load(q_ptr + i * sq_b + (h * G + g) * sq_h + D - 1, mask=g < G, other=0.0)
-    omega = tl.sigmoid(tl.sum(q_last.to(tl.float32), 0) / G + init_offset)
+    omega = tl.sigmoid(tl.sum(q_last.to(tl.float32), 0) / G * decision_scale + init_offset)
     # the new weighted entry [omega * k (channel D-1 zeroed) | omega * v | omega]
     key = tl.load(k_row + cols, mask=cmask & (cols < D - 1), other=0.0).to(tl.float32)
     key_mate = tl.load(k_row + mate, mask=cmask & (mate < D - 1), other=0.0).to(tl.float32)
@@ -135,8 +135,8 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
     _update_kernel[(b, hk)](
         query, key, value, positions, rows, open_runs, ring_next, lengths, block_tables,
         key_pool, value_pool, free.ids, free.taken, cos, sin, mate, free.top,
-        float(config.init_offset), query.stride(0), query.stride(1), key.stride(0),
-        key.stride(1), value.stride(0), value.stride(1), open_runs.stride(0),
+        float(config.init_offset), float(config.decision_scale), query.stride(0), query.stride(1),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), open_runs.stride(0),
         open_runs.stride(1), open_runs.stride(2), ring_next.stride(0), ring_next.stride(1),
         lengths.stride(0), lengths.stride(1), block_tables.stride(0), block_tables.stride(1),
         key_pool.stride(0), key_pool.stride(1), cos.stride(0), D=d,

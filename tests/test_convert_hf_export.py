@@ -1,5 +1,7 @@
 """Hugging Face export: round trip, DMC-aware transformers model, plain Llama export."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
@@ -39,12 +41,15 @@ def test_megatron_hf_megatron_round_trip_is_identical(megatron_tp1):
         assert torch.equal(back[name], tensor), name
 
 
-def test_hf_dmc_model_logits_equal_megatron_dmc_model_in_eval(megatron_tp1, tmp_path):
+@pytest.mark.parametrize("scale", [1.0, 4.0], ids=["paper", "decision_scale4"])
+def test_hf_dmc_model_logits_equal_megatron_dmc_model_in_eval(megatron_tp1, tmp_path, scale):
     seed_all(2)
-    model = build_model(TINY_GQA, DMC)
-    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=DMC)
+    dmc = replace(DMC, decision_scale=scale)
+    model = build_model(TINY_GQA, dmc)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=dmc)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(hf, DMCLlamaForCausalLM) and hf.config.dmc_window == 4
+    assert hf.config.dmc_decision_scale == scale and hf.model.layers[0].self_attn.dmc_config == dmc
     ids = _ids()
     with torch.no_grad():
         hf_logits = hf(ids, use_cache=False).logits

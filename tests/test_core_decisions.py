@@ -18,6 +18,14 @@ def test_decision_logit_is_last_key_channel_minus_offset():
     assert torch.equal(decision_logits(key, 5.0), key[..., -1] - 5.0)
 
 
+def test_decision_scale_multiplies_logit_and_importance_argument():
+    key, query = torch.randn(2, 3, 5, 8), torch.randn(2, 6, 5, 8)
+    assert torch.equal(decision_logits(key, 5.0, scale=4.0), key[..., -1] * 4.0 - 5.0)
+    mean = query[..., -1].view(2, 3, 2, 5).mean(dim=2)
+    assert torch.allclose(importance(query, 3, 5.0, scale=4.0), torch.sigmoid(4.0 * mean + 5.0))
+    assert torch.equal(importance(query, 3, 5.0, scale=1.0), importance(query, 3, 5.0))
+
+
 def test_eval_decisions_are_hard_threshold_at_zero_and_first_token_appends():
     logits = torch.tensor([[[3.0, 2.0, -1.0, 0.5, -0.1]]])
     d = make_decisions(logits, DMCConfig(), training=False)

@@ -28,6 +28,20 @@ def test_parallel_equals_sequential_inference_with_random_decisions(hq, hk, wind
     assert torch.allclose(out, ref.output, atol=1e-10)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_parallel_equals_sequential_with_decision_scale(window):
+    q, k, v = _inputs(8, 2, 13)
+    k[..., -1] = k[..., -1] / 4.0  # logit = 4 * k[D-1] - 5: still ~half merge
+    cfg, rope = DMCConfig(window=window, decision_scale=4.0), rotate_half_rope()
+    out, decisions = dmc_self_attention(q, k, v, cfg, training=False, rope=rope)
+    ref = simulate_inference(q, k, v, cfg, rope=rope)
+    assert torch.equal(decisions.hard, ref.decisions)
+    assert 0 < ref.decisions.mean() < 1
+    assert torch.allclose(out, ref.output, atol=1e-10)
+    unscaled = simulate_inference(q, k, v, DMCConfig(window=window), rope=rope)
+    assert not torch.equal(unscaled.decisions, ref.decisions)
+
+
 @pytest.mark.parametrize("force", ["append", "merge"])
 @pytest.mark.parametrize("window", [None, 4])
 def test_parallel_equals_sequential_with_forced_decisions(force, window):

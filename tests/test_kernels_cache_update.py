@@ -136,6 +136,16 @@ def test_forced_decisions_match_reference(force):
     assert torch.all(grew == (1 if force == "append" else 0))
 
 
+@pytest.mark.parametrize("scale", [2.0, 0.75])
+def test_decision_scale_matches_reference(scale):
+    config = DMCConfig(window=3, decision_scale=scale)
+    lengths = [[15, 16], [17, 31], [32, 33]]
+    before, tri, ref, rows = _step(lengths, [40, 50, 60], 4, 3, config=config)
+    _assert_same(tri, ref, rows, torch.float32)
+    _, _, unscaled, _ = _step(lengths, [40, 50, 60], 4, 3)
+    assert not torch.equal(ref.open_runs, unscaled.open_runs)  # the scale changed omega
+
+
 def test_bf16_pools_match_reference_within_bf16_precision():
     _, tri, ref, rows = _step([[15, 16], [31, 2]], [30, 40], 8, 4, dtype=torch.bfloat16)
     _assert_same(tri, ref, rows, torch.bfloat16)

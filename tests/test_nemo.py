@@ -1,5 +1,6 @@
 """NeMo 2 glue: DMC config/model, NeMo checkpoints, loss reduction, recipe, Hydra YAML."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,12 +39,14 @@ def _inputs(seq=12):
 
 def test_nemo_checkpoint_restores_dmc_model_settings_and_logits(megatron_tp1, tmp_path):
     seed_all(1)
-    model = build_model(TINY_GQA, DMC).eval()
-    export_nemo_checkpoint(model, TINY_GQA, DMC, tmp_path / "nemo", target_cr=3.0)
+    dmc = replace(DMC, decision_scale=4.0)
+    model = build_model(TINY_GQA, dmc).eval()
+    export_nemo_checkpoint(model, TINY_GQA, dmc, tmp_path / "nemo", target_cr=3.0)
     assert (tmp_path / "nemo" / "context" / "io.json").is_file()
     restored = load_nemo_model(tmp_path / "nemo").eval()
     assert isinstance(restored, DMCGPTModel)
     assert (restored.config.dmc_window, restored.config.dmc_target_cr) == (4, 3.0)
+    assert restored.config.dmc_config() == dmc
     assert isinstance(restored.module.decoder.layers[0].self_attention, DMCSelfAttention)
     with torch.no_grad():
         assert torch.equal(restored(*_inputs()), model(*_inputs()))

@@ -162,6 +162,11 @@ def test_a_non_positive_gumbel_temperature_is_rejected():
     assert error_key("dmc.temperature=0") == "dmc.temperature"
 
 
+def test_a_non_positive_decision_scale_is_rejected_and_a_positive_one_reaches_the_core():
+    assert error_key("dmc.decision_scale=0") == "dmc.decision_scale"
+    assert load("dmc.decision_scale=4").dmc.core().decision_scale == 4.0
+
+
 def test_a_pretrained_checkpoint_of_another_shape_is_rejected_by_key(tmp_path):
     (tmp_path / "model_config.yaml").write_text(
         yaml.safe_dump(asdict(ModelConfig(hidden_size=576, num_attention_heads=9,

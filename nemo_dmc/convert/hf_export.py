@@ -67,7 +67,7 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
         config_class = DMCLlamaHFConfig
         extra = {"architectures": ["DMCLlamaForCausalLM"], "dmc_init_offset": dmc.init_offset,
                  "dmc_temperature": dmc.temperature, "dmc_window": dmc.window,
-                 "dmc_target_cr": target_cr}
+                 "dmc_decision_scale": dmc.decision_scale, "dmc_target_cr": target_cr}
     return config_class(
         vocab_size=model.vocab_size, hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,

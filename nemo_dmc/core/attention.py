@@ -106,8 +106,9 @@ def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, tra
         ``(query, key_states, value_states, decisions)``: the query and the accumulated keys
         with the decision channel zeroed, the accumulated values, and the decisions.
     """
-    decisions = make_decisions(decision_logits(key, config.init_offset), config, training, noise)
-    omega = importance(query, key.shape[1], config.init_offset)
+    logits = decision_logits(key, config.init_offset, config.decision_scale)
+    decisions = make_decisions(logits, config, training, noise)
+    omega = importance(query, key.shape[1], config.init_offset, config.decision_scale)
     query, key = zero_decision_channel(query), zero_decision_channel(key)
     # keys and values share decisions and weights: one accumulation over [k | v]
     states = accumulate(torch.cat([key, value], dim=-1), decisions.alpha, omega, config.window)

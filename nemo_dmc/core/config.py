@@ -13,6 +13,10 @@ class DMCConfig:
     Attributes:
         init_offset: ``c`` in the paper. Decision logit is ``k[D-1] - c`` and importance
             is ``sigmoid(q[D-1] + c)``, so a zeroed channel means "append, full weight".
+        decision_scale: ``s`` multiplying the decision/importance channel: the logit is
+            ``s * k[D-1] - c`` and the importance ``sigmoid(s * mean_group(q[D-1]) + c)``.
+            With Adam, ``s > 1`` acts like an ``s``-times larger learning rate on those
+            projection rows (faster decisions in short retrofits); 1 = the paper.
         temperature: Gumbel-sigmoid temperature ``tau`` of the relaxed training decisions.
         window: merge window ``W``: a slot averages at most the last ``W`` tokens of its
             merge run. ``None`` means unbounded (a running average over the whole run).
@@ -26,8 +30,11 @@ class DMCConfig:
     window: Optional[int] = 12
     hard_bias: float = -1.0e9
     force_decision: Optional[str] = None
+    decision_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.decision_scale > 0:
+            raise ValueError(f"dmc.decision_scale must be > 0, got {self.decision_scale}")
         if self.temperature <= 0:
             raise ValueError(f"dmc.temperature must be > 0, got {self.temperature}")
         if self.window is not None and self.window < 1:

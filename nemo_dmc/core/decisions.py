@@ -33,13 +33,21 @@ class Decisions:
     state_bias: Tensor
 
 
-def decision_logits(key: Tensor, init_offset: float) -> Tensor:
-    """``k[..., D-1] - c`` for pre-RoPE keys ``[b, hk, s, D]`` -> ``[b, hk, s]`` (>= fp32)."""
-    return key[..., -1].to(torch.promote_types(key.dtype, torch.float32)) - init_offset
+def decision_logits(key: Tensor, init_offset: float, scale: float = 1.0) -> Tensor:
+    """``s * k[..., D-1] - c`` for pre-RoPE keys ``[b, hk, s, D]`` -> ``[b, hk, s]`` (>= fp32).
+
+    ``scale`` is :attr:`DMCConfig.decision_scale` (1 = the paper), applied after promotion.
+    """
+    channel = key[..., -1].to(torch.promote_types(key.dtype, torch.float32))
+    if scale != 1.0:
+        channel = channel * scale
+    return channel - init_offset
 
 
-def importance(query: Tensor, num_kv_heads: int, init_offset: float) -> Tensor:
-    """``sigmoid(mean_group(q[..., D-1]) + c)``: ``[b, hq, s, D]`` -> ``[b, hk, s]`` (>= fp32).
+def importance(query: Tensor, num_kv_heads: int, init_offset: float, scale: float = 1.0) -> Tensor:
+    """``sigmoid(s * mean_group(q[..., D-1]) + c)``: ``[b, hq, s, D]`` -> ``[b, hk, s]`` (>= fp32).
+
+    ``scale`` is :attr:`DMCConfig.decision_scale` (1 = the paper), applied after promotion.
 
     Query heads of one GQA group are contiguous (megatron's per-group QKV layout).
     """
@@ -47,7 +55,10 @@ def importance(query: Tensor, num_kv_heads: int, init_offset: float) -> Tensor:
     if hq % num_kv_heads:
         raise ValueError(f"{hq} query heads do not split into {num_kv_heads} KV groups")
     channel = query[..., -1].to(torch.promote_types(query.dtype, torch.float32)).view(b, num_kv_heads, hq // num_kv_heads, s)
-    return torch.sigmoid(channel.mean(dim=2) + init_offset)
+    mean = channel.mean(dim=2)
+    if scale != 1.0:
+        mean = mean * scale
+    return torch.sigmoid(mean + init_offset)
 
 
 def zero_decision_channel(x: Tensor) -> Tensor:

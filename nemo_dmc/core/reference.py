@@ -53,7 +53,7 @@ def _decide(key_channel: float, t: int, config: DMCConfig) -> bool:
         return False
     if config.force_decision is not None:
         return config.force_decision == "merge"
-    return key_channel - config.init_offset > 0
+    return config.decision_scale * key_channel - config.init_offset > 0
 
 
 def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,
@@ -82,7 +82,8 @@ def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
             for t in range(s):
                 merge = _decide(float(key[bi, h, t, -1]), t, config)
                 decisions[bi, h, t] = float(merge)
-                omega = torch.sigmoid(query[bi, list(heads), t, -1].mean() + config.init_offset)
+                omega = torch.sigmoid(config.decision_scale * query[bi, list(heads), t, -1].mean()
+                                      + config.init_offset)
                 entry = (omega, k_zeroed[bi, h, t], value[bi, h, t])
                 run = run + [entry] if merge else [entry]
                 if config.window is not None:

@@ -32,8 +32,10 @@ class DMCLlamaHFConfig(LlamaConfig):
     model_type = "dmc_llama"
 
     def __init__(self, dmc_init_offset: float = 5.0, dmc_temperature: float = 0.1,
-                 dmc_window: Optional[int] = 12, dmc_target_cr: float = 4.0, **kwargs) -> None:
+                 dmc_window: Optional[int] = 12, dmc_target_cr: float = 4.0,
+                 dmc_decision_scale: float = 1.0, **kwargs) -> None:
         self.dmc_init_offset = dmc_init_offset
+        self.dmc_decision_scale = dmc_decision_scale  # 1.0 for configs written before it existed
         self.dmc_temperature = dmc_temperature
         self.dmc_window = dmc_window
         self.dmc_target_cr = dmc_target_cr
@@ -41,7 +43,7 @@ class DMCLlamaHFConfig(LlamaConfig):
 
     def dmc_config(self) -> DMCConfig:
         return DMCConfig(init_offset=self.dmc_init_offset, temperature=self.dmc_temperature,
-                         window=self.dmc_window)
+                         window=self.dmc_window, decision_scale=self.dmc_decision_scale)
 
 
 def _padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:

@@ -106,7 +106,8 @@ def dmc_config_from_run(run_config: Any) -> DMCConfig:
     """The DMC mechanism settings a training run used."""
     dmc = run_config.dmc
     return DMCConfig(init_offset=float(dmc.init_offset), temperature=float(dmc.temperature),
-                     window=None if dmc.window is None else int(dmc.window))
+                     window=None if dmc.window is None else int(dmc.window),
+                     decision_scale=float(dmc.get("decision_scale", 1.0)))
 
 
 def load_weights(model: GPTModel, resolved: ResolvedCheckpoint) -> None:

@@ -79,7 +79,7 @@ def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig) -> 
             (which always appends); otherwise the chunk's first token may merge into the
             cached open slot.
     """
-    logits = decision_logits(key, config.init_offset)
+    logits = decision_logits(key, config.init_offset, config.decision_scale)
     # A leading stand-in for the cached open slot lets make_decisions see the chunk's first
     # token as a continuation (and gives the open slot's survival bias at index 0).
     cont = make_decisions(F.pad(logits, (1, 0)), config, training=False)
@@ -102,7 +102,7 @@ def chunk_entries(query: Tensor, key: Tensor, value: Tensor,
     Returns:
         ``(query with the decision channel zeroed [b, hq, c, d], entries [b, hk, c, e])``.
     """
-    omega = importance(query, key.shape[1], config.init_offset)
+    omega = importance(query, key.shape[1], config.init_offset, config.decision_scale)
     kv = torch.cat([zero_decision_channel(key), value], dim=-1)
     return zero_decision_channel(query), weighted_entries(kv, omega)
 
@@ -265,7 +265,7 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
                         free: FreeBlocks, tables: RopeTables, config: DMCConfig,
                         window: Optional[int]) -> None:
     """One decode token per sequence into one layer's cache, in place: decide (hard, from
-    ``k[D-1] - c``; position 0 appends), weigh (``omega`` from the group's mean ``q[D-1]``),
+    ``s * k[D-1] - c``; position 0 appends), weigh (``omega`` from the group's mean ``q[D-1]``),
     append to or merge into the open run, write the open slot (key rotated at ``positions``,
     channel D-1 zeroed before RoPE) into its block, taking a new block from ``free`` when an
     append crosses into one, and advance the lengths.

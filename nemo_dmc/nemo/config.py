@@ -31,6 +31,7 @@ class DMCLlamaConfig(LlamaConfig):
     dmc_init_offset: float = 5.0
     dmc_temperature: float = 0.1
     dmc_window: Optional[int] = 12
+    dmc_decision_scale: float = 1.0
     dmc_target_cr: float = 4.0
     dmc_stage: str = "retrofit"
     dmc_stage_steps: int = 6000
@@ -49,7 +50,7 @@ class DMCLlamaConfig(LlamaConfig):
 
     def dmc_config(self) -> DMCConfig:
         return DMCConfig(init_offset=self.dmc_init_offset, temperature=self.dmc_temperature,
-                         window=self.dmc_window)
+                         window=self.dmc_window, decision_scale=self.dmc_decision_scale)
 
 
 _CPU_SAFE = dict(bias_activation_fusion=False, masked_softmax_fusion=False,
@@ -73,7 +74,8 @@ def dmc_llama_config(model: ModelConfig, dmc: DMCConfig, target_cr: float = 4.0,
         make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
         vocab_size=model.padded_vocab_size(),
         dmc_init_offset=dmc.init_offset, dmc_temperature=dmc.temperature, dmc_window=dmc.window,
-        dmc_target_cr=target_cr, dmc_stage=stage, dmc_stage_steps=stage_steps,
+        dmc_decision_scale=dmc.decision_scale, dmc_target_cr=target_cr, dmc_stage=stage,
+        dmc_stage_steps=stage_steps,
     )
     if model.rope_scaling_factor is not None:
         raise ValueError("NeMo export of Llama-3.1 RoPE scaling is not supported yet "

@@ -42,6 +42,9 @@ class DMCSettings:
 
     budget_pct: token budget of the stages with a ``budget_share``, in percent of
         ``model.pretrain_tokens`` (the paper uses 2-8 %); ``null`` = use stage steps/tokens.
+    decision_scale: multiplies the decision/importance channel q/k[D-1] before the logit
+        and importance; >1 speeds up learning the decisions in short retrofits, like an
+        s-times larger learning rate on those projection rows; 1 = the paper.
     """
 
     target_cr: float = 4.0
@@ -49,11 +52,12 @@ class DMCSettings:
     temperature: float = 0.1
     window: Optional[int] = 12
     budget_pct: Optional[float] = None
+    decision_scale: float = 1.0
 
     def core(self) -> DMCConfig:
         """The :class:`nemo_dmc.core.DMCConfig` the attention layers use."""
         return DMCConfig(init_offset=self.init_offset, temperature=self.temperature,
-                         window=self.window)
+                         window=self.window, decision_scale=self.decision_scale)
 
 
 @dataclass
@@ -290,6 +294,7 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
 
 def _validate_dmc(dmc: DMCSettings) -> None:
     _check_min(dmc.target_cr, "dmc.target_cr", 1.0)
+    _require(dmc.decision_scale > 0, "dmc.decision_scale", f"must be > 0, got {dmc.decision_scale}")
     try:  # temperature, window
         dmc.core()
     except ValueError as err:
