@@ -20,7 +20,7 @@ continues an interrupted reproduction and skips finished runs.
    CR 2 on CPU, evaluated before and after.
 
 Usage: python bench/reproduce.py [--steps base train smollm2 eval report] [--ratios 2 4 8]
-       [--budget-pct 8] [--threads 2] [--dry-run]
+       [--budget-pct 8] [--threads 2] [--jobs 1] [--dry-run]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -111,8 +112,8 @@ class Layout:
 class Runner:
     """Runs (or, dry, only prints) commands and logs them."""
 
-    def __init__(self, root: Path, threads: int, dry: bool) -> None:
-        self.log, self.dry = REPO / root / "commands.txt", dry
+    def __init__(self, root: Path, threads: int, dry: bool, jobs: int = 1) -> None:
+        self.log, self.dry, self.jobs = REPO / root / "commands.txt", dry, jobs
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.log.parent.mkdir(parents=True, exist_ok=True)
 
@@ -130,6 +131,13 @@ class Runner:
         finally:
             if out:
                 out.close()
+
+
+    def parallel(self, tasks: Sequence[Callable[[], object]]) -> None:
+        """Run independent tasks, ``jobs`` at a time; re-raise the first failure."""
+        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
+            for future in [pool.submit(task) for task in tasks]:
+                future.result()
 
 
 def train(run: Runner, name: str, run_dir: Path, args: List[str]) -> None:
@@ -157,23 +165,26 @@ def run_base(run: Runner, layout: Layout) -> None:
 
 
 def run_training(run: Runner, layout: Layout, ratios: Sequence[int], budget_pct: float) -> None:
+    """Vanilla continued, DMC and GQA runs from the base (``run.jobs`` at a time)."""
     base = final_checkpoint(layout.base, "pretrain")
     start = [*CONTINUED_ARGS, *budget_args(budget_pct), f"checkpoint.pretrained={base}"]
-    train(run, "repro_vanilla", layout.vanilla,
-          [*start, "stage=pretrain", "stage.pretrain.budget_share=1.0"])
-    for ratio in ratios:
-        shares = [f"stage.{stage}.budget_share={share}" for stage, share in DMC_SHARES.items()]
-        train(run, f"repro_dmc_cr{ratio}", layout.dmc(ratio),
+    shares = [f"stage.{stage}.budget_share={share}" for stage, share in DMC_SHARES.items()]
+    jobs = [("repro_vanilla", layout.vanilla,
+             [*start, "stage=pretrain", "stage.pretrain.budget_share=1.0"])]
+    jobs += [(f"repro_dmc_cr{ratio}", layout.dmc(ratio),
               [*start, "stage=[zero_out,retrofit,finetune]", *shares, f"dmc.target_cr={ratio}"])
+             for ratio in ratios]
     for ratio in ratios:
         groups = KV_HEADS // ratio
         init = layout.gqa_init(ratio)
         if not (REPO / init).exists():
             run([PYTHON, "-m", "nemo_dmc.baselines.gqa", "--src", str(base), "--dst", str(init),
                  "--groups", str(groups)])
-        train(run, f"repro_gqa_cr{ratio}", layout.gqa(ratio),
-              [*start[:-1], f"checkpoint.pretrained={init}", f"model.num_query_groups={groups}",
-               "stage=pretrain", "stage.pretrain.budget_share=1.0"])
+        jobs.append((f"repro_gqa_cr{ratio}", layout.gqa(ratio),
+                     [*start[:-1], f"checkpoint.pretrained={init}",
+                      f"model.num_query_groups={groups}", "stage=pretrain",
+                      "stage.pretrain.budget_share=1.0"]))
+    run.parallel([lambda job=job: train(run, *job) for job in jobs])
 
 
 EVAL_ARGS = ["data.num_sequences=32", "passkey.samples=4"]
@@ -197,16 +208,19 @@ def realised(layout: Layout, name: str) -> float:
 
 
 def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[int]) -> None:
-    evaluate(run, layout, "base", layout.base, "vanilla")
-    evaluate(run, layout, "vanilla_continued", layout.vanilla, "vanilla")
+    """Evaluate every model; then eviction at the ratios DMC realised (``run.jobs`` at a time)."""
+    first = [("base", layout.base, "vanilla"), ("vanilla_continued", layout.vanilla, "vanilla")]
     for ratio in ratios:
-        evaluate(run, layout, f"dmc_cr{ratio}", layout.dmc(ratio), "dmc")
-        evaluate(run, layout, f"gqa_cr{ratio}", layout.gqa(ratio), "vanilla")
-        # Eviction at the ratio DMC realised (the same memory), on the continued-trained model.
+        first += [(f"dmc_cr{ratio}", layout.dmc(ratio), "dmc"),
+                  (f"gqa_cr{ratio}", layout.gqa(ratio), "vanilla")]
+    run.parallel([lambda job=job: evaluate(run, layout, *job) for job in first])
+    # Eviction at the ratio DMC realised (the same memory), on the continued-trained model.
+    evictions = []
+    for ratio in ratios:
         matched = 0.0 if run.dry else round(realised(layout, f"dmc_cr{ratio}"), 2)
-        for method in EVICTION:
-            evaluate(run, layout, f"{method}_cr{ratio}", layout.vanilla, method,
-                     ratio=max(1.0, matched))
+        evictions += [(f"{method}_cr{ratio}", layout.vanilla, method, max(1.0, matched))
+                      for method in EVICTION]
+    run.parallel([lambda job=job: evaluate(run, layout, *job) for job in evictions])
 
 
 @dataclass
@@ -333,7 +347,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--budget-pct", type=float, default=8.0)
     parser.add_argument("--root", type=Path, default=Path("runs/repro"),
                         help="where the runs go (relative paths: to the repository root)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads per job")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="independent trainings / evaluations run at once")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--smollm2-gguf", type=Path, default=SMOLLM2_GGUF)
     parser.add_argument("--write-benchmarks", action="store_true",
@@ -342,7 +358,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for ratio in args.ratios:
         if KV_HEADS % ratio:
             parser.error(f"--ratios: {ratio} does not divide the base model's {KV_HEADS} KV heads")
-    layout, run = Layout(args.root), Runner(args.root, args.threads, args.dry_run)
+    layout = Layout(args.root)
+    run = Runner(args.root, args.threads, args.dry_run, args.jobs)
     if "base" in args.steps:
         run_base(run, layout)
     if "train" in args.steps:
