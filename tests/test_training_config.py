@@ -172,3 +172,8 @@ def test_a_pretrained_checkpoint_of_another_shape_is_rejected_by_key(tmp_path):
         yaml.safe_dump(asdict(ModelConfig(hidden_size=576, num_attention_heads=9,
                                           num_query_groups=3))))
     assert error_key(f"checkpoint.pretrained={tmp_path}") == "model.hidden_size"
+
+
+def test_a_negative_compression_loss_weight_is_rejected():
+    assert error_key("dmc.loss_weight=-1") == "dmc.loss_weight"
+    assert load("dmc.loss_weight=30").dmc.loss_weight == 30.0

@@ -184,3 +184,15 @@ def test_a_run_writes_its_config_so_its_checkpoints_load_without_hydra_files(tra
     assert not (tmp_path / ".hydra").exists() and resolved.run_config is not None
     assert resolved.path == latest_checkpoint(tmp_path / "checkpoints" / "retrofit")
     assert resolved.run_config.model.hidden_size == 64 and resolved.run_config.dmc.window == 3
+
+
+def test_compression_loss_weight_speeds_up_following_the_ratio_ramp(train, tmp_path):
+    crs = {}
+    for weight in (0, 100):
+        run_dir = tmp_path / f"w{weight}"
+        train(run_dir, "stage=retrofit", "stage.retrofit.steps=10", "dmc.target_cr=4",
+              f"dmc.loss_weight={weight}")
+        logged = records(run_dir, "retrofit")
+        assert all(r["dmc_loss"] > 0 for r in logged[:2])  # L_cr itself is logged either way
+        crs[weight] = logged[-1]["cr"]
+    assert crs[100] > crs[0] + 0.01

@@ -32,6 +32,7 @@ class DMCLlamaConfig(LlamaConfig):
     dmc_temperature: float = 0.1
     dmc_window: Optional[int] = 12
     dmc_decision_scale: float = 1.0
+    dmc_loss_weight: float = 1.0
     dmc_target_cr: float = 4.0
     dmc_stage: str = "retrofit"
     dmc_stage_steps: int = 6000
@@ -43,6 +44,8 @@ class DMCLlamaConfig(LlamaConfig):
             raise ValueError("attention_backend=local replaces DMC's core attention; use auto")
         if self.dmc_target_cr < 1:
             raise ValueError(f"dmc_target_cr must be >= 1, got {self.dmc_target_cr}")
+        if self.dmc_loss_weight < 0:
+            raise ValueError(f"dmc_loss_weight must be >= 0, got {self.dmc_loss_weight}")
         if self.dmc_stage_steps < 1:
             raise ValueError(f"dmc_stage_steps must be >= 1, got {self.dmc_stage_steps}")
         Stage(self.dmc_stage)  # raises ValueError naming an unknown stage

@@ -17,7 +17,7 @@ class DMCLossReduction(MaskedTokenLossReduction):
     """LM loss plus the one-sided compression loss of the stage's current target CR.
 
     ``loss_sum`` gets ``L_cr * num_tokens`` so that NeMo's per-token averaging yields
-    ``LM + L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
+    ``LM + dmc_loss_weight * L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
     """
 
     def __init__(self, model: "DMCGPTModel", validation_step: bool = False) -> None:
@@ -30,7 +30,8 @@ class DMCLossReduction(MaskedTokenLossReduction):
         stats = collect_dmc_stats(self.model)
         target = self.model.stage_target_cr
         if stats is not None and target is not None and not self.validation_step:
-            loss_sum = loss_sum + stats.loss(target) * num_tokens
+            weight = self.model.config.dmc_loss_weight
+            loss_sum = loss_sum + weight * stats.loss(target) * num_tokens
         return loss_sum, num_tokens, extra
 
 

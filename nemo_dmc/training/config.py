@@ -45,6 +45,10 @@ class DMCSettings:
     decision_scale: multiplies the decision/importance channel q/k[D-1] before the logit
         and importance; >1 speeds up learning the decisions in short retrofits, like an
         s-times larger learning rate on those projection rows; 1 = the paper.
+    loss_weight: weight of the compression loss in ``LM + w * L_cr``; the one-sided loss
+        gives every decision only ``w / (tokens * layers * KV heads)`` of push, so short
+        retrofits of pretrained models (hundreds of steps) need ``w`` >> 1 for the ratio to
+        follow its ramp; it stops pulling once the target is met. 1 = the paper.
     """
 
     target_cr: float = 4.0
@@ -53,6 +57,7 @@ class DMCSettings:
     window: Optional[int] = 12
     budget_pct: Optional[float] = None
     decision_scale: float = 1.0
+    loss_weight: float = 1.0
 
     def core(self) -> DMCConfig:
         """The :class:`nemo_dmc.core.DMCConfig` the attention layers use."""
@@ -295,6 +300,7 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
 def _validate_dmc(dmc: DMCSettings) -> None:
     _check_min(dmc.target_cr, "dmc.target_cr", 1.0)
     _require(dmc.decision_scale > 0, "dmc.decision_scale", f"must be > 0, got {dmc.decision_scale}")
+    _check_min(dmc.loss_weight, "dmc.loss_weight", 0.0)
     try:  # temperature, window
         dmc.core()
     except ValueError as err:

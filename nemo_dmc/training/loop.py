@@ -77,9 +77,11 @@ def noise_seed(key: str, position: int) -> int:
 
 def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                batches: MicroBatches, mask: Tensor, consumed_samples: int,
-               target_cr: Optional[float], num_layers: int, noise_key: str) -> StepResult:
+               target_cr: Optional[float], num_layers: int, noise_key: str,
+               loss_weight: float = 1.0) -> StepResult:
     """One optimizer step from ``consumed_samples``; ``target_cr=None`` trains LM loss only.
 
+    The loss is ``LM + loss_weight * L_cr``; the logged ``dmc_loss`` is ``L_cr`` itself.
     ``noise_key`` identifies the step (run seed, stage, step) for :func:`noise_seed`.
     """
     model.train()
@@ -97,7 +99,7 @@ def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: Optimi
         if stats is not None and target_cr is not None:
             dmc_loss = stats.loss(target_cr)
             totals[1] += dmc_loss.detach().float().cpu()
-            loss = loss + dmc_loss
+            loss = loss + loss_weight * dmc_loss
         fractions += _merge_fractions(stats, num_layers)
         (loss / n).backward()
     finalize_model_grads([model])

@@ -202,7 +202,8 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
         tic = time.perf_counter()
         target = apply_stage(model, plan.stage, step, plan.steps, cfg.dmc.target_cr)
         result = train_step(model, optimizer, scheduler, session.batches, session.mask, consumed,
-                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}")
+                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}",
+                            loss_weight=cfg.dmc.loss_weight)
         step += 1
         consumed += cfg.data.global_batch_size
         last = step == plan.steps
