@@ -273,3 +273,78 @@ def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatc
 def test_bad_values_are_errors_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"^{key}: "):
         _compose(*overrides).validate()
+
+
+# -- passkey lengths (review fixes) --------------------------------------------------------
+
+
+def _needed(tokenizer) -> int:
+    """Tokens of needle + question + answer (no filler) for a 5-digit key."""
+    from nemo_dmc.evaluation.passkey import ANSWER, QUESTION
+
+    return sum(len(tokenizer.encode(t.format(key="12345")))
+               for t in (NEEDLE, QUESTION, ANSWER))
+
+
+def test_default_passkey_lengths_too_short_for_the_prompt_are_dropped(tokenizer):
+    from nemo_dmc.evaluation.runner import build_passkey_prompts
+
+    need = _needed(tokenizer)
+    seq = 4 * (need - 1)  # seq / 4 cannot hold the needle; seq / 2 and seq can
+    cfg = _compose("load=x", "passkey.samples=1")
+    lengths, dropped, prompts = build_passkey_prompts(cfg, tokenizer, seq)
+    assert dropped == [seq // 4] and lengths == [seq // 2, seq]
+    assert {p.length for p in prompts} == {seq // 2, seq}
+    lengths, dropped, prompts = build_passkey_prompts(cfg, tokenizer, need // 2)
+    assert lengths == [] and prompts == [] and dropped
+
+
+def test_explicit_passkey_lengths_too_short_are_an_error_naming_the_key(tokenizer):
+    from nemo_dmc.evaluation.runner import build_passkey_prompts
+
+    cfg = _compose("load=x", "passkey.lengths=[10,128]")
+    with pytest.raises(ValueError, match="^passkey.lengths: 10 tokens"):
+        build_passkey_prompts(cfg, tokenizer, 128)
+
+
+@pytest.mark.parametrize("overrides, key", [(("load=x", "passkey.lengths=[0]"), "passkey.lengths"),
+                                            (("load=x", "passkey.samples=0"), "passkey.samples"),
+                                            (("load=x", "passkey.digits=13"), "passkey.digits")])
+def test_bad_passkey_values_are_errors_naming_the_key(overrides, key):
+    with pytest.raises(ValueError, match=f"^{key}: "):
+        _compose(*overrides).validate()
+
+
+def test_bad_passkey_lengths_fail_before_the_perplexity_pass(megatron_tp1, tmp_path, tokenizer,
+                                                             monkeypatch):
+    import nemo_dmc.evaluation.runner as runner
+
+    def never(*args, **kwargs):
+        raise AssertionError("the perplexity pass ran before the passkey prompts were checked")
+
+    monkeypatch.setattr(runner, "heldout_perplexity", never)
+    run_dir = _run_dir(tmp_path / "run", tokenizer)
+    with pytest.raises(ValueError, match="^passkey.lengths: 10 tokens"):
+        run(_compose(f"load={run_dir}", "data.num_sequences=2", "passkey.lengths=[10]"))
+
+
+def test_evaluate_takes_a_free_port_when_the_inherited_one_is_taken(megatron_tp1, tmp_path,
+                                                                    tokenizer, monkeypatch):
+    """Concurrent evaluations (bench/reproduce.py --jobs 2) must not collide on one default
+    MASTER_PORT: a plain ``python -m nemo_dmc.evaluate`` rendezvouses on a free port."""
+    import socket
+
+    from nemo_dmc.megatron import parallel
+
+    run_dir = _run_dir(tmp_path / "run", tokenizer)
+    parallel.shutdown()  # as in a fresh `python -m nemo_dmc.evaluate` process
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.setenv(key, "0")
+        monkeypatch.delenv(key)
+    with socket.socket() as busy:  # another evaluation's rendezvous port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        results = run(_compose(f"load={run_dir}", "data.num_sequences=2", "passkey.enabled=false",
+                               f"output_dir={tmp_path / 'out'}"))
+    assert results["perplexity"]["sequences"] == 2

@@ -95,11 +95,14 @@ def convert(src: Path, dst: Path, groups: int) -> Tuple[Path, ModelConfig, Model
     from nemo_dmc.inference.loading import load_weights, resolve_checkpoint
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
+    from nemo_dmc.training.launch import export_rendezvous_env
 
     resolved = resolve_checkpoint(src, key="--src")
     source = _source_model_config(resolved)
     if groups < 1 or source.kv_heads % groups:  # fail before loading any weights
         mean_pool_kv_heads({}, source, groups)
+    if not torch.distributed.is_initialized():  # a free port unless a launcher set one
+        export_rendezvous_env()
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
         model = build_model(source, dmc=None)

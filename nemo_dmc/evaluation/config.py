@@ -115,8 +115,13 @@ class EvaluateConfig:
         for key in ("num_sequences", "micro_batch_size"):
             if getattr(self.data, key) < 1:
                 raise ValueError(f"data.{key}: must be >= 1, got {getattr(self.data, key)}")
-        if self.passkey.samples < 1 or not 1 <= self.passkey.digits <= 12:
-            raise ValueError("passkey.samples must be >= 1 and passkey.digits in 1..12")
+        if self.passkey.samples < 1:
+            raise ValueError(f"passkey.samples: must be >= 1, got {self.passkey.samples}")
+        if not 1 <= self.passkey.digits <= 12:
+            raise ValueError(f"passkey.digits: must be in 1..12, got {self.passkey.digits}")
+        if any(n < 1 for n in self.passkey.lengths):
+            raise ValueError(f"passkey.lengths: give token counts >= 1 ([] = seq_length / 4, / 2 "
+                             f"and seq_length), got {self.passkey.lengths}")
         if any(not 0.0 <= d <= 1.0 for d in self.passkey.depths) or not self.passkey.depths:
             raise ValueError(f"passkey.depths: give fractions in [0, 1], got {self.passkey.depths}")
         if self.kv.dtype not in KV_DTYPES:

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from nemo_dmc.evaluation.data import (
     heldout_dataset,
     resolve_data,
 )
-from nemo_dmc.evaluation.passkey import passkey_accuracy, passkey_prompts
+from nemo_dmc.evaluation.passkey import PasskeyPrompt, passkey_accuracy, passkey_prompts
 from nemo_dmc.evaluation.perplexity import heldout_perplexity
 from nemo_dmc.evaluation.policy import cache_policy, eviction_ratio
 from nemo_dmc.inference.cache import CacheLayout
@@ -62,11 +62,34 @@ def passkey_lengths(cfg: EvaluateConfig, seq_length: int) -> List[int]:
     return lengths
 
 
+def build_passkey_prompts(cfg: EvaluateConfig, tokenizer, seq_length: int
+                          ) -> Tuple[List[int], List[int], List[PasskeyPrompt]]:
+    """``(lengths, dropped, prompts)`` of the passkey test, built before any forward so a bad
+    ``passkey.lengths`` fails fast. Explicit lengths too short for the needle, question and
+    answer are an error naming ``passkey.lengths``; default lengths (``seq_length / 4`` ...)
+    that are too short for this tokenizer are dropped (shortest first) and listed in
+    ``dropped`` (``lengths`` may end up empty)."""
+    lengths = passkey_lengths(cfg, seq_length)
+    settings = (cfg.passkey.depths, cfg.passkey.samples, cfg.passkey.digits, cfg.passkey.seed)
+    if cfg.passkey.lengths:
+        return lengths, [], passkey_prompts(tokenizer, lengths, *settings)
+    dropped: List[int] = []
+    while lengths:
+        try:
+            return lengths, dropped, passkey_prompts(tokenizer, lengths, *settings)
+        except ValueError:
+            dropped.append(lengths.pop(0))
+    return [], dropped, []
+
+
 def run(cfg: EvaluateConfig) -> Dict[str, Any]:
     """Evaluate ``cfg.load``; return the results (also written to ``results.json``)."""
     from nemo_dmc.megatron import parallel
+    from nemo_dmc.training.launch import export_rendezvous_env
 
     cfg.validate()
+    if not dist.is_initialized():  # a free local port unless a launcher set one,
+        export_rendezvous_env()  # so concurrent evaluations do not collide
     parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
     try:
         return _evaluate(cfg)
@@ -111,23 +134,31 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
                 slots = uniform_head_slots(b, s, model_cfg.num_layers, model_cfg.kv_heads, ratio)
             tally.add(slots, s, open_state=False)
 
+    # Passkey prompts first: a bad passkey.lengths fails before the perplexity pass.
+    passkey: Dict[str, Any]
+    prompts: List[PasskeyPrompt] = []
+    lengths: List[int] = []
+    dropped: List[int] = []
+    if not cfg.passkey.enabled:
+        passkey = {"skipped": "passkey.enabled=false"}
+    elif tokenizer is None:
+        passkey = {"skipped": "no tokenizer (give tokenizer=...)"}
+    else:
+        lengths, dropped, prompts = build_passkey_prompts(cfg, tokenizer, model_cfg.seq_length)
+        if not prompts:
+            passkey = {"skipped": f"default passkey.lengths {dropped} are too short for the "
+                                  "needle, question and answer (give passkey.lengths=...)"}
     dataset = heldout_dataset(data, model_cfg, cfg.data.num_sequences)
     batches = heldout_batches(dataset, cfg.data.num_sequences, cfg.data.micro_batch_size, device)
-    passkey: Dict[str, Any]
     with cache_policy(model, cfg.method, cfg.ratio, cfg.sinks):
         ppl = heldout_perplexity(model, batches, after_forward=count)
-        if not cfg.passkey.enabled:
-            passkey = {"skipped": "passkey.enabled=false"}
-        elif tokenizer is None:
-            passkey = {"skipped": "no tokenizer (give tokenizer=...)"}
-        else:
-            lengths = passkey_lengths(cfg, model_cfg.seq_length)
-            prompts = passkey_prompts(tokenizer, lengths, cfg.passkey.depths,
-                                      cfg.passkey.samples, cfg.passkey.digits, cfg.passkey.seed)
+        if prompts:
             report = passkey_accuracy(model, prompts, tokenizer.vocab_size,
                                       cfg.data.micro_batch_size, device)
             passkey = {**asdict(report), "lengths": lengths, "depths": list(cfg.passkey.depths),
                        "samples": cfg.passkey.samples}
+            if dropped:
+                passkey["dropped_lengths"] = dropped
 
     compression = compression_report(tally)
     out = output_dir(cfg)
