@@ -201,7 +201,10 @@ def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str,
              ratio: Optional[float] = None, extra: Sequence[str] = ()) -> Path:
     """``python -m nemo_dmc.evaluate`` into ``<root>/eval/<name>`` (skipped if done)."""
     out = layout.eval_dir(name)
-    if not (REPO / out / RESULTS_FILE).is_file():
+    done = REPO / out / RESULTS_FILE
+    if done.is_file() and ratio is not None and json.loads(done.read_text())["ratio"] != ratio:
+        done.unlink()  # evaluated at another ratio (DMC's realised one changed): redo
+    if not done.is_file():
         args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}",
                 f"output_dir={out}", *EVAL_ARGS, *extra]
         run(args + ([f"ratio={ratio}"] if ratio is not None else []))
@@ -238,6 +241,7 @@ class Row:
     target: Optional[int]
     ratio: float
     kv_fraction: float
+    state_fraction: float
     perplexity: float
     passkey: Optional[float]
 
@@ -255,12 +259,17 @@ def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
             continue
         result = json.loads(path.read_text())
         ratio = float(result["compression"]["cr"])
-        fraction = float(result["compression"]["kv_bytes"]["fraction_of_vanilla"])
+        kv = result["compression"]["kv_bytes"]
+        fraction = float(kv["fraction_of_vanilla"])
+        # DMC also keeps each head's open run (the window's fp32 entries) beside its slots.
+        state = (kv["logical"] + kv["open_state"]) / kv["vanilla"] if kv.get("vanilla") else fraction
         if name.startswith("gqa"):  # plain attention over KV_HEADS / target pooled heads
             groups = int(result["model"]["num_query_groups"])
             ratio, fraction = KV_HEADS / groups, groups / KV_HEADS
+            state = fraction
         passkey = result["passkey"].get("accuracy")
-        rows.append(Row(label, target, ratio, fraction, float(result["perplexity"]["perplexity"]),
+        rows.append(Row(label, target, ratio, fraction, state,
+                        float(result["perplexity"]["perplexity"]),
                         None if passkey is None else float(passkey)))
     return rows
 
@@ -268,13 +277,14 @@ def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
 def results_table(rows: Sequence[Row]) -> str:
     """Markdown table; perplexity also relative to the continued-trained vanilla model."""
     reference = next((r.perplexity for r in rows if r.method == "vanilla, continued"), None)
-    lines = ["| method | target CR | realised CR | KV bytes vs vanilla | held-out ppl | "
-             "ppl vs continued vanilla | passkey acc. |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | target CR | realised CR | KV slots vs vanilla | + DMC open-run state | "
+             "held-out ppl | ppl vs continued vanilla | passkey acc. |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = f"{100 * (r.perplexity / reference - 1):+.1f}%" if reference else "-"
         passkey = "-" if r.passkey is None else f"{100 * r.passkey:.0f}%"
         lines.append(f"| {r.method} | {r.target or '-'} | {r.ratio:.2f} | {r.kv_fraction:.3f} | "
-                     f"{r.perplexity:.2f} | {delta} | {passkey} |")
+                     f"{r.state_fraction:.3f} | {r.perplexity:.2f} | {delta} | {passkey} |")
     return "\n".join(lines)
 
 
@@ -304,6 +314,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     ppl_ax.set_yscale("log")
+    ppl_ax.legend(fontsize=8)
     key_ax.legend(fontsize=8)
     fig.suptitle("DMC vs baselines at equal KV compression (base_mha, Python-docs held out)")
     fig.tight_layout()

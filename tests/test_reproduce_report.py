@@ -22,7 +22,9 @@ def reproduce():
 
 
 def _result(cr: float, ppl: float, passkey: float, groups: int = 8) -> dict:
-    return {"compression": {"cr": cr, "kv_bytes": {"fraction_of_vanilla": 1 / cr}},
+    kv = {"fraction_of_vanilla": 1 / cr, "logical": 100 / cr, "vanilla": 100,
+          "open_state": 1 if cr > 1 else 0}
+    return {"compression": {"cr": cr, "kv_bytes": kv},
             "perplexity": {"perplexity": ppl}, "passkey": {"accuracy": passkey},
             "model": {"num_query_groups": groups}}
 
@@ -40,8 +42,8 @@ def test_report_tables_every_evaluation_against_the_continued_vanilla_model(repr
     assert set(rows) == {"base (pretrained)", "vanilla, continued", "DMC", "GQA up-trained", "H2O"}
     assert (rows["GQA up-trained"].ratio, rows["GQA up-trained"].kv_fraction) == (4.0, 0.25)
     table = reproduce.results_table(list(rows.values()))
-    assert "| DMC | 4 | 3.90 | 0.256 | 20.40 | +2.0% | 50% |" in table
-    assert "| H2O | 4 | 3.90 | 0.256 | 40.00 | +100.0% | 0% |" in table
+    assert "| DMC | 4 | 3.90 | 0.256 | 0.266 | 20.40 | +2.0% | 50% |" in table
+    assert "| GQA up-trained | 4 | 4.00 | 0.250 | 0.250 | 25.00 | +25.0% | 25% |" in table
 
     reproduce.plot(list(rows.values()), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
