@@ -132,3 +132,14 @@ def test_submitit_job_ports_are_agreed_by_tasks_and_outside_the_ephemeral_range(
     assert 29533 not in ports
     if tasks > 1:  # all tasks meet on one port, below the kernel's ephemeral ports
         assert len(ports) == 1 and 15000 <= ports.pop() < 32768
+
+
+def test_local_rendezvous_restores_the_launcher_variables(monkeypatch):
+    from nemo_dmc.training.launch import local_rendezvous
+
+    for key in LAUNCH_VARS + ("SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    with local_rendezvous():
+        assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"] != "29533"
+    assert "RANK" not in os.environ and os.environ["MASTER_PORT"] == "29533"

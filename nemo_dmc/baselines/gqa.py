@@ -95,24 +95,23 @@ def convert(src: Path, dst: Path, groups: int) -> Tuple[Path, ModelConfig, Model
     from nemo_dmc.inference.loading import load_weights, resolve_checkpoint
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
-    from nemo_dmc.training.launch import export_rendezvous_env
+    from nemo_dmc.training.launch import local_rendezvous
 
     resolved = resolve_checkpoint(src, key="--src")
     source = _source_model_config(resolved)
     if groups < 1 or source.kv_heads % groups:  # fail before loading any weights
         mean_pool_kv_heads({}, source, groups)
-    if not torch.distributed.is_initialized():  # a free port unless a launcher set one
-        export_rendezvous_env()
-    parallel.initialize(tensor_parallel_size=1, seed=0)
-    try:
-        model = build_model(source, dmc=None)
-        load_weights(model, resolved)
-        state, pooled_config = mean_pool_kv_heads(model.state_dict(), source, groups)
-        pooled = build_model(pooled_config, dmc=None)
-        pooled.load_state_dict(state)
-        out = save_weights_checkpoint(pooled, pooled_config, Path(dst))
-    finally:
-        parallel.shutdown()
+    with local_rendezvous():  # a free port unless a launcher set one
+        parallel.initialize(tensor_parallel_size=1, seed=0)
+        try:
+            model = build_model(source, dmc=None)
+            load_weights(model, resolved)
+            state, pooled_config = mean_pool_kv_heads(model.state_dict(), source, groups)
+            pooled = build_model(pooled_config, dmc=None)
+            pooled.load_state_dict(state)
+            out = save_weights_checkpoint(pooled, pooled_config, Path(dst))
+        finally:
+            parallel.shutdown()
     return out, source, pooled_config
 
 

@@ -85,16 +85,17 @@ def build_passkey_prompts(cfg: EvaluateConfig, tokenizer, seq_length: int
 def run(cfg: EvaluateConfig) -> Dict[str, Any]:
     """Evaluate ``cfg.load``; return the results (also written to ``results.json``)."""
     from nemo_dmc.megatron import parallel
-    from nemo_dmc.training.launch import export_rendezvous_env
+    from nemo_dmc.training.launch import local_rendezvous
 
     cfg.validate()
-    if not dist.is_initialized():  # a free local port unless a launcher set one,
-        export_rendezvous_env()  # so concurrent evaluations do not collide
-    parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
-    try:
-        return _evaluate(cfg)
-    finally:
-        parallel.shutdown()
+    # a free local port unless a launcher set one, so concurrent evaluations do not collide
+    with local_rendezvous():
+        parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size,
+                            seed=cfg.seed)
+        try:
+            return _evaluate(cfg)
+        finally:
+            parallel.shutdown()
 
 
 def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import random
 import socket
-from typing import Dict
+from contextlib import contextmanager
+from typing import Dict, Iterator
 
 _PORT_RANGE = (15000, 32000)  # below Linux's default ephemeral ports (32768-60999)
 
@@ -69,3 +70,26 @@ def export_rendezvous_env() -> int:
     env = rendezvous_env()
     os.environ.update(env)
     return int(env["WORLD_SIZE"])
+
+
+@contextmanager
+def local_rendezvous() -> Iterator[None]:
+    """:func:`export_rendezvous_env` for an in-process job (conversion, evaluation), then put
+    the launcher variables back as they were, so later subprocesses do not inherit a stale
+    ``RANK``/``MASTER_PORT``. Changes nothing if ``torch.distributed`` is already initialised."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {key: os.environ.get(key) for key in keys}
+    export_rendezvous_env()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
