@@ -55,7 +55,7 @@ class NemoDMCLM(TemplateLM):
         from nemo_dmc.inference.loading import build_inference_model, find_tokenizer_path
         from nemo_dmc.megatron import parallel
         from nemo_dmc.megatron.model import ModelConfig
-        from nemo_dmc.training.launch import export_rendezvous_env
+        from nemo_dmc.training.launch import local_rendezvous
 
         if method not in METHODS:
             raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
@@ -64,9 +64,11 @@ class NemoDMCLM(TemplateLM):
                              f"methods {', '.join(EVICTION_METHODS)}")
         self.method, self.sinks = method, int(sinks)
         self.ratio = None if ratio is None else float(ratio)
-        if not torch.distributed.is_initialized():  # a free port unless a launcher set one
-            export_rendezvous_env()
-        parallel.initialize(tensor_parallel_size=int(tensor_model_parallel_size), seed=int(seed))
+        # A free port unless a launcher set one; the launcher variables are restored once the
+        # process group exists, so later subprocesses do not inherit this one's rank and port.
+        with local_rendezvous():
+            parallel.initialize(tensor_parallel_size=int(tensor_model_parallel_size),
+                                seed=int(seed))
         self.model, self.model_config, _, resolved = build_inference_model(
             load, ModelConfig(), DMCConfig(), key="load")
         self.device = torch.device("cuda", torch.cuda.current_device()) \
