@@ -245,7 +245,6 @@ def test_vanilla_method_holds_every_token(megatron_tp1, tmp_path, tokenizer):
 
 
 def test_eviction_method_reports_its_realised_ratio(megatron_tp1, tmp_path, tokenizer):
-    pytest.importorskip("nemo_dmc.baselines.eviction")
     run_dir = _run_dir(tmp_path / "run", tokenizer)
     results = run(_compose(f"load={run_dir}", "data.num_sequences=4", "passkey.enabled=false",
                            "method=streaming", "ratio=2", "sinks=2"))

@@ -74,12 +74,9 @@ def mean_pool_kv_heads(state_dict: Dict[str, Tensor], model_config: ModelConfig,
 
 
 def _source_model_config(resolved) -> ModelConfig:
-    from nemo_dmc.inference.loading import _model_config_from
-
-    if resolved.model_config is not None:
-        return resolved.model_config
-    if resolved.run_config is not None:
-        return _model_config_from(resolved.run_config, resolved.path)
+    recorded = resolved.recorded_model_config()
+    if recorded is not None:
+        return recorded
     raise ValueError(f"--src: {resolved.path} records no model shape (neither model_config.yaml "
                      "nor a training run's .hydra/config.yaml); convert it with "
                      "python -m nemo_dmc.convert first")

@@ -3,7 +3,7 @@
 * ``dmc``: the model's own hard decisions (eval mode), i.e. DMC's compressed cache;
 * ``vanilla``: plain attention, no compression (zero-out mode at scale 1);
 * ``h2o`` | ``tova`` | ``streaming``: plain attention with a training-free evicting cache at
-  ``ratio`` (``nemo_dmc.baselines.eviction``, imported only when asked for).
+  ``ratio`` (:mod:`nemo_dmc.baselines.eviction`).
 
 In every case one parallel forward scores a whole sequence exactly as token-by-token
 inference under that cache would.
@@ -16,19 +16,10 @@ from typing import Iterator, Optional
 
 from torch import nn
 
+from nemo_dmc.baselines.eviction import EvictionPolicy, kv_policy, realised_ratio
 from nemo_dmc.evaluation.config import EVICTION_METHODS, METHODS
-from nemo_dmc.megatron.attention import DMC_MODE, ZERO_OUT_MODE
+from nemo_dmc.megatron.attention import DMC_MODE
 from nemo_dmc.megatron.stats import dmc_attention_modules, set_dmc_mode
-
-
-def _eviction():
-    """The eviction-baselines module, or an error saying what is missing."""
-    try:
-        from nemo_dmc.baselines import eviction
-    except ImportError as err:
-        raise ValueError(f"method: the eviction baselines need nemo_dmc.baselines.eviction, "
-                         f"which cannot be imported ({err})") from err
-    return eviction
 
 
 @contextmanager
@@ -37,24 +28,21 @@ def cache_policy(model: nn.Module, method: str, ratio: Optional[float] = None,
     """Run ``model`` under ``method`` inside the block; restore its DMC modes afterwards."""
     if method not in METHODS:
         raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
-    saved = [(m, m.dmc_mode, m.zero_out_scale) for m in dmc_attention_modules(model)]
-    if not saved:
+    modules = list(dmc_attention_modules(model))
+    if not modules:
         raise ValueError("load: the model has no DMC attention layers")
+    if method != "dmc":  # plain attention, full (vanilla) or through an evicting cache
+        policy = None if method == "vanilla" else EvictionPolicy(name=method, ratio=float(ratio),
+                                                                 sinks=sinks)
+        with kv_policy(model, policy):
+            yield
+        return
+    saved = [(m.dmc_mode, m.zero_out_scale) for m in modules]
+    set_dmc_mode(model, DMC_MODE)
     try:
-        if method == "dmc":
-            set_dmc_mode(model, DMC_MODE)
-            yield
-        elif method == "vanilla":
-            set_dmc_mode(model, ZERO_OUT_MODE, 1.0)
-            yield
-        else:
-            eviction = _eviction()
-            set_dmc_mode(model, ZERO_OUT_MODE, 1.0)
-            policy = eviction.EvictionPolicy(name=method, ratio=float(ratio), sinks=sinks)
-            with eviction.kv_policy(model, policy):
-                yield
+        yield
     finally:
-        for module, mode, scale in saved:
+        for module, (mode, scale) in zip(modules, saved):
             module.dmc_mode, module.zero_out_scale = mode, scale
 
 
@@ -63,4 +51,4 @@ def eviction_ratio(model: nn.Module, method: str) -> Optional[float]:
     (``None`` for ``dmc``/``vanilla``)."""
     if method not in EVICTION_METHODS:
         return None
-    return float(_eviction().realised_ratio(model))
+    return float(realised_ratio(model))

@@ -49,6 +49,15 @@ class ResolvedCheckpoint:
     model_config: Optional[ModelConfig] = None
     key: str = "checkpoint"
 
+    def recorded_model_config(self) -> Optional[ModelConfig]:
+        """The model shape the checkpoint records (``model_config.yaml``, else its run's
+        config), or ``None``."""
+        if self.model_config is not None:
+            return self.model_config
+        if self.run_config is not None:
+            return _model_config_from(self.run_config, self.path)
+        return None
+
 
 def _find_run_config(path: Path) -> Optional[Any]:
     for parent in [path, *path.parents][:5]:
@@ -147,10 +156,8 @@ def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelC
     if checkpoint is not None:
         resolved = resolve_checkpoint(checkpoint, key)
         if prefer_checkpoint_config:
-            if resolved.model_config is not None:
-                model_config = resolved.model_config
-            elif resolved.run_config is not None:
-                model_config = _model_config_from(resolved.run_config, resolved.path)
+            model_config = resolved.recorded_model_config() or model_config
+            if resolved.model_config is None and resolved.run_config is not None:
                 dmc = dmc_config_from_run(resolved.run_config)
     model = build_model(model_config, dmc)
     if resolved is not None:
