@@ -113,6 +113,32 @@ def test_dmc_off_reproduces_vanilla_gptmodel(megatron_tp1):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+def test_transformer_engine_spec_becomes_dmc_and_dmc_off_matches_vanilla(megatron_tp1):
+    """The Transformer Engine layer spec (chosen automatically when TE is installed)."""
+    pytest.importorskip("transformer_engine")
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    spec = dmc_layer_spec(get_gpt_layer_with_transformer_engine_spec())
+    assert spec.submodules.self_attention.module is DMCSelfAttention
+    assert spec.submodules.self_attention.submodules.core_attention.module is DMCCoreAttention
+    seed_all(3)
+    vanilla = build_model(TINY_GQA, dmc=None, use_transformer_engine=True).cuda()
+    dmc = build_model(TINY_GQA, DMCConfig(force_decision="append"),
+                      use_transformer_engine=True).cuda()
+    dmc.load_state_dict(vanilla.state_dict())
+    # TE fuses the input norm into linear_qkv (TELayerNormColumnParallelLinear): rows found
+    assert zero_decision_projections(vanilla) == zero_decision_projections(dmc) == 2
+    tokens, positions, mask = (t.cuda() for t in _batch(TINY_GQA))
+    with torch.no_grad():
+        for m in (vanilla, dmc):
+            m.eval()
+        torch.testing.assert_close(dmc(tokens, positions, mask), vanilla(tokens, positions, mask),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_zero_out_mode_at_full_scale_is_vanilla_attention(megatron_tp1):
     seed_all(4)
     vanilla = build_model(TINY_GQA, dmc=None).eval()
@@ -175,6 +201,22 @@ def test_stats_report_model_layer_and_head_ratios(megatron_tp1):
     torch.testing.assert_close(stats.merge_fraction, hard.mean())
     torch.testing.assert_close(stats.head_cr, 1 / (1 - hard.mean(dim=(1, 3))))
     torch.testing.assert_close(stats.cr, 1 / (1 - hard.mean()))
+
+
+def test_stats_describe_the_most_recent_forward(megatron_tp1):
+    """With several micro-batches, stats must be collected after each forward."""
+    seed_all(9)
+    model = build_model(TINY_GQA, DMCConfig(init_offset=0.0)).eval()
+    with torch.no_grad():
+        _logits(model, TINY_GQA, batch=2, seq=12, seed=1)
+        first = collect_dmc_stats(model)
+        _logits(model, TINY_GQA, batch=1, seq=7, seed=2)
+        second = collect_dmc_stats(model)
+    hard = torch.stack([m.last_decisions.hard for m in model.modules()
+                        if isinstance(m, DMCSelfAttention)])
+    assert hard.shape[1:] == (1, 4, 7)
+    torch.testing.assert_close(second.merge_fraction, hard.mean())
+    assert not torch.equal(first.head_cr, second.head_cr)
 
 
 def test_tp_not_dividing_query_groups_is_a_clear_error():

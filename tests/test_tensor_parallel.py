@@ -59,3 +59,25 @@ def _tp_worker(rank: int, world: int) -> None:
 
 def test_tp2_matches_tp1_logits_dmc_loss_and_gradients_for_gqa():
     run_distributed(_tp_worker, 2)
+
+
+def _heads_not_dividing_worker(rank: int, world: int) -> None:
+    """A raw TransformerConfig (no ModelConfig validation) with 3 KV heads at TP=2."""
+    import pytest
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from nemo_dmc.megatron.spec import dmc_layer_spec, llama_layer_spec
+
+    parallel.initialize(tensor_parallel_size=2, seed=0)
+    config = TransformerConfig(num_layers=1, hidden_size=48, num_attention_heads=6,
+                               num_query_groups=3, use_cpu_initialization=True)
+    with pytest.raises(ValueError, match=r"num_query_groups \(3\) must be divisible by the "
+                                         r"tensor-parallel size \(2\)"):
+        GPTModel(config, dmc_layer_spec(llama_layer_spec(False)), vocab_size=64,
+                 max_sequence_length=16)
+    parallel.shutdown()
+
+
+def test_kv_heads_not_dividing_tensor_parallel_size_is_a_clear_error():
+    run_distributed(_heads_not_dividing_worker, 2)

@@ -55,7 +55,8 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
         key, value: ``[b, hk, s, d]`` accumulated states (keys rotated at their own position).
         state_bias: ``[b, hk, s]`` from :func:`nemo_dmc.core.decisions.make_decisions`.
         mask: optional extra bool mask (True = masked), e.g. for padding; causality is
-            always applied.
+            always applied. The own-state diagonal is never masked, so a fully masked
+            (padding) query row stays finite instead of turning into NaN.
 
     Returns:
         ``[b, hq, s, d]``.

@@ -103,6 +103,20 @@ class DMCCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+def _check_heads_divide(config: TransformerConfig, pg_collection) -> None:
+    """Query heads and KV heads must split evenly over the tensor-parallel ranks (megatron
+    itself only asserts this deep inside ``Attention.__init__``)."""
+    tp_group = getattr(pg_collection, "tp", None)
+    tp = tp_group.size() if tp_group is not None else \
+        parallel_state.get_tensor_model_parallel_world_size()
+    groups = config.num_query_groups or config.num_attention_heads
+    for name, value in (("num_attention_heads", config.num_attention_heads),
+                        ("num_query_groups", groups)):
+        if value % tp:
+            raise ValueError(f"DMC attention: {name} ({value}) must be divisible by the "
+                             f"tensor-parallel size ({tp})")
+
+
 class DMCSelfAttention(SelfAttention):
     """Self-attention whose keys/values are DMC states (see module docstring).
 
@@ -115,6 +129,7 @@ class DMCSelfAttention(SelfAttention):
                  layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
                  cp_comm_type: Optional[str] = None, pg_collection=None,
                  dmc_config: Optional[DMCConfig] = None):
+        _check_heads_divide(config, pg_collection)
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if config.recompute_granularity == "full":

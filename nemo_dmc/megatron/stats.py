@@ -1,7 +1,10 @@
 """DMC statistics and loss of a megatron model, combined across tensor-parallel ranks.
 
 Each :class:`~nemo_dmc.megatron.attention.DMCSelfAttention` keeps the decisions of its last
-forward; :func:`collect_dmc_stats` reads them (in layer order) after the forward pass.
+forward (on that module: no global state); :func:`collect_dmc_stats` reads them (in layer
+order) after the forward pass. Each forward overwrites them, so with several micro-batches
+(gradient accumulation) collect the statistics, and add the loss, after each forward, as the
+trainer's and NeMo's loss functions do.
 """
 
 from __future__ import annotations
