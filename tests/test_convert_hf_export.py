@@ -110,12 +110,8 @@ def test_hf_generate_uses_compressed_cache_and_matches_engine(megatron_tp1, tmp_
     assert cache.get_seq_length() == 9 + 11 and cache.memory().compression_ratio > 1.3
 
 
-def test_hf_generate_creates_its_cache_and_rejects_padding(megatron_tp1, tmp_path):
+def test_hf_generate_creates_its_cache(megatron_tp1, tmp_path):
     _, hf = _dmc_export(tmp_path, seed=7)
     ids = _ids(seq=5)
     with torch.no_grad():
         assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 8)
-    padded = torch.ones_like(ids)
-    padded[0, 0] = 0
-    with pytest.raises(ValueError, match="unpadded"):
-        hf.generate(ids, attention_mask=padded, max_new_tokens=3)

@@ -1,16 +1,22 @@
 """NeMo 2 glue: DMC config/model, NeMo checkpoints, loss reduction, recipe, Hydra YAML."""
 
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("nemo.collections.llm", reason="needs the `nemo` extra")
 
+from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.transformer.enums import AttnBackend  # noqa: E402
+from nemo.collections.llm import LlamaModel  # noqa: E402
+from nemo.collections.llm.gpt.model.llama import LlamaConfig  # noqa: E402
+from nemo.lightning import io  # noqa: E402
 
 from megatron_utils import TINY_GQA  # noqa: E402
+from nemo_dmc.convert.__main__ import main as convert_main  # noqa: E402
 from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint  # noqa: E402
 from nemo_dmc.core import DMCConfig  # noqa: E402
 from nemo_dmc.megatron.attention import DMCSelfAttention  # noqa: E402
@@ -24,7 +30,10 @@ from nemo_dmc.nemo.checkpoint import (  # noqa: E402
     load_nemo_model,
     read_nemo_model_config,
 )
-from nemo_dmc.nemo.config import dmc_llama_config  # noqa: E402
+from nemo_dmc.nemo.config import DMCLlamaConfig, cpu_overrides, dmc_llama_config  # noqa: E402
+from nemo_dmc.training.checkpoint import Progress, step_dir_name  # noqa: E402
+from nemo_dmc.training.config import DMCSettings, TrainConfig  # noqa: E402
+from nemo_dmc.training.runner import write_run_config  # noqa: E402
 
 DMC = DMCConfig(init_offset=0.0, window=4)
 CPU_OFF = dict(apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
@@ -64,6 +73,67 @@ def test_nemo_checkpoint_loads_back_into_our_training_model(megatron_tp1, tmp_pa
         assert torch.equal(ours(*_inputs()), model(*_inputs()))
 
 
+def _context(path: Path):
+    """The saved model spec of a NeMo 2 checkpoint, not built (fiddle config)."""
+    return io.load_context(path / "context", subpath="model", build=False)
+
+
+def test_nemo_context_keeps_gpu_defaults_not_cpu_overrides(megatron_tp1, tmp_path):
+    model = build_model(TINY_GQA, DMC)
+    export_nemo_checkpoint(model, TINY_GQA, DMC, tmp_path / "nemo")
+    saved = _context(tmp_path / "nemo").config
+    defaults = {f.name: f.default for f in fields(DMCLlamaConfig)}
+    for key in ("use_cpu_initialization", "apply_rope_fusion", "bias_activation_fusion",
+                "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion"):
+        assert getattr(saved, key) == defaults[key], key
+    assert load_nemo_model(tmp_path / "nemo").config.use_cpu_initialization == (
+        cpu_overrides().get("use_cpu_initialization", False))
+
+
+def test_plain_export_restores_a_nemo_llama_model_with_same_logits(megatron_tp1, tmp_path):
+    seed_all(5)
+    model = build_model(TINY_GQA, dmc=None).eval()
+    export_nemo_checkpoint(model, TINY_GQA, None, tmp_path / "nemo")
+    restored = load_nemo_model(tmp_path / "nemo").eval()
+    assert type(restored) is LlamaModel and type(restored.config) is LlamaConfig
+    with torch.no_grad():
+        assert torch.equal(restored(*_inputs()), model(*_inputs()))
+
+
+def _trainer_run(run_dir: Path, dmc: DMCSettings, progress: Progress) -> None:
+    """A run directory as the trainer leaves it: run_config.yaml and one stage checkpoint."""
+    write_run_config(TrainConfig(run_dir=str(run_dir), model=TINY_GQA, dmc=dmc))
+    model = build_model(TINY_GQA, dmc.core())
+    path = run_dir / "checkpoints" / progress.stage / step_dir_name(progress.step)
+    path.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(prefix="module."),
+                             "progress": asdict(progress)}, str(path))
+
+
+RUN_DMC = DMCSettings(target_cr=3.0, init_offset=0.0, window=4, decision_scale=2.0,
+                      loss_weight=7.5)
+
+
+def test_export_cli_writes_the_runs_dmc_training_settings(megatron_tp1, tmp_path):
+    _trainer_run(tmp_path / "run", RUN_DMC, Progress("retrofit", 30, 40, 0, 1, 1))
+    assert convert_main(["export-nemo", "--input", str(tmp_path / "run"),
+                         "--output", str(tmp_path / "nemo")]) == 0
+    saved = _context(tmp_path / "nemo")
+    assert saved.__fn_or_cls__ is DMCGPTModel
+    config = saved.config
+    assert (config.dmc_loss_weight, config.dmc_target_cr) == (7.5, 3.0)
+    assert config.dmc_decision_scale == 2.0
+    assert (config.dmc_stage, config.dmc_stage_steps, config.dmc_window) == ("retrofit", 40, 4)
+
+
+def test_export_cli_plain_format_writes_a_nemo_llama_model(megatron_tp1, tmp_path):
+    _trainer_run(tmp_path / "run", RUN_DMC, Progress("finetune", 2, 2, 0, 1, 1))
+    assert convert_main(["export-nemo", "--input", str(tmp_path / "run"),
+                         "--output", str(tmp_path / "nemo"), "--format", "plain"]) == 0
+    saved = _context(tmp_path / "nemo")
+    assert saved.__fn_or_cls__ is LlamaModel and saved.config.__fn_or_cls__ is LlamaConfig
+
+
 def _nemo_model(stage="retrofit", steps=10):
     config = dmc_llama_config(TINY_GQA, DMC, target_cr=4.0, stage=stage, stage_steps=steps)
     model = DMCGPTModel(config, tokenizer=None)
@@ -101,6 +171,83 @@ def test_zero_out_stage_decays_channel_then_zeroes_rows(megatron_tp1):
     model.on_train_end()
     d = TINY_GQA.head_dim
     assert torch.all(attn[0].linear_qkv.weight[[d - 1, 2 * d - 1, 3 * d - 1]] == 0)
+
+
+def _batch():
+    tokens, positions, mask = _inputs()
+    return {"tokens": tokens, "labels": tokens, "position_ids": positions,
+            "attention_mask": mask, "loss_mask": torch.ones(tokens.shape)}
+
+
+def test_retrofit_step_follows_the_cr_ramp_at_the_trainers_global_step(megatron_tp1):
+    seed_all(6)
+    model = _nemo_model(stage="retrofit", steps=10).train()
+    model._trainer = SimpleNamespace(global_step=4)
+    batch = _batch()
+    out = model.training_step(batch)
+    assert model.stage_target_cr == pytest.approx(1.0 + 3.0 * 5 / 10)  # after step 5 of 10
+    loss_sum, num_tokens, _ = model.training_loss_reduction.forward(batch, out)
+    stats = collect_dmc_stats(model)
+    assert stats.loss(2.5) > 0
+    torch.testing.assert_close(loss_sum / num_tokens, out.mean() + stats.loss(2.5))
+
+
+def test_zero_out_scale_decays_with_the_trainers_global_step(megatron_tp1):
+    model = _nemo_model(stage="zero_out", steps=10).train()
+    attn = [m for m in model.modules() if isinstance(m, DMCSelfAttention)]
+    for step, scale in ((4, 0.5), (8, 0.0)):  # 1 - step / (0.8 * 10), floored at 0
+        model._trainer = SimpleNamespace(global_step=step)
+        model.training_step(_batch())
+        assert all(m.zero_out_scale == pytest.approx(scale) for m in attn)
+
+
+def test_model_state_dict_works_after_a_training_step(megatron_tp1):
+    model = _nemo_model(stage="retrofit").train()
+    model.training_loss_reduction.forward(_batch(), model.training_step(_batch()))
+    assert "module.embedding.word_embeddings.weight" in model.state_dict()  # no module cycle
+    model.cpu()
+
+
+@pytest.mark.gpu
+def test_nemo_trainer_with_megatron_strategy_trains_the_retrofit_ramp(monkeypatch):
+    """NeMo's own Trainer and MegatronStrategy; GPU only: NeMo's DDP setup, megatron's
+    optimizer and pipeline schedule allocate on "cuda" unconditionally."""
+    import lightning.pytorch as pl
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+    from nemo.collections import llm
+
+    from nemo_dmc.megatron import parallel
+    from nemo_dmc.training.launch import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    tokenizer = SimpleNamespace(vocab_size=TINY_GQA.vocab_size)
+    config = dmc_llama_config(TINY_GQA, DMC, target_cr=4.0, stage="retrofit", stage_steps=2,
+                              **CPU_OFF)  # fusions off: Transformer Engine may be absent
+    optim = nl.MegatronOptimizerModule(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False,
+                                                       use_distributed_optimizer=False))
+    model = DMCGPTModel(config, optim=optim, tokenizer=tokenizer)
+    data = llm.MockDataModule(seq_length=TINY_GQA.seq_length, tokenizer=tokenizer,
+                              micro_batch_size=2, global_batch_size=2, num_train_samples=8,
+                              num_val_samples=2, num_test_samples=2, num_workers=0,
+                              pin_memory=False, create_attention_mask=True)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            seen.append((module.stage_target_cr, collect_dmc_stats(module) is not None))
+
+    trainer = nl.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False,
+                         strategy=nl.MegatronStrategy(ckpt_async_save=False),
+                         plugins=nl.MegatronMixedPrecision(precision="32"),
+                         enable_checkpointing=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, callbacks=[Record()])
+    try:
+        trainer.fit(model, data)
+    finally:
+        parallel.shutdown()
+    assert trainer.global_step == 2
+    assert seen == [(2.5, True), (4.0, True)]  # CR ramp 1 -> 4 over the stage's 2 steps
 
 
 @pytest.mark.parametrize("change,message", [({"dmc_stage": "warmup"}, "warmup"),

@@ -19,21 +19,26 @@ from typing import Optional, Sequence
 def _import_hf(args: argparse.Namespace) -> int:
     from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
     from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
+    from nemo_dmc.convert.progress import Progress
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
 
     print(f"[convert] reading {args.input}", flush=True)
-    checkpoint = load_hf_checkpoint(args.input)
+    progress = Progress()
+    checkpoint = load_hf_checkpoint(args.input, progress)
+    state = hf_to_megatron(checkpoint.state, checkpoint.model, progress=progress)
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
         model = build_model(checkpoint.model, dmc=None)
-        result = model.load_state_dict(hf_to_megatron(checkpoint.state, checkpoint.model),
-                                       strict=False)
+        result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"shape/key mismatch importing {args.input}: missing {missing}, "
                              f"unexpected {result.unexpected_keys}")
-        out = save_weights_checkpoint(model, checkpoint.model, Path(args.output))
+        progress(f"saving weights to {args.output}")
+        out = save_weights_checkpoint(model, checkpoint.model, Path(args.output),
+                                      special_tokens=checkpoint.special_tokens)
+        progress("saved")
     finally:
         parallel.shutdown()
     n = sum(t.numel() for t in checkpoint.state.values())
@@ -62,16 +67,18 @@ def _load_for_export(args: argparse.Namespace):
 
 
 def _export_nemo(args: argparse.Namespace) -> int:
-    from nemo_dmc.core import DMCConfig
     from nemo_dmc.megatron import parallel
 
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
-        from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint
+        from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint, recorded_stage_settings
 
-        model, shape, dmc, target_cr, _ = _load_for_export(args)
-        out = export_nemo_checkpoint(model, shape, dmc or DMCConfig(), args.output,
-                                     target_cr=target_cr)
+        model, shape, dmc, target_cr, resolved = _load_for_export(args)
+        settings = dict(target_cr=target_cr, **recorded_stage_settings(resolved))
+        if dmc is not None:
+            print("[convert] NeMo DMC settings: " +
+                  ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+        out = export_nemo_checkpoint(model, shape, dmc, args.output, **settings)
     finally:
         parallel.shutdown()
     print(f"[convert] wrote NeMo 2 checkpoint {out}", flush=True)
@@ -79,24 +86,30 @@ def _export_nemo(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
+    from nemo_dmc.convert.checkpoint_dir import read_special_tokens
     from nemo_dmc.convert.hf_export import save_hf_checkpoint
+    from nemo_dmc.convert.progress import Progress
     from nemo_dmc.convert.sharding import gather_full_state
+    from nemo_dmc.data.tokenizer import load_tokenizer
     from nemo_dmc.inference.loading import find_tokenizer_path
     from nemo_dmc.megatron import parallel
 
+    progress = Progress()
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
         model, shape, dmc, target_cr, resolved = _load_for_export(args)
+        tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
+        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+        if tokenizer is not None:
+            print(f"[convert] tokenizer from {tokenizer_path}", flush=True)
+        special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
+        progress(f"loaded {args.input}")
         out = save_hf_checkpoint(gather_full_state(model), shape, args.output, dmc=dmc,
-                                 target_cr=target_cr)
+                                 target_cr=target_cr, tokenizer=tokenizer,
+                                 special_tokens=special, progress=progress)
+        progress("saved")
     finally:
         parallel.shutdown()
-    tokenizer = find_tokenizer_path(args.tokenizer, resolved)
-    if tokenizer is not None:
-        from nemo_dmc.data.tokenizer import load_tokenizer
-
-        load_tokenizer(tokenizer).save(out)
-        print(f"[convert] tokenizer from {tokenizer}", flush=True)
     print(f"[convert] wrote Hugging Face checkpoint {out}", flush=True)
     return 0
 
@@ -123,7 +136,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

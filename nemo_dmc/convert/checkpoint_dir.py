@@ -1,5 +1,6 @@
 """Weights-only checkpoint directories: ``weights/`` (megatron dist_checkpointing, keys
-prefixed ``module.`` as in NeMo 2) beside ``model_config.yaml`` (our model shape).
+prefixed ``module.`` as in NeMo 2) beside ``model_config.yaml`` (our model shape) and, for
+imported checkpoints, ``special_tokens.yaml`` (the source's bos/eos/pad token ids).
 
 Any tensor-parallel size can load them (dist_checkpointing reshards);
 :func:`load_weights_checkpoint` also reads the weights of trainer and NeMo 2 checkpoints.
@@ -11,7 +12,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
 import yaml
@@ -22,6 +23,8 @@ from nemo_dmc.megatron.model import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
+SPECIAL_TOKENS_FILE = "special_tokens.yaml"
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def is_rank0() -> bool:
@@ -38,7 +41,7 @@ def _barrier() -> None:
 def atomic_checkpoint_dir(output: Path, subdirs: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside ``output`` (with ``subdirs``) for every rank to
     write into; on success rank 0 renames it to ``output``, replacing an older one only
-    once the new one is complete. All ranks must enter it."""
+    once the new one is complete; on an error it is removed. All ranks must enter it."""
     output = Path(output)
     tmp = output.with_name(f".tmp-{output.name}")
     if is_rank0():
@@ -47,7 +50,12 @@ def atomic_checkpoint_dir(output: Path, subdirs: tuple[str, ...] = ()) -> Iterat
         for sub in subdirs:
             (tmp / sub).mkdir()
     _barrier()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if is_rank0():
         shutil.rmtree(output, ignore_errors=True)
@@ -55,12 +63,17 @@ def atomic_checkpoint_dir(output: Path, subdirs: tuple[str, ...] = ()) -> Iterat
     _barrier()
 
 
-def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output: Path) -> Path:
-    """Write ``output/{weights,model_config.yaml}`` atomically (all ranks call)."""
+def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output: Path,
+                            special_tokens: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``output/{weights,model_config.yaml}`` atomically (all ranks call);
+    ``special_tokens`` (:data:`SPECIAL_TOKEN_KEYS`) go to ``special_tokens.yaml``."""
     with atomic_checkpoint_dir(output, (WEIGHTS_DIR,)) as tmp:
         if is_rank0():
             (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config),
                                                                 sort_keys=False))
+            if special_tokens is not None:
+                (tmp / SPECIAL_TOKENS_FILE).write_text(yaml.safe_dump(
+                    {key: special_tokens.get(key) for key in SPECIAL_TOKEN_KEYS}))
         dist_checkpointing.save({"model": model.sharded_state_dict(prefix="module.")},
                                 str(tmp / WEIGHTS_DIR))
     return Path(output)
@@ -77,6 +90,15 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
     if unknown:
         raise ValueError(f"{path}: unknown model config keys {unknown}")
     return ModelConfig(**data)
+
+
+def read_special_tokens(checkpoint: Path) -> Optional[dict[str, Any]]:
+    """The bos/eos/pad token ids recorded beside a weights checkpoint, or ``None``."""
+    path = Path(checkpoint) / SPECIAL_TOKENS_FILE
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    return {key: data.get(key) for key in SPECIAL_TOKEN_KEYS}
 
 
 def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:

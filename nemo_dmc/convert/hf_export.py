@@ -8,17 +8,19 @@ plain Llama that stock ``LlamaForCausalLM`` loads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from nemo_dmc.convert.checkpoint_dir import atomic_checkpoint_dir, is_rank0
+from nemo_dmc.convert.checkpoint_dir import SPECIAL_TOKEN_KEYS, atomic_checkpoint_dir, is_rank0
+from nemo_dmc.convert.progress import ProgressFn, silent
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron.model import ModelConfig
 
 
-def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
+def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig,
+                   progress: ProgressFn = silent) -> dict[str, Tensor]:
     """Full (TP=1) megatron GPT state -> HF Llama tensor names and layouts."""
     def take(name: str) -> Tensor:
         if name not in state:
@@ -45,13 +47,26 @@ def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Te
         out[dst + "mlp.gate_proj.weight"] = gate.contiguous()
         out[dst + "mlp.up_proj.weight"] = up.contiguous()
         out[dst + "mlp.down_proj.weight"] = take(src + "mlp.linear_fc2.weight")
+        progress(f"converted layer {i + 1}/{model.num_layers}")
     return out
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:
+    """bos/eos/pad ids of a :class:`nemo_dmc.data.tokenizer.Tokenizer` (eos: its EOD token)."""
+    hf = tokenizer.hf_tokenizer
+    return {"bos_token_id": hf.bos_token_id, "eos_token_id": tokenizer.eod_id,
+            "pad_token_id": hf.pad_token_id}
+
+
 def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
-                 dmc: Optional[DMCConfig] = None, target_cr: float = 4.0):
+                 dmc: Optional[DMCConfig] = None, target_cr: float = 4.0,
+                 special_tokens: Optional[dict[str, Any]] = None):
     """A transformers config with our model's shape: ``LlamaConfig``, or with ``dmc`` the
-    DMC-aware ``DMCLlamaHFConfig`` (``model_type: dmc_llama``) carrying the DMC settings."""
+    DMC-aware ``DMCLlamaHFConfig`` (``model_type: dmc_llama``) carrying the DMC settings.
+
+    ``special_tokens``: bos/eos/pad token ids (:data:`SPECIAL_TOKEN_KEYS`); unknown ones are
+    written as ``null`` rather than ``LlamaConfig``'s defaults, which belong to no tokenizer.
+    """
     from transformers import LlamaConfig
 
     rope_scaling = None
@@ -75,25 +90,39 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
         max_position_embeddings=model.seq_length, rms_norm_eps=model.norm_epsilon,
         rope_theta=model.rotary_base, rope_scaling=rope_scaling,
         tie_word_embeddings=model.share_embeddings_and_output_weights,
-        torch_dtype=str(dtype).removeprefix("torch."), **extra,
+        torch_dtype=str(dtype).removeprefix("torch."),
+        **{key: (special_tokens or {}).get(key) for key in SPECIAL_TOKEN_KEYS}, **extra,
     )
 
 
 def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Path,
                        dmc: Optional[DMCConfig] = None, target_cr: float = 4.0,
-                       dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` atomically (temp dir, then rename).
+                       dtype: Optional[torch.dtype] = None, tokenizer: Any = None,
+                       special_tokens: Optional[dict[str, Any]] = None,
+                       progress: ProgressFn = silent) -> Path:
+    """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
+    tokenizer's files atomically (temp dir, then rename).
 
     ``state`` is a full megatron state (:func:`nemo_dmc.convert.sharding.gather_full_state`);
-    ``dmc=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint.
+    ``dmc=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint. The bos/eos/pad ids
+    come from ``tokenizer`` (a :class:`nemo_dmc.data.tokenizer.Tokenizer`), else from
+    ``special_tokens``.
     """
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
 
-    hf_state = megatron_to_hf(state, model)
+    hf_state = megatron_to_hf(state, model, progress)
     if dtype is not None:
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
+    if tokenizer is not None:
+        special_tokens = special_token_ids(tokenizer)
+    config = llama_config(model, dtype or torch.float32, dmc, target_cr, special_tokens)
     with atomic_checkpoint_dir(output) as tmp:
         if is_rank0():
-            llama_config(model, dtype or torch.float32, dmc, target_cr).save_pretrained(tmp)
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            progress(f"saving {len(hf_state)} tensors to {Path(output) / 'model.safetensors'}")
             save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(output)

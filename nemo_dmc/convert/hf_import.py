@@ -15,9 +15,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from nemo_dmc.convert.checkpoint_dir import SPECIAL_TOKEN_KEYS
+from nemo_dmc.convert.progress import ProgressFn, silent
 from nemo_dmc.megatron.model import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "dmc_llama")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+"""Checkpoint tensors the import skips: buffers the model recomputes."""
 # megatron's Llama-3.1 RoPE scaling has these values built in.
 _MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
@@ -30,6 +34,11 @@ class HFCheckpoint:
     hf_config: Any
     model: ModelConfig
     state: dict[str, Tensor]
+
+    @property
+    def special_tokens(self) -> dict[str, Any]:
+        """The config's bos/eos/pad token ids (``None`` where unset)."""
+        return {key: getattr(self.hf_config, key, None) for key in SPECIAL_TOKEN_KEYS}
 
 
 def _rope_settings(cfg: Any) -> tuple[float, Optional[float]]:
@@ -84,47 +93,70 @@ def model_config_from_hf(cfg: Any) -> ModelConfig:
 
 
 def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
-                   tensor_parallel_size: int = 1) -> dict[str, Tensor]:
+                   tensor_parallel_size: int = 1, progress: ProgressFn = silent
+                   ) -> dict[str, Tensor]:
     """Rename and fuse HF Llama tensors into megatron's full GPT state dict.
 
     QKV is fused per KV group, ``[q_g0 .. q_g(G-1), k_g, v_g]`` for each group ``g``; gate
     and up projections become ``linear_fc1 = [gate; up]``; embeddings and the output layer
     are zero-padded to the padded vocabulary.
+
+    Raises:
+        KeyError: a tensor the config implies is missing.
+        ValueError: a tensor's shape differs from what the config implies, or ``state``
+            holds tensors the conversion does not use (other than :data:`IGNORED_SUFFIXES`).
     """
-    def take(name: str) -> Tensor:
+    consumed: set[str] = set()
+
+    def take(name: str, *shape: int) -> Tensor:
         if name not in state:
             raise KeyError(f"tensor {name!r} missing from the checkpoint")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"shape mismatch for tensor {name!r}: the config implies {shape}, "
+                             f"the checkpoint has {tuple(state[name].shape)}")
+        consumed.add(name)
         return state[name].float()
 
     vocab = model.padded_vocab_size(tensor_parallel_size)
-    d, groups = model.head_dim, model.kv_heads
+    h, d, groups = model.hidden_size, model.head_dim, model.kv_heads
     per_group = model.num_attention_heads // groups
+    ffn, rows, q_rows = model.ffn_hidden_size, model.vocab_size, model.num_attention_heads * d
 
     def pad_vocab(t: Tensor) -> Tensor:
-        if t.shape[0] > vocab:
-            raise ValueError(f"vocabulary of {t.shape[0]} rows exceeds padded size {vocab}")
         return torch.cat([t, t.new_zeros(vocab - t.shape[0], t.shape[1])])
 
-    out = {"embedding.word_embeddings.weight": pad_vocab(take("model.embed_tokens.weight")),
-           "decoder.final_layernorm.weight": take("model.norm.weight")}
+    embedding = take("model.embed_tokens.weight", rows, h)
+    out = {"embedding.word_embeddings.weight": pad_vocab(embedding),
+           "decoder.final_layernorm.weight": take("model.norm.weight", h)}
     if not model.share_embeddings_and_output_weights:
-        out["output_layer.weight"] = pad_vocab(take("lm_head.weight"))
+        out["output_layer.weight"] = pad_vocab(take("lm_head.weight", rows, h))
+    elif "lm_head.weight" in state:  # tied: a copy of the embedding (e.g. transformers' GGUF load)
+        take("lm_head.weight", rows, h)
     for i in range(model.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = take(src + "self_attn.q_proj.weight").view(groups, per_group * d, -1)
-        k = take(src + "self_attn.k_proj.weight").view(groups, d, -1)
-        v = take(src + "self_attn.v_proj.weight").view(groups, d, -1)
-        out[dst + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], 1).flatten(0, 1)
-        out[dst + "self_attention.linear_proj.weight"] = take(src + "self_attn.o_proj.weight")
-        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "pre_mlp_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"),
-                                                         take(src + "mlp.up_proj.weight")])
-        out[dst + "mlp.linear_fc2.weight"] = take(src + "mlp.down_proj.weight")
+        q = take(src + "self_attn.q_proj.weight", q_rows, h)
+        k = take(src + "self_attn.k_proj.weight", groups * d, h)
+        v = take(src + "self_attn.v_proj.weight", groups * d, h)
+        qkv = [q.view(groups, per_group * d, h), k.view(groups, d, h), v.view(groups, d, h)]
+        out[dst + "self_attention.linear_qkv.weight"] = torch.cat(qkv, 1).flatten(0, 1)
+        out[dst + "self_attention.linear_proj.weight"] = take(src + "self_attn.o_proj.weight",
+                                                              h, q_rows)
+        out[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight", h)
+        out[dst + "pre_mlp_layernorm.weight"] = take(src + "post_attention_layernorm.weight", h)
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([take(src + "mlp.gate_proj.weight", ffn, h),
+                                                         take(src + "mlp.up_proj.weight", ffn, h)])
+        out[dst + "mlp.linear_fc2.weight"] = take(src + "mlp.down_proj.weight", h, ffn)
+        progress(f"converted layer {i + 1}/{model.num_layers}")
+    unknown = sorted(n for n in state if n not in consumed and not n.endswith(IGNORED_SUFFIXES))
+    if unknown:
+        more = f" (and {len(unknown) - 8} more)" if len(unknown) > 8 else ""
+        shown = ", ".join(unknown[:8]) + more
+        raise ValueError(f"unknown keys in checkpoint: {shown}; nemo-dmc imports bias-free Llama "
+                         "layers only")
     return out
 
 
-def load_hf_checkpoint(path: str | Path) -> HFCheckpoint:
+def load_hf_checkpoint(path: str | Path, progress: ProgressFn = silent) -> HFCheckpoint:
     """Load a HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file."""
     path = Path(path)
     if not path.exists():
@@ -132,6 +164,7 @@ def load_hf_checkpoint(path: str | Path) -> HFCheckpoint:
     if path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
 
+        progress(f"reading {path.name} with transformers' GGUF loader")
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                   dtype=torch.float32)
         state = {k: v.detach() for k, v in hf.state_dict().items()}
@@ -148,6 +181,7 @@ def load_hf_checkpoint(path: str | Path) -> HFCheckpoint:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     state: dict[str, Tensor] = {}
-    for file in files:
+    for i, file in enumerate(files):
         state.update(load_file(file))
+        progress(f"read shard {i + 1}/{len(files)} {file.name}")
     return HFCheckpoint(cfg, model_config_from_hf(cfg), state)

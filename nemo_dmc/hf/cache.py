@@ -8,13 +8,29 @@ the same functions the megatron inference engine uses.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from transformers import DynamicCache
 
 from nemo_dmc.inference.cache import CacheLayout, MemoryReport, PagedKVCache
 
 
+def left_padding(attention_mask: Tensor) -> Tensor:
+    """``[b]`` leading pad tokens per row of a ``[b, s]`` 0/1 attention mask.
+
+    Raises:
+        ValueError: if a row has padding after (or between) its tokens, or no token.
+    """
+    mask = attention_mask.bool()
+    if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("DMCLlamaForCausalLM.generate takes left-padded batches (set the "
+                         "tokenizer's padding_side='left'); this attention_mask has padding "
+                         "after or between a row's tokens")
+    return (~mask).sum(dim=1)
+
+
 class DMCCache(DynamicCache):
-    """Compressed cache for ``batch_size`` unpadded sequences of up to ``max_length`` tokens.
+    """Compressed cache for ``batch_size`` sequences of up to ``max_length`` tokens (padding
+    included), left padded or not (see :meth:`set_left_padding`).
 
     The pool is sized for the worst case (no merges), so generation never runs out of blocks.
     """
@@ -31,16 +47,30 @@ class DMCCache(DynamicCache):
             max_sequence_length=max_length, dtype=dtype), device=device)
         self.rows = torch.tensor([self.paged.acquire_row() for _ in range(batch_size)],
                                  device=device)
+        self.padding = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.seen = 0
 
+    def set_left_padding(self, attention_mask: Tensor) -> None:
+        """Record each row's leading pad tokens (:func:`left_padding`) before the prompt; pad
+        tokens are never cached and each row's positions start at its first real token."""
+        if self.seen:
+            raise ValueError("set_left_padding must precede the first forward")
+        self.padding = left_padding(attention_mask).to(self.rows.device)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens processed so far (not slots: those are per head, see :meth:`memory`)."""
+        """Tokens processed so far, padding included (not slots: see :meth:`memory`)."""
         return self.seen
+
+    def positions(self, tokens: int) -> Tensor:
+        """``[b, tokens]`` positions of the next tokens, counted from each row's first real
+        token (negative for pad tokens)."""
+        start = self.seen - self.padding.view(-1, 1)
+        return start + torch.arange(tokens, device=self.padding.device)
 
     def advance(self, tokens: int) -> None:
         """Called after the last layer processed ``tokens`` new tokens per sequence."""
         self.seen += tokens
-        self.paged.positions[self.rows] += tokens
+        self.paged.positions[self.rows] = (self.seen - self.padding).clamp_min(0)
 
     def memory(self) -> MemoryReport:
         """KV bytes and the realised compression ratio of the cached sequences."""

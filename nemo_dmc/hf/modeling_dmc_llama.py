@@ -46,6 +46,13 @@ class DMCLlamaHFConfig(LlamaConfig):
                          window=self.dmc_window, decision_scale=self.dmc_decision_scale)
 
 
+def _rotate_tokens(x: Tensor, shift: Tensor) -> Tensor:
+    """``x [b, h, c, d]`` with each row's tokens rotated ``shift[b]`` places to the left."""
+    c = x.shape[2]
+    index = (torch.arange(c, device=x.device) + shift.view(-1, 1)) % c  # [b, c]
+    return x.gather(2, index[:, None, :, None].expand_as(x))
+
+
 def _padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     """transformers' 4D additive mask -> bool (True = masked); causality is DMC's own."""
     if attention_mask is None or attention_mask.dim() != 4:
@@ -71,15 +78,21 @@ class DMCLlamaAttention(LlamaAttention):
         return x * cos[0] + rotate_half(x) * sin[0]
 
     def _cached(self, cache: DMCCache, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        b, c = q.shape[0], q.shape[2]
-        positions = cache.seen + torch.arange(c, device=q.device).expand(b, c)
+        c = q.shape[2]
+        positions = cache.positions(c)  # [b, c]
         if c == 1 and cache.seen > 0:
             out = decode_attention(cache.paged, self.layer_idx, cache.rows, q, k, v, positions,
                                    self.dmc_config, self._rope, self.scaling)
         else:
-            counts = torch.full((b,), c, device=q.device)
-            out = prefill_attention(cache.paged, self.layer_idx, cache.rows, q, k, v, positions,
-                                    counts, self.dmc_config, self._rope, self.scaling)
+            # Left padding: rotate each row's pad tokens behind its real ones, the right
+            # padding prefill_attention takes (``counts`` real tokens from position 0), and
+            # rotate the outputs back (those of pad tokens are never used).
+            pad = (cache.padding - cache.seen).clamp(0, c)  # [b] pad tokens in this chunk
+            q, k, v = (_rotate_tokens(x, pad) for x in (q, k, v))
+            out = prefill_attention(cache.paged, self.layer_idx, cache.rows, q, k, v,
+                                    positions + pad.view(-1, 1), c - pad, self.dmc_config,
+                                    self._rope, self.scaling)
+            out = _rotate_tokens(out, -pad)
         if self.is_last_layer:
             cache.advance(c)
         return out
@@ -124,17 +137,21 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
                  past_key_values=None, **kwargs):
         """``transformers`` generation with a :class:`DMCCache` (unless ``use_cache=False``).
 
-        Batches must be unpadded (equal prompt lengths); the inference engine of
-        ``nemo_dmc.inference`` batches prompts of mixed lengths.
+        Prompts of mixed lengths must be left padded (``attention_mask`` 0 before each
+        prompt); pad tokens are not cached and each row's positions start at its first token.
         """
-        if past_key_values is None and kwargs.get("use_cache", True) and input_ids is not None:
-            if attention_mask is not None and not bool(attention_mask.bool().all()):
-                raise ValueError("DMCLlamaForCausalLM.generate takes unpadded batches; use "
-                                 "nemo_dmc.inference.generate for prompts of mixed lengths")
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        if not kwargs.get("use_cache", True):
+            if padded:
+                raise ValueError("padded batches need the DMC cache: DMC would merge pad "
+                                 "tokens into the states of use_cache=False")
+        elif past_key_values is None and input_ids is not None:
             config = kwargs.get("generation_config") or self.generation_config
             new = kwargs.get("max_new_tokens") or config.max_new_tokens
             length = input_ids.shape[1] + new if new else kwargs.get("max_length", config.max_length)
             past_key_values = DMCCache(self.config, input_ids.shape[0], length,
                                        dtype=self.dtype, device=input_ids.device)
+        if padded and isinstance(past_key_values, DMCCache) and past_key_values.seen == 0:
+            past_key_values.set_left_padding(attention_mask)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask,
                                 past_key_values=past_key_values, **kwargs)

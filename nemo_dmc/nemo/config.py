@@ -62,12 +62,20 @@ _CPU_SAFE = dict(bias_activation_fusion=False, masked_softmax_fusion=False,
                  use_cpu_initialization=True)
 
 
-def dmc_llama_config(model: ModelConfig, dmc: DMCConfig, target_cr: float = 4.0,
-                     stage: str = "retrofit", stage_steps: int = 6000,
-                     **overrides) -> DMCLlamaConfig:
-    """A :class:`DMCLlamaConfig` for our model shape (fused CUDA kernels off without CUDA)."""
+def cpu_overrides() -> dict[str, bool]:
+    """Config settings this machine needs to build a model: without CUDA, fused kernels off
+    and CPU initialisation; with CUDA, none. Apply them where a config is instantiated, never
+    save them in a checkpoint's context (they would follow the model to GPU clusters)."""
+    return {} if torch.cuda.is_available() else dict(_CPU_SAFE)
+
+
+def _llama_shape(model: ModelConfig) -> dict:
+    """``LlamaConfig`` keyword arguments of our model shape."""
     model.validate()
-    kwargs = dict(
+    if model.rope_scaling_factor is not None:
+        raise ValueError("NeMo export of Llama-3.1 RoPE scaling is not supported yet "
+                         "(model.rope_scaling_factor)")
+    return dict(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.kv_heads,
         ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.head_dim,
@@ -76,15 +84,25 @@ def dmc_llama_config(model: ModelConfig, dmc: DMCConfig, target_cr: float = 4.0,
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
         make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
         vocab_size=model.padded_vocab_size(),
+    )
+
+
+def llama_config(model: ModelConfig) -> LlamaConfig:
+    """A plain NeMo :class:`LlamaConfig` of our model shape (with :func:`cpu_overrides`)."""
+    return LlamaConfig(**_llama_shape(model), **cpu_overrides())
+
+
+def dmc_llama_config(model: ModelConfig, dmc: DMCConfig, target_cr: float = 4.0,
+                     stage: str = "retrofit", stage_steps: int = 6000, loss_weight: float = 1.0,
+                     **overrides) -> DMCLlamaConfig:
+    """A :class:`DMCLlamaConfig` for our model shape (with :func:`cpu_overrides`)."""
+    kwargs = dict(
+        _llama_shape(model),
         dmc_init_offset=dmc.init_offset, dmc_temperature=dmc.temperature, dmc_window=dmc.window,
         dmc_decision_scale=dmc.decision_scale, dmc_target_cr=target_cr, dmc_stage=stage,
-        dmc_stage_steps=stage_steps,
+        dmc_stage_steps=stage_steps, dmc_loss_weight=loss_weight,
+        **cpu_overrides(),
     )
-    if model.rope_scaling_factor is not None:
-        raise ValueError("NeMo export of Llama-3.1 RoPE scaling is not supported yet "
-                         "(model.rope_scaling_factor)")
-    if not torch.cuda.is_available():
-        kwargs.update(_CPU_SAFE)
     kwargs.update(overrides)
     return DMCLlamaConfig(**kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -22,15 +23,18 @@ class DMCLossReduction(MaskedTokenLossReduction):
 
     def __init__(self, model: "DMCGPTModel", validation_step: bool = False) -> None:
         super().__init__(validation_step=validation_step)
-        self.model = model
+        # A weak reference, not a submodule: the model owns this reduction, and a cycle in
+        # the module tree makes state_dict() and .cpu() recurse forever.
+        self._model = weakref.ref(model)
 
     def forward(self, batch: Dict[str, torch.Tensor],
                 forward_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
         loss_sum, num_tokens, extra = super().forward(batch, forward_out)
-        stats = collect_dmc_stats(self.model)
-        target = self.model.stage_target_cr
+        model = self._model()
+        stats = collect_dmc_stats(model)
+        target = model.stage_target_cr
         if stats is not None and target is not None and not self.validation_step:
-            weight = self.model.config.dmc_loss_weight
+            weight = model.config.dmc_loss_weight
             loss_sum = loss_sum + weight * stats.loss(target) * num_tokens
         return loss_sum, num_tokens, extra
 

@@ -1,0 +1,51 @@
+"""``DMCLlamaForCausalLM.generate`` on left-padded batches of prompts of mixed lengths."""
+
+import pytest
+import torch
+
+from megatron_utils import TINY_GQA
+from nemo_dmc.hf.cache import DMCCache
+from test_convert_hf_export import _dmc_export
+
+PAD = 0
+
+
+def _left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[b, longest]`` with pad tokens before each prompt."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), PAD)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = prompt
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
+
+
+def _prompts(*lengths: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(9)
+    return [torch.randint(1, TINY_GQA.vocab_size, (n,), generator=gen) for n in lengths]
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(megatron_tp1, tmp_path):
+    _, hf = _dmc_export(tmp_path, seed=8)
+    prompts = _prompts(11, 6)
+    ids, mask = _left_padded(prompts)
+    cache = DMCCache(hf.config, batch_size=2, max_length=11 + 12)
+    with torch.no_grad():
+        batched = hf.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
+                              do_sample=False, pad_token_id=PAD)
+        for row, prompt in enumerate(prompts):
+            alone = hf.generate(prompt.unsqueeze(0), max_new_tokens=12, do_sample=False)
+            assert batched[row, 11:].tolist() == alone[0, len(prompt):].tolist(), row
+    report = cache.memory()
+    assert report.tokens == (11 + 11) + (6 + 11)  # pad tokens are not cached
+    assert report.compression_ratio > 1
+
+
+def test_right_padded_batch_is_rejected(megatron_tp1, tmp_path):
+    _, hf = _dmc_export(tmp_path, seed=8)
+    ids, mask = _left_padded(_prompts(5, 3))
+    with pytest.raises(ValueError, match="left-padded"):
+        hf.generate(ids, attention_mask=mask.flip(1), max_new_tokens=2, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="DMC cache"):
+        hf.generate(ids, attention_mask=mask, use_cache=False, max_new_tokens=2, pad_token_id=PAD)
