@@ -22,6 +22,7 @@ from nemo_dmc.data.corpus import (
 from nemo_dmc.data.datasets import (
     CorruptDatasetError,
     build_gpt_datasets,
+    build_train_epochs,
     check_indexed_dataset,
     get_batch,
     iter_batches,
@@ -336,6 +337,36 @@ def test_more_samples_than_one_epoch_repeats_the_data(prefixes, tokenizer, tmp_p
         tokenizer, prefixes["train"], seed=3, cache_dir=tmp_path, train_samples=3 * len(one_epoch)
     )
     assert len(dataset) >= 3 * len(one_epoch)
+
+
+def test_train_epochs_keep_the_sample_order_whatever_the_number_of_samples(
+    prefixes, tokenizer, tmp_path
+):
+    epoch = len(build(tokenizer, prefixes["train"], seed=3, cache_dir=tmp_path))
+    short = build_train_epochs(
+        tokenizer, SEQ_LENGTH, 3, epoch // 2, train_blend=prefixes["train"], cache_dir=tmp_path
+    )
+    long = build_train_epochs(
+        tokenizer, SEQ_LENGTH, 3, 2 * epoch + 1, train_blend=prefixes["train"], cache_dir=tmp_path
+    )
+    assert len(short) == epoch and len(long) == 3 * epoch
+    assert sample_ids(short, epoch) == sample_ids(long, epoch)
+    # megatron's own multi-epoch build reorders even the first epoch
+    multi = build(tokenizer, prefixes["train"], seed=3, cache_dir=tmp_path, train_samples=2 * epoch)
+    assert sample_ids(multi, epoch) != sample_ids(short, epoch)
+    assert sample_ids(long, 2 * epoch)[epoch:] != sample_ids(short, epoch)  # reshuffled
+
+
+def test_weighted_and_split_train_epochs_keep_their_order(prefixes, tokenizer):
+    blend = [(0.75, prefixes["train"]), (0.25, prefixes["valid"])]
+    one = build_train_epochs(tokenizer, SEQ_LENGTH, 5, 1, train_blend=blend)
+    three = build_train_epochs(tokenizer, SEQ_LENGTH, 5, 2 * len(one) + 1, train_blend=blend)
+    assert len(three) == 3 * len(one)
+    assert sample_ids(one, len(one)) == sample_ids(three, len(one))
+    split = {"blend": prefixes["train"], "split": "80,20,0"}
+    one = build_train_epochs(tokenizer, SEQ_LENGTH, 5, 1, **split)
+    two = build_train_epochs(tokenizer, SEQ_LENGTH, 5, len(one) + 1, **split)
+    assert sample_ids(one, len(one)) == sample_ids(two, len(one))
 
 
 def test_single_blend_is_split_by_document_ranges(prefixes, tokenizer, tmp_path):

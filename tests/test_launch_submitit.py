@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+
+from nemo_dmc.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,17 @@ def test_submitit_local_sweep_runs_one_training_job_per_value(tmp_path):
         final_targets.add(records[-2]["target_cr"])  # the last training step (then validation)
         assert (tmp_path / job / "checkpoints" / "retrofit" / "step_0000002").is_dir()
     assert final_targets == {2.0, 3.0}
+
+
+@pytest.mark.parametrize("launcher, target, expected", [
+    ("dmc_slurm", "SlurmLauncher", {"nodes": 4, "tasks_per_node": 8, "gpus_per_node": 8,
+                                    "max_num_timeout": 10, "timeout_min": 2880}),
+    ("dmc_local", "LocalLauncher", {"tasks_per_node": 1, "timeout_min": 120}),
+])
+def test_dmc_launcher_configs_compose_with_the_training_config(launcher, target, expected):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "run_dir=/tmp/unused"],
+                      return_hydra_config=True)
+    settings = cfg.hydra.launcher
+    assert settings._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert {key: settings[key] for key in expected} == expected

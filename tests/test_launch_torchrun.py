@@ -25,13 +25,21 @@ RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",
 pytestmark = pytest.mark.slow
 
 
-def train(run_dir: Path, *overrides: str, processes: int = 1) -> None:
+def train(run_dir: Path, *overrides: str, processes: int = 1) -> str:
+    """Run the trainer; return its stdout."""
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     result = subprocess.run([*launcher, "-m", "nemo_dmc.train", f"hydra.run.dir={run_dir}", *RUN,
                              *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def train_steps(run_dir: Path) -> List[tuple]:
+    """``(stage, step)`` of every logged training record, in order."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [(r["stage"], r["step"]) for r in records if r["split"] == "train"]
 
 
 def losses(run_dir: Path) -> Dict[tuple, List[float]]:
@@ -52,6 +60,13 @@ def resume_from_step_2(run_dir: Path, copy: Path) -> Path:
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "checkpoints" / "retrofit" / "step_0000004")
     return copy
+
+
+def assert_resumed_at_step_2(run_dir: Path, stdout: str, logged_before: List[tuple]) -> None:
+    """The run said it resumed from retrofit step 2 and logged only steps 3-4 again."""
+    step_2 = run_dir / "checkpoints" / "retrofit" / "step_0000002"
+    assert f"[retrofit] resumed from {step_2} (step 2)" in stdout
+    assert train_steps(run_dir) == logged_before + [("retrofit", 3), ("retrofit", 4)]
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +102,15 @@ def test_tensor_parallel_over_two_processes_matches_one_process(single, tensor_p
 
 def test_checkpoint_saved_at_tp1_resumes_at_tp2(single, base, tmp_path):
     run_dir = resume_from_step_2(single, tmp_path / "run")
-    train(run_dir, base, "parallel=tp2", processes=2)
+    logged = train_steps(run_dir)
+    stdout = train(run_dir, base, "parallel=tp2", processes=2)
+    assert_resumed_at_step_2(run_dir, stdout, logged)
     assert_same_losses(losses(run_dir), losses(single))
 
 
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(single, tensor_parallel, base, tmp_path):
     run_dir = resume_from_step_2(tensor_parallel, tmp_path / "run")
-    train(run_dir, base)
+    logged = train_steps(run_dir)
+    stdout = train(run_dir, base)
+    assert_resumed_at_step_2(run_dir, stdout, logged)
     assert_same_losses(losses(run_dir), losses(single))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from megatron.core import dist_checkpointing
 
 from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
+from nemo_dmc.training import checkpoint as checkpoint_module
 from nemo_dmc.training.checkpoint import (
     Progress,
     latest_checkpoint,
@@ -72,6 +74,28 @@ def test_an_unfinished_temporary_save_is_not_a_checkpoint(megatron_tp1, tmp_path
     (tmp_path / ".tmp-step_0000005").mkdir()
     assert latest_checkpoint(tmp_path) == tmp_path / "step_0000003"
     assert read_progress(latest_checkpoint(tmp_path)).step == 3
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_the_latest(
+        megatron_tp1, tmp_path, monkeypatch):
+    ddp, optimizer, scheduler = trainer()
+    save_checkpoint(tmp_path, ddp, optimizer, scheduler, progress(3), keep_last=2)
+
+    def crash(state, directory, *args, **kwargs):
+        (Path(directory) / "metadata.json").write_text("{}")  # a partial write, then a crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.dist_checkpointing, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, ddp, optimizer, scheduler, progress(5), keep_last=2)
+    monkeypatch.undo()
+    assert not (tmp_path / "step_0000005").exists()
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [3]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_0000003"
+    assert read_progress(latest_checkpoint(tmp_path)).step == 3
+    # the next save of that step replaces the leftover temporary directory
+    save_checkpoint(tmp_path, ddp, optimizer, scheduler, progress(5), keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000003", "step_0000005"]
 
 
 def test_only_the_newest_checkpoints_are_kept(megatron_tp1, tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import List
 
 import pytest
 import yaml
@@ -135,9 +136,18 @@ def test_model_presets_validate_at_their_tensor_parallel_size(model, tp, world):
     assert cfg.model.pretrain_tokens > 0
 
 
-def test_reference_recipe_is_llama2_7b_cr4_on_tp4_with_sequence_parallel():
-    recipe = ["+recipe=llama2_7b_cr4", "data.tokenizer=/tok", "data.train_prefixes=[/t]",
-              "data.valid_prefixes=[/v]"]
+def indexed_files(directory: Path, *names: str) -> List[str]:
+    """Prefixes of empty ``.bin``/``.idx`` pairs (validation only checks that they exist)."""
+    for name in names:
+        for suffix in (".bin", ".idx"):
+            (directory / f"{name}{suffix}").touch()
+    return [str(directory / name) for name in names]
+
+
+def test_reference_recipe_is_llama2_7b_cr4_on_tp4_with_sequence_parallel(tmp_path):
+    train, valid = indexed_files(tmp_path, "t", "v")
+    recipe = ["+recipe=llama2_7b_cr4", f"data.tokenizer={tmp_path}",
+              f"data.train_prefixes=[{train}]", f"data.valid_prefixes=[{valid}]"]
     cfg = composed(*recipe)
     # Sequence parallel needs Transformer Engine (GPU); the rest validates here.
     load(*recipe, "parallel.sequence_parallel=false", world_size=32)
@@ -177,3 +187,38 @@ def test_a_pretrained_checkpoint_of_another_shape_is_rejected_by_key(tmp_path):
 def test_a_negative_compression_loss_weight_is_rejected():
     assert error_key("dmc.loss_weight=-1") == "dmc.loss_weight"
     assert load("dmc.loss_weight=30").dmc.loss_weight == 30.0
+
+
+def test_a_missing_indexed_dataset_or_tokenizer_is_named_by_key_before_any_compute(tmp_path):
+    train, valid = indexed_files(tmp_path, "train", "valid")
+    good = ["data=indexed", f"data.tokenizer={tmp_path}", f"data.train_prefixes=[{train}]",
+            f"data.valid_prefixes=[{valid}]"]
+    load(*good)
+    assert error_key(*good, "data.train_prefixes=[/nope/a]") == "data.train_prefixes"
+    # the weights of a weighted blend are not prefixes; its missing prefix is named
+    with pytest.raises(ConfigError, match=r"data.train_prefixes.*/nope/b\.idx"):
+        load(*good, f"data.train_prefixes=[0.5,{train},0.5,/nope/b]")
+    load(*good, f"data.train_prefixes=[0.5,{train},0.5,{valid}]")
+    (tmp_path / "valid.bin").unlink()
+    with pytest.raises(ConfigError, match=r"data.valid_prefixes.*valid\.bin"):
+        load(*good)
+    assert error_key(*good[:-1], "data.tokenizer=/nope/tok") == "data.tokenizer"
+
+
+def test_without_valid_prefixes_the_split_must_leave_train_and_valid_documents(tmp_path):
+    (train,) = indexed_files(tmp_path, "train")
+    data = ["data=indexed", f"data.tokenizer={tmp_path}", f"data.train_prefixes=[{train}]",
+            "data.valid_prefixes=[]"]
+    assert load(*data).data.split == "969,30,1"
+    load(*data, "data.split='90,10'")
+    assert error_key(*data, "data.split='100,0,0'") == "data.split"
+    assert error_key(*data, "data.split=all") == "data.split"
+
+
+def test_examples_retrofit_reports_a_bad_value_as_a_config_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "examples/retrofit.py", "dmc.target_cr=0.5", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "config error: dmc.target_cr" in result.stderr
+    assert "Traceback" not in result.stderr

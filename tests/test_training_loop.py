@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import List
 
@@ -196,3 +197,118 @@ def test_compression_loss_weight_speeds_up_following_the_ratio_ramp(train, tmp_p
         assert all(r["dmc_loss"] > 0 for r in logged[:2])  # L_cr itself is logged either way
         crs[weight] = logged[-1]["cr"]
     assert crs[100] > crs[0] + 0.01
+
+
+def test_a_stage_after_an_unfinished_previous_stage_is_refused_and_random_init_is_said(
+        train, tmp_path, capsys):
+    train(tmp_path, "stage=zero_out", "stage.zero_out.steps=4", "checkpoint.save_interval=2")
+    assert "[zero_out] starting from a random init" in capsys.readouterr().out
+    zero_out = tmp_path / "checkpoints" / "zero_out"
+    shutil.rmtree(zero_out / "step_0000004")  # as if killed after step 2's save
+    unfinished = r"stage zero_out in .* is unfinished \(step 2/4\); run stage=zero_out first"
+    with pytest.raises(ConfigError, match=unfinished):
+        train(tmp_path, "stage=retrofit", "stage.retrofit.steps=1")
+    assert not (tmp_path / "checkpoints" / "retrofit").exists()
+    train(tmp_path, "stage=zero_out", "stage.zero_out.steps=4")  # finish it: retrofit may run
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=1")
+    assert "random init" not in capsys.readouterr().out
+
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly "
+         "zebras under bright autumn skies and small rivers carry old stones to the sea").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """``tokenizer/`` and indexed datasets ``a`` and ``b`` of some 20-40 samples of 32 tokens."""
+    from nemo_dmc.data.corpus import write_jsonl
+    from nemo_dmc.data.preprocess import preprocess
+    from nemo_dmc.data.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    docs = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(25 + i % 7))
+            for i in range(24)]
+    tokenizer = train_bpe_tokenizer(docs, root / "tokenizer", vocab_size=300)
+    for name, part in (("a", docs[::2]), ("b", docs[1::2])):
+        write_jsonl(part, root / f"{name}.jsonl")
+        preprocess([root / f"{name}.jsonl"], root / name, tokenizer, show_progress=False)
+    return root
+
+
+def indexed(root: Path, train_prefixes: str, valid_prefixes: str = "") -> List[str]:
+    return ["data=indexed", f"data.tokenizer={root / 'tokenizer'}", "model.vocab_size=384",
+            "data.micro_batch_size=2", "data.global_batch_size=4",
+            f"data.train_prefixes=[{train_prefixes}]", f"data.valid_prefixes=[{valid_prefixes}]"]
+
+
+def losses(run_dir: Path, stage: str) -> List[tuple]:
+    return [(r["lm_loss"], r["dmc_loss"], r["cr"]) for r in records(run_dir, stage)]
+
+
+def test_stages_run_alone_read_the_samples_of_the_chained_run_across_an_epoch(
+        train, tmp_path, tiny_corpus):
+    from nemo_dmc.data.datasets import build_gpt_datasets
+    from nemo_dmc.data.tokenizer import load_tokenizer
+
+    data = indexed(tiny_corpus, str(tiny_corpus / "a"), str(tiny_corpus / "b"))
+    steps = ["stage.zero_out.steps=2", "stage.retrofit.steps=12"]
+    epoch = len(build_gpt_datasets(load_tokenizer(tiny_corpus / "tokenizer"), 32, 1234,
+                                   train_blend=str(tiny_corpus / "a")).train)
+    assert 2 * 4 < epoch < 14 * 4  # zero-out stays in the first epoch, the chain crosses it
+    chained, alone = tmp_path / "chained", tmp_path / "alone"
+    train(chained, *data, "stage=[zero_out,retrofit]", *steps)
+    train(alone, *data, "stage=zero_out", *steps)
+    train(alone, *data, "stage=retrofit", *steps)
+    for stage in ("zero_out", "retrofit"):
+        assert losses(alone, stage) == losses(chained, stage), stage
+
+
+def test_trains_on_a_weighted_blend_and_on_a_split_of_one_blend(train, tmp_path, tiny_corpus):
+    a, b = tiny_corpus / "a", tiny_corpus / "b"
+    run = ["stage=retrofit", "stage.retrofit.steps=2"]
+    (weighted,) = train(tmp_path / "weighted", *indexed(tiny_corpus, f"0.7,{a},0.3,{b}", str(b)),
+                        *run)
+    (split,) = train(tmp_path / "split", *indexed(tiny_corpus, str(a)), "data.split='70,30,0'",
+                     *run)
+    for summary in (weighted, split):
+        assert summary.steps_run == 2 and math.isfinite(summary.validation.lm_loss)
+    # the split's valid documents are another part of `a` than the held-out file `b`
+    assert split.validation.lm_loss != weighted.validation.lm_loss
+
+
+def test_selective_recompute_checkpoints_the_core_attention_of_every_layer(
+        train, tmp_path, monkeypatch):
+    from megatron.core import tensor_parallel
+
+    calls = []
+    checkpoint = tensor_parallel.checkpoint
+
+    def spy(function, *args):
+        calls.append(function)
+        return checkpoint(function, *args)
+
+    monkeypatch.setattr(tensor_parallel, "checkpoint", spy)
+    train(tmp_path, "stage=retrofit", "stage.retrofit.steps=1", "parallel.recompute=selective")
+    assert len(calls) == 2 * 2  # 2 layers x 2 micro-batches (4 samples / 2); none in validation
+    calls.clear()
+    train(tmp_path / "plain", "stage=retrofit", "stage.retrofit.steps=1")
+    assert not calls
+
+
+@pytest.mark.gpu
+def test_bf16_distributed_optimizer_run_saves_and_resumes_on_gpu(train, tmp_path, capsys):
+    run = ["precision=auto", "optim.use_distributed_optimizer=true", "stage=retrofit",
+           "stage.retrofit.steps=3", "checkpoint.save_interval=2", "checkpoint.keep_last=3"]
+    whole = tmp_path / "whole"
+    train(whole, *run)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "retrofit" / "step_0000003")
+    capsys.readouterr()
+    train(resumed, *run)
+    step2 = resumed / "checkpoints" / "retrofit" / "step_0000002"
+    assert f"[retrofit] resumed from {step2} (step 2)" in capsys.readouterr().out
+    first, again = records(whole, "retrofit"), records(resumed, "retrofit")
+    assert [r["step"] for r in again] == [1, 2, 3, 3]
+    assert again[-1]["lm_loss"] == pytest.approx(first[-1]["lm_loss"], rel=1e-3)
+    assert again[-1]["cr"] == pytest.approx(first[-1]["cr"], rel=1e-3)

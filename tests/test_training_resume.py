@@ -13,6 +13,8 @@ from typing import Dict, List
 
 import pytest
 
+from nemo_dmc.training.checkpoint import latest_checkpoint, read_progress
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",
        "data.global_batch_size=4", "optim.lr=1e-2", "stage=[zero_out,retrofit]",
@@ -51,8 +53,18 @@ def test_killed_run_resumes_with_the_same_losses_step_for_step(tmp_path):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    steps_before_kill = {k for k in losses_by_step(killed) if k[0] == "retrofit"}
+    before_kill = train_records(killed)
+    steps_before_kill = {(r["stage"], r["step"]) for r in before_kill if r["stage"] == "retrofit"}
     assert 7 <= len(steps_before_kill) < 16
+    saved = latest_checkpoint(killed / "checkpoints" / "retrofit")
+    step = read_progress(saved).step
+    assert step >= 6 and step % 3 == 0
 
-    subprocess.run(command(killed), cwd=REPO, check=True, capture_output=True, timeout=600)
+    resumed = subprocess.run(command(killed), cwd=REPO, check=True, capture_output=True,
+                             text=True, timeout=600)
+    assert f"[retrofit] resumed from {saved} (step {step})" in resumed.stdout
+    after = train_records(killed)  # the records before the kill, then only the later steps
+    assert after[:len(before_kill)] == before_kill
+    assert [(r["stage"], r["step"]) for r in after[len(before_kill):]] == \
+        [("retrofit", s) for s in range(step + 1, 17)]
     assert losses_by_step(killed) == losses_by_step(uninterrupted)

@@ -12,7 +12,8 @@ list ``["30", "a", "70", "b"]``. Weighted blends need a sample count for their s
 The sample order is a pure function of the data, the split, the sequence length, the sample
 counts and ``seed``. Sample ``i`` of a split is always the same, so a training loop resumes
 exactly by asking for samples from its saved "consumed samples" position (:func:`get_batch`,
-:func:`iter_batches`).
+:func:`iter_batches`). :func:`build_train_epochs` removes the dependence on the sample count
+(megatron shuffles all requested epochs together), so a run may change its length.
 
 Every ``.bin``/``.idx`` pair is checked before megatron opens it (:func:`check_indexed_dataset`):
 a missing, truncated or inconsistent file raises an error that names it, instead of megatron's
@@ -120,6 +121,17 @@ class IndexedDatasetInfo:
     """Tokens per sequence; :mod:`~nemo_dmc.data.preprocess` writes one sequence per document."""
 
 
+def indexed_dataset_files(prefix: str | Path) -> tuple[Path, Path]:
+    """``(prefix.idx, prefix.bin)``; raises FileNotFoundError naming a missing one."""
+    from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+    paths = Path(get_idx_path(str(prefix))), Path(get_bin_path(str(prefix)))
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"indexed dataset file does not exist: {path}")
+    return paths
+
+
 def check_indexed_dataset(prefix: str | Path) -> IndexedDatasetInfo:
     """Validate ``prefix.idx`` and ``prefix.bin``.
 
@@ -131,13 +143,10 @@ def check_indexed_dataset(prefix: str | Path) -> IndexedDatasetInfo:
         FileNotFoundError: If either file is missing (naming it).
         CorruptDatasetError: If either file is truncated or inconsistent (naming it).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefix = str(prefix)
-    idx_path, bin_path = Path(get_idx_path(prefix)), Path(get_bin_path(prefix))
-    for path in (idx_path, bin_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"indexed dataset file does not exist: {path}")
+    idx_path, bin_path = indexed_dataset_files(prefix)
     # megatron reports a bad index as AssertionError, ValueError (numpy) or struct.error
     try:
         dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
@@ -349,6 +358,68 @@ def _check_blends(
                     f"{num_sequences}) but {sizes[i]} samples were requested; "
                     f"change split= or give more data"
                 )
+
+
+# -- a training split of reshuffled epochs ---------------------------------------------------
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Shuffle seed of epoch ``epoch`` of :func:`build_train_epochs` (``seed`` for the first)."""
+    return (seed + 7919 * epoch) % 2**32
+
+
+def build_train_epochs(
+    tokenizer: Tokenizer,
+    seq_length: int,
+    seed: int,
+    num_samples: int,
+    blend: BlendSpec | None = None,
+    split: str = "969,30,1",
+    train_blend: BlendSpec | None = None,
+    cache_dir: str | Path | None = None,
+) -> torch.utils.data.ConcatDataset:
+    """A train split of at least ``num_samples`` samples whose order does not depend on it.
+
+    megatron's GPTDataset shuffles all the epochs it builds together (and a short final epoch
+    apart), so the sample at index ``i`` changes with the number of samples asked for. Here
+    every epoch is a build of its own, shuffled with :func:`epoch_seed`: one epoch of the data,
+    or for a weighted blend as many samples as its train tokens fill. Epochs are appended
+    until ``num_samples`` are covered, so sample ``i`` depends only on the data, the split,
+    ``seq_length`` and ``seed``: a run may change its length or run its stages one at a time.
+
+    Give ``blend`` (its train part by ``split``) or ``train_blend``, as for
+    :func:`build_gpt_datasets`.
+    """
+    if (blend is None) == (train_blend is None):
+        raise ValueError("give either blend= (with split=) or train_blend=, not both or neither")
+    spec = blend if blend is not None else train_blend
+    prefixes, weights = parse_blend(spec)  # type: ignore[arg-type]
+    epoch_samples = None  # one epoch of the data
+    if weights is not None:
+        fraction = 1.0 if blend is None else _train_fraction(split)
+        tokens = sum(check_indexed_dataset(prefix).num_tokens for prefix in prefixes)
+        epoch_samples = max(1, int(tokens * fraction) // seq_length)
+    blends = (
+        {"train_blend": train_blend}
+        if blend is None
+        else {"blend": blend, "split": split, "valid_samples": 0, "test_samples": 0}
+    )
+    epochs: list[torch.utils.data.Dataset] = []
+    while sum(len(epoch) for epoch in epochs) < max(num_samples, 1):  # type: ignore[arg-type]
+        built = build_gpt_datasets(
+            tokenizer, seq_length, epoch_seed(seed, len(epochs)), train_samples=epoch_samples,
+            cache_dir=cache_dir, **blends,
+        ).train  # fmt: skip
+        if built is None or len(built) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"the train split of {prefixes} holds no {seq_length}-token sample")
+        epochs.append(built)
+    return torch.utils.data.ConcatDataset(epochs)  # sample i of epoch e: start(e) + i
+
+
+def _train_fraction(split: str) -> float:
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+    return parse_and_normalize_split(split)[0]
 
 
 # -- batches by global sample index ----------------------------------------------------------

@@ -1,8 +1,9 @@
 """Training and validation batches addressed by global sample index.
 
-Sample ``i`` of a split is always the same (megatron ``GPTDataset``, or seeded random
-tokens), so resuming from a saved ``consumed_samples`` replays the uninterrupted run
-exactly (a run sizes its train split to the samples it will read). A step takes
+Sample ``i`` of a split is always the same (megatron ``GPTDataset`` epochs, each shuffled on
+its own by :func:`~nemo_dmc.data.datasets.build_train_epochs`, or seeded random tokens), however
+many samples the run reads, so resuming from a saved ``consumed_samples`` replays the
+uninterrupted run exactly, also with other stage lengths or stages run one at a time. A step takes
 ``global_batch_size`` consecutive samples; micro-step ``m`` of data-parallel rank ``r``
 reads ``micro_batch_size`` of them at offset ``(m * dp + r) * micro_batch_size``
 (megatron's pretraining-sampler layout).
@@ -110,7 +111,7 @@ def build_splits(cfg: TrainConfig, train_samples: int, valid_samples: int) -> Sp
         vocab = cfg.model.vocab_size
         return Splits(RandomTokens(vocab, cfg.model.seq_length, train_samples, data.seed),
                       RandomTokens(vocab, cfg.model.seq_length, valid_samples, data.seed + 1))
-    from nemo_dmc.data.datasets import build_gpt_datasets
+    from nemo_dmc.data.datasets import build_gpt_datasets, build_train_epochs
     from nemo_dmc.data.tokenizer import load_tokenizer
 
     if data.source == "pydocs":
@@ -128,10 +129,19 @@ def build_splits(cfg: TrainConfig, train_samples: int, valid_samples: int) -> Sp
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.vocab_size} ({tokenizer_path})")
-    splits = build_gpt_datasets(tokenizer, cfg.model.seq_length, data.seed,
-                                train_blend=train_prefixes, valid_blend=valid_prefixes,
-                                train_samples=train_samples, valid_samples=valid_samples)
-    return Splits(splits.train, splits.valid)
+    seq_length = cfg.model.seq_length
+    if valid_prefixes:
+        train = build_train_epochs(tokenizer, seq_length, data.seed, train_samples,
+                                   train_blend=train_prefixes)
+        valid = build_gpt_datasets(tokenizer, seq_length, data.seed, valid_blend=valid_prefixes,
+                                   valid_samples=valid_samples).valid
+    else:  # one blend, split by data.split
+        train = build_train_epochs(tokenizer, seq_length, data.seed, train_samples,
+                                   blend=train_prefixes, split=data.split)
+        valid = build_gpt_datasets(tokenizer, seq_length, data.seed, blend=train_prefixes,
+                                   split=data.split, train_samples=0, valid_samples=valid_samples,
+                                   test_samples=0).valid
+    return Splits(train, valid)
 
 
 class MicroBatches:

@@ -105,6 +105,10 @@ class DataConfig:
     source: ``pydocs`` (the built-in Python-docs corpus, prepared once into ``cache_dir``),
         ``indexed`` (megatron ``.bin/.idx`` prefixes with a tokenizer), or ``random``
         (uniform random tokens; for tests and smoke runs).
+    train_prefixes / valid_prefixes: ``indexed`` blends: prefixes, or megatron's weighted
+        ``[w1, prefix1, w2, prefix2, ...]``.
+    split: megatron's ``train,valid,test`` split string (e.g. ``969,30,1``) dividing the
+        ``train_prefixes`` blend by document ranges when ``valid_prefixes`` is empty.
     """
 
     source: str = "pydocs"
@@ -112,6 +116,7 @@ class DataConfig:
     tokenizer: Optional[str] = None
     train_prefixes: List[str] = field(default_factory=list)
     valid_prefixes: List[str] = field(default_factory=list)
+    split: str = "969,30,1"
     max_documents: Optional[int] = None
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -280,13 +285,18 @@ def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
 
 def _validate_pretrained(model: ModelConfig, path: Path) -> None:
     """The base checkpoint exists and, if it records its shape (``model_config.yaml`` of
-    ``python -m nemo_dmc.convert``), matches ``model.*``."""
+    ``python -m nemo_dmc.convert``, or a NeMo 2 checkpoint's ``context/``), matches ``model.*``."""
     from nemo_dmc.convert.checkpoint_dir import MODEL_CONFIG_FILE, read_model_config
 
     _require(path.is_dir(), "checkpoint.pretrained", f"no checkpoint directory at {path}")
-    if not (path / MODEL_CONFIG_FILE).is_file():
+    if (path / MODEL_CONFIG_FILE).is_file():
+        saved, source = read_model_config(path), path / MODEL_CONFIG_FILE
+    elif (path / "context").is_dir():
+        saved, source = _nemo_model_config(path), path / "context"
+        if saved is None:
+            return
+    else:
         return
-    saved = read_model_config(path)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "kv_heads",
                 "ffn_hidden_size", "vocab_size", "rotary_base", "rope_scaling_factor",
                 "share_embeddings_and_output_weights"):
@@ -294,7 +304,21 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
         name = "num_query_groups" if key == "kv_heads" else key
         _require(ours == theirs, f"model.{name}",
                  f"is {ours}, but checkpoint.pretrained={path} has {theirs} "
-                 f"({path / MODEL_CONFIG_FILE}); pick the matching model=... preset")
+                 f"({source}); pick the matching model=... preset")
+
+
+def _nemo_model_config(path: Path) -> Optional[ModelConfig]:
+    """The shape a NeMo 2 checkpoint's ``context/`` records; ``None`` without NeMo installed
+    (its ``weights/`` still load, unchecked)."""
+    try:
+        from nemo_dmc.nemo.checkpoint import read_nemo_model_config
+    except ImportError:
+        return None
+    try:
+        return read_nemo_model_config(path)
+    except Exception as err:  # fiddle/NeMo raise many types for an unreadable context
+        raise ConfigError("checkpoint.pretrained", f"cannot read the NeMo 2 model config in "
+                          f"{path / 'context'}: {err}") from err
 
 
 def _validate_dmc(dmc: DMCSettings) -> None:
@@ -323,8 +347,40 @@ def _validate_data(cfg: TrainConfig, world_size: int) -> None:
     _check_min(data.max_documents, "data.max_documents", 20, allow_none=True)
     if data.source == "indexed":
         _require(bool(data.train_prefixes), "data.train_prefixes", "required with data.source=indexed")
-        _require(bool(data.valid_prefixes), "data.valid_prefixes", "required with data.source=indexed")
         _require(data.tokenizer is not None, "data.tokenizer", "required with data.source=indexed")
+        for key in ("train_prefixes", "valid_prefixes"):
+            if getattr(data, key):
+                _validate_blend(f"data.{key}", getattr(data, key))
+        if not data.valid_prefixes:
+            _validate_split(data.split)
+    if data.tokenizer is not None:
+        _require(Path(data.tokenizer).expanduser().exists(), "data.tokenizer",
+                 f"no tokenizer at {data.tokenizer}")
+
+
+def _validate_blend(key: str, blend: List[str]) -> None:
+    """Every prefix of a blend (weights skipped) has its ``.bin`` and ``.idx``."""
+    from nemo_dmc.data.datasets import indexed_dataset_files, parse_blend
+
+    prefixes, _ = parse_blend(blend)
+    for prefix in prefixes:
+        try:
+            indexed_dataset_files(prefix)
+        except FileNotFoundError as err:
+            raise ConfigError(key, f"{err} (prefix {prefix!r})") from err
+
+
+def _validate_split(split: str) -> None:
+    """``data.split`` is megatron's ``train,valid[,test]`` with a train and a valid share."""
+    try:
+        parts = [float(part) for part in split.split(",")]
+    except ValueError:
+        parts = []
+    _require(1 <= len(parts) <= 3 and all(p >= 0 for p in parts), "data.split",
+             f"must be 'train,valid,test' weights like '969,30,1', got {split!r}")
+    _require(len(parts) >= 2 and parts[0] > 0 and parts[1] > 0, "data.split",
+             f"{split!r} leaves no train or no valid documents (with empty data.valid_prefixes "
+             "the valid split comes from data.split)")
 
 
 def _validate_optim(optim: OptimConfig) -> None:

@@ -2,8 +2,9 @@
 
 Each stage resumes from its own latest checkpoint in the run (``checkpoint.resume``);
 otherwise it starts from the weights the previous stage ended with (in memory, or that
-stage's final checkpoint in the run), else from ``checkpoint.pretrained``, else from a
-random init. The data position carries over between stages, so no stage re-reads samples.
+stage's final checkpoint in the run; an unfinished one is an error), else from
+``checkpoint.pretrained``, else from a random init (said in the log). The data position
+carries over between stages, so no stage re-reads samples.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from nemo_dmc.training.checkpoint import (
 from nemo_dmc.training.config import (
     RUN_CONFIG_FILE,
     STAGE_ORDER,
+    ConfigError,
     TrainConfig,
     use_bf16,
     validate_config,
@@ -63,19 +65,21 @@ class Session:
     bf16: bool
 
 
-def final_checkpoint(cfg: TrainConfig, stage: Stage) -> Optional[Path]:
-    """The stage's latest checkpoint in this run if it finished the stage, else ``None``."""
-    latest = latest_checkpoint(cfg.checkpoint_dir / stage.value)
-    return latest if latest is not None and read_progress(latest).complete else None
-
-
 def initial_weights(cfg: TrainConfig, first: Stage) -> Optional[Path]:
-    """Where the first selected stage takes its weights from when it does not resume."""
+    """Where the first selected stage takes its weights from when it does not resume: the
+    previous stage's final checkpoint in the run, else ``checkpoint.pretrained``; raises a
+    :class:`ConfigError` if the previous stage is in the run but unfinished."""
     index = STAGE_ORDER.index(first)
     if index > 0:
-        previous = final_checkpoint(cfg, STAGE_ORDER[index - 1])
-        if previous is not None:
-            return previous
+        previous = STAGE_ORDER[index - 1]
+        latest = latest_checkpoint(cfg.checkpoint_dir / previous.value)
+        if latest is not None:
+            done = read_progress(latest)
+            if not done.complete:
+                raise ConfigError("stage", f"stage {previous.value} in {cfg.run_dir} is "
+                                  f"unfinished (step {done.step}/{done.steps}); run "
+                                  f"stage={previous.value} first")
+            return latest
     return Path(cfg.checkpoint.pretrained) if cfg.checkpoint.pretrained else None
 
 
@@ -157,9 +161,14 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int)
 
 def _run_stages(cfg: TrainConfig) -> List[StageSummary]:
     plans = plan_stages(cfg)
-    weights = initial_weights(cfg, plans[0].stage)
+    first = plans[0].stage
+    resumes = resume_point(cfg, first) is not None
+    weights = None if resumes else initial_weights(cfg, first)
     consumed = _consumed_after(weights)
     session = _build_session(cfg, plans, consumed)
+    if not resumes and weights is None:
+        session.logger.note(f"[{first.value}] starting from a random init (no checkpoint."
+                            f"pretrained and no earlier stage in {cfg.checkpoint_dir})")
     summaries = []
     try:
         for plan in plans:
