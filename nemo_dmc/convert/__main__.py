@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 def _import_hf(args: argparse.Namespace) -> int:
     from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
     from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
+    from nemo_dmc.convert.layout import match_layout
     from nemo_dmc.convert.progress import Progress
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
@@ -30,7 +31,7 @@ def _import_hf(args: argparse.Namespace) -> int:
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
         model = build_model(checkpoint.model, dmc=None)
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(match_layout(state, model.state_dict()), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ValueError(f"shape/key mismatch importing {args.input}: missing {missing}, "

@@ -2,7 +2,9 @@
 prefixed ``module.`` as in NeMo 2) beside ``model_config.yaml`` (our model shape) and, for
 imported checkpoints, ``special_tokens.yaml`` (the source's bos/eos/pad token ids).
 
-Any tensor-parallel size can load them (dist_checkpointing reshards);
+Any tensor-parallel size can load them (dist_checkpointing reshards), into a model of either
+layer spec, local or Transformer Engine (megatron saves both under the same names, see
+:mod:`nemo_dmc.convert.layout`);
 :func:`load_weights_checkpoint` also reads the weights of trainer and NeMo 2 checkpoints.
 """
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nemo_dmc.convert.checkpoint_dir import SPECIAL_TOKEN_KEYS, atomic_checkpoint_dir, is_rank0
+from nemo_dmc.convert.layout import to_local_names
 from nemo_dmc.convert.progress import ProgressFn, silent
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron.model import ModelConfig
@@ -21,7 +22,10 @@ from nemo_dmc.megatron.model import ModelConfig
 
 def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig,
                    progress: ProgressFn = silent) -> dict[str, Tensor]:
-    """Full (TP=1) megatron GPT state -> HF Llama tensor names and layouts."""
+    """Full (TP=1) megatron GPT state, local or Transformer Engine layer-spec names (see
+    :mod:`nemo_dmc.convert.layout`) -> HF Llama tensor names and layouts."""
+    state = to_local_names(state)
+
     def take(name: str) -> Tensor:
         if name not in state:
             raise KeyError(f"tensor {name!r} missing from the megatron state")

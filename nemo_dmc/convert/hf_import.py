@@ -1,9 +1,10 @@
 """Import Hugging Face Llama-family checkpoints (safetensors directories or GGUF files).
 
-Weights map onto megatron's GPT layout (TP=1 "full" names); :mod:`nemo_dmc.convert.sharding`
-cuts them for tensor parallelism. HF Llama already stores q/k in rotate-half order, which is
-megatron's non-interleaved RoPE, so no permutation is needed; transformers undoes llama.cpp's
-permutation when it reads a GGUF file.
+Weights map onto megatron's GPT layout (TP=1 "full" names of the local layer spec;
+:func:`nemo_dmc.convert.layout.match_layout` renames them for a Transformer Engine model);
+:mod:`nemo_dmc.convert.sharding` cuts them for tensor parallelism. HF Llama already stores q/k
+in rotate-half order, which is megatron's non-interleaved RoPE, so no permutation is needed;
+transformers undoes llama.cpp's permutation when it reads a GGUF file.
 """
 
 from __future__ import annotations
