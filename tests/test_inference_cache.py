@@ -129,3 +129,13 @@ def test_memory_report_counts_logical_allocated_waste_and_open_state():
     assert report.allocated == 3 * 4 * slot and report.waste == 4 * slot
     assert report.vanilla == 12 * slot and report.compression_ratio == pytest.approx(1.5)
     assert report.open_state == 2 * (3 * 9 * 4 + 8)  # 2 heads x (ring of W=3 entries + pointer)
+
+
+@pytest.mark.parametrize("field,key", [("block_size", "engine.block_size"),
+                                       ("num_blocks", "engine.num_blocks"),
+                                       ("max_sequences", "engine.max_batch_size"),
+                                       ("max_sequence_length", "engine.max_sequence_length")])
+def test_bad_layout_names_its_key_in_conf_generate(field, key):
+    sizes = dict(block_size=2, num_blocks=4, max_sequences=1, max_sequence_length=8)
+    with pytest.raises(ValueError, match=f"^{key} must be >= 1"):
+        CacheLayout(num_layers=1, kv_heads=1, head_dim=4, window=None, **{**sizes, field: 0})

@@ -1,5 +1,8 @@
 """Loading our checkpoints for inference, and ``python -m nemo_dmc.generate``."""
 
+import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,8 +18,10 @@ from megatron_utils import TINY_GQA
 from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.data.tokenizer import train_bpe_tokenizer
-from nemo_dmc.generate import GenerateConfig, run
+from nemo_dmc.generate import GenerateConfig, SamplingSettings, run
+from nemo_dmc.inference import EngineConfig
 from nemo_dmc.inference.loading import build_inference_model
+from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all
 
@@ -70,6 +75,37 @@ def test_weights_checkpoint_and_state_dict_file_load(megatron_tp1, tmp_path):
     assert _same_weights(loaded, state)
 
 
+def _greedy_tokens(model, prompt, new_tokens):
+    """Greedy continuation by full-sequence forwards (no cache)."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            s = len(tokens)
+            logits = model(torch.tensor([tokens]), torch.arange(s)[None], causal_attention_mask(s))
+            tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_nemo_checkpoint_generates_with_its_recorded_shape_and_dmc_settings(megatron_tp1,
+                                                                            tmp_path):
+    pytest.importorskip("nemo.collections.llm", reason="needs the `nemo` extra")
+    from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint
+
+    seed_all(23)
+    dmc = DMCConfig(init_offset=0.0, window=3)
+    source = build_model(SHAPE, dmc).eval()
+    export_nemo_checkpoint(source, SHAPE, dmc, tmp_path / "nemo")
+    _, shape, loaded_dmc, _ = build_inference_model(tmp_path / "nemo", TINY_GQA, DMCConfig())
+    assert shape == SHAPE and loaded_dmc == dmc
+    prompt = [5, 17, 300, 9, 100, 3, 250]
+    expected = _greedy_tokens(source, prompt, 6)
+    # model.* and dmc.* left at other values: the checkpoint's context must supply them
+    results = run(GenerateConfig(load=str(tmp_path / "nemo"), prompt_token_ids=[prompt],
+                                 model=TINY_GQA, sampling=SamplingSettings(max_new_tokens=6),
+                                 engine=EngineConfig(max_batch_size=1, max_sequence_length=16)))
+    assert results[0].tokens == expected
+
+
 def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(FileNotFoundError, match="^load: "):
@@ -93,3 +129,17 @@ def test_generate_cli_prints_completions_with_achieved_ratio_and_kv_memory(megat
         assert (f"[request {result.request_id}] achieved CR "
                 f"{result.cache.compression_ratio:.2f} over {result.cache.tokens} tokens; "
                 "KV cache") in out
+
+
+def test_generate_command_reports_a_full_cache_as_a_one_line_error(tmp_path):
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_dmc.generate", "prompt_token_ids=[[1,2]]",
+         "engine.num_blocks=1", "sampling.max_new_tokens=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    assert "does not fit the KV cache (engine.num_blocks=1" in errors[0]
+    assert list(tmp_path.iterdir()) == []  # Hydra writes no outputs

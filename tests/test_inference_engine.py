@@ -107,38 +107,60 @@ def test_cache_lengths_are_the_appends_of_the_models_hard_decisions(megatron_tp1
 
 
 def _megatron_static_greedy(model, prompts, new_tokens):
-    """Greedy generation with megatron-core's StaticInferenceContext (equal-length prompts)."""
-    tokens = torch.tensor(prompts)
-    b, s = tokens.shape
-    context = StaticInferenceContext(b, s + new_tokens)
-    out, logits_seen = [], []
+    """Greedy generation with megatron-core's StaticInferenceContext, batched as megatron's
+    static ``TextGenerationController`` batches mixed prompt lengths: prefill up to the shortest
+    prompt, then one token per step for every row, a longer prompt's own next token replacing
+    the sampled one until that prompt is used up.
+
+    Returns each prompt's ``new_tokens`` tokens and the ``[b, new_tokens, vocab]`` logits that
+    chose them."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    b, start, total = len(prompts), int(lengths.min()), int(lengths.max()) + new_tokens
+    tokens = torch.zeros(b, total, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    context = StaticInferenceContext(b, total)
+    chose = torch.zeros(b, total, VOCAB)  # chose[:, t]: the logits that pick token t
     with torch.no_grad():
-        logits = model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s),
-                       inference_context=context, runtime_gather_output=True)
-        context.sequence_len_offset, position = s, s
-        for _ in range(new_tokens):
-            logits_seen.append(logits[:, -1, :VOCAB])
-            nxt = logits[:, -1, :VOCAB].argmax(-1)
-            out.append(nxt)
-            context.enable_decode_mode()
-            logits = model(nxt[:, None], torch.full((b, 1), position), None,
+        logits = model(tokens[:, :start], torch.arange(start).expand(b, start),
+                       causal_attention_mask(start), inference_context=context,
+                       runtime_gather_output=True)
+        context.sequence_len_offset = start
+        for position in range(start, total):
+            chose[:, position] = logits[:, -1, :VOCAB]
+            generating = lengths <= position
+            tokens[:, position] = torch.where(generating, chose[:, position].argmax(-1),
+                                              tokens[:, position])
+            if position == total - 1:
+                break
+            if bool(generating.all()):
+                context.enable_decode_mode()
+            logits = model(tokens[:, position:position + 1], torch.full((b, 1), position), None,
                            inference_context=context, runtime_gather_output=True)
             context.sequence_len_offset += 1
-            position += 1
-    return torch.stack(out, 1).tolist(), torch.stack(logits_seen, 1)
+    out = [tokens[i, n:n + new_tokens].tolist() for i, n in enumerate(lengths.tolist())]
+    seen = torch.stack([chose[i, n:n + new_tokens] for i, n in enumerate(lengths.tolist())])
+    return out, seen
 
 
-def test_dmc_off_engine_equals_megatron_static_kv_cache_generation(megatron_tp1):
+@pytest.mark.parametrize("shape", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
+def test_dmc_off_engine_equals_megatron_static_kv_cache_generation(megatron_tp1, shape):
+    """Same weights in a vanilla megatron model and a DMC model run with
+    ``force_decision="append"``; prompts of mixed lengths.
+
+    The decision channel D-1 of q and k is zeroed in both: DMC attention drops that channel
+    from q.k (it carries the decision logit and importance) while vanilla attention uses it,
+    so with it left non-zero the two models would attend differently on the same weights.
+    Zeroed, the vanilla model is a model "with DMC off" and every token appends anyway."""
     seed_all(11)
-    vanilla = build_model(TINY_GQA, dmc=None).eval()
-    dmc = build_model(TINY_GQA, DMCConfig()).eval()
+    vanilla = build_model(shape, dmc=None).eval()
+    dmc = build_model(shape, DMCConfig()).eval()
     dmc.load_state_dict(vanilla.state_dict())
-    # the repurposed channel carries nothing in a vanilla model: zero it in both (DMC zeroes it)
     zero_decision_projections(vanilla)
     zero_decision_projections(dmc)
-    prompts = _prompts([6, 6, 6], seed=4)
+    prompts = _prompts([6, 9, 4], seed=4)
     expected, megatron_logits = _megatron_static_greedy(vanilla, prompts, new_tokens=8)
-    config = EngineConfig(max_batch_size=3, max_sequence_length=16, block_size=4,
+    config = EngineConfig(max_batch_size=3, max_sequence_length=20, block_size=4,
                           force_decision="append")
     results = InferenceEngine(dmc, config, vocab_size=VOCAB).generate(
         prompts, SamplingParams(max_new_tokens=8))
@@ -196,6 +218,32 @@ def test_pool_shortage_preempts_a_sequence_without_changing_any_output(megatron_
     assert [r.tokens for r in results] == [_greedy_reference(model, p, n)
                                            for p, n in zip(prompts, news)]
     assert engine.cache.num_free_blocks == 80
+
+
+def test_admission_waits_when_a_prompt_does_not_fit_beside_running_sequences(megatron_tp1):
+    model = _model()
+    prompts = _prompts([14, 14, 14], seed=8)
+    # one 14-token prompt fits the pool of 60 blocks (8 heads x <= 7 blocks of 2), two do not
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=3, max_sequence_length=20,
+                                                 block_size=2, num_blocks=60), vocab_size=VOCAB)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=3))
+    assert engine.admission_retries > 0  # the batch of three did not fit: retried one alone
+    assert engine.admission_waits > 0  # the others waited for it to finish
+    assert [r.tokens for r in results] == [_greedy_reference(model, p, 3) for p in prompts]
+    assert engine.cache.num_free_blocks == 60 and engine.cache.num_free_rows == 3
+
+
+def test_runner_prefill_raises_when_the_pool_runs_out(megatron_tp1):
+    runner = DMCModelRunner(_model(), block_size=2, num_blocks=6, max_sequences=1,
+                            max_sequence_length=16)
+    row = runner.cache.acquire_row()
+    with pytest.raises(CacheFullError, match="engine.num_blocks=6"):
+        runner.prefill([row], _prompts([12]), chunk_size=4)
+    runner.cache.release_row(row)
+    assert runner.cache.num_free_blocks == 6 and not runner.cache.overflow
+    row = runner.cache.acquire_row()
+    runner.prefill([row], _prompts([12]), raise_on_overflow=False)
+    assert runner.cache.overflow
 
 
 def test_prompt_larger_than_the_pool_is_a_clear_error(megatron_tp1):

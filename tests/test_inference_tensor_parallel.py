@@ -1,4 +1,5 @@
-"""Tensor-parallel inference: KV heads split over 2 gloo ranks give the TP=1 results."""
+"""Tensor-parallel inference: KV heads split over 2 gloo ranks give the TP=1 results, also when
+a short pool makes the ranks agree on preempting a sequence."""
 
 import torch
 
@@ -14,13 +15,38 @@ from nemo_dmc.megatron.model import build_model
 SEQ, PROMPTS, VOCAB = 14, [4, 9, 6], TINY_GQA.vocab_size
 
 
+def _prompts():
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPTS]
+
+
 def _engine_run(model):
     config = EngineConfig(max_batch_size=2, max_sequence_length=SEQ, block_size=2,
                           prefill_chunk_size=4)
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPTS]
     return InferenceEngine(model, config, vocab_size=VOCAB).generate(
-        prompts, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=5, seed=3))
+        _prompts(), SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=5, seed=3))
+
+
+def _greedy_run(model, num_blocks=None):
+    """All prompts at once, greedy, with ``num_blocks`` per rank; returns (engine, tokens)."""
+    config = EngineConfig(max_batch_size=3, max_sequence_length=SEQ, block_size=4,
+                          num_blocks=num_blocks)
+    engine = InferenceEngine(model, config, vocab_size=VOCAB)
+    results = engine.generate(_prompts(), SamplingParams(max_new_tokens=8))
+    return engine, [r.tokens for r in results]
+
+
+def _check_preemption_agreed_over_ranks(sharded, expected, rank: int) -> None:
+    """``sharded`` in a pool of 14 blocks of 4 per rank (4 local heads need <= 16 for a
+    sequence that never merges): the sequences wait, are retried alone and preempted. The
+    ranks' heads differ, and here rank 1 runs short at a step where rank 0 does not: only the
+    shortage agreed over the TP group keeps their schedules (and collectives) in step. The
+    tokens stay ``expected`` (TP=1, enough blocks)."""
+    engine, tokens = _greedy_run(sharded, num_blocks=14)
+    assert engine.preemptions > 0, rank
+    assert engine.admission_waits > 0 and engine.admission_retries > 0, rank
+    assert tokens == expected, rank
+    assert engine.cache.num_free_blocks == 14, rank
 
 
 def _cached_logits(model, tokens):
@@ -50,6 +76,7 @@ def _tp_worker(rank: int, world: int) -> None:
         with torch.no_grad():
             full = model(tokens, torch.arange(SEQ).expand(3, SEQ), causal_attention_mask(SEQ))
         reference = _engine_run(model)
+        greedy_reference = _greedy_run(model)[1] if window is None else None  # one window will do
 
         parallel.initialize(tensor_parallel_size=2, seed=0)
         sharded = build_model(TINY_GQA, dmc).eval()
@@ -62,8 +89,10 @@ def _tp_worker(rank: int, world: int) -> None:
             assert torch.equal(got.cache.head_lengths, ref.cache.head_lengths), (rank, window)
             assert got.cache.memory == ref.cache.memory, (rank, window)
         assert any(r.cache.compression_ratio > 1.2 for r in reference)
+        if greedy_reference is not None:
+            _check_preemption_agreed_over_ranks(sharded, greedy_reference, rank)
     parallel.shutdown()
 
 
-def test_tp2_engine_equals_tp1_logits_tokens_and_cache_for_gqa():
+def test_tp2_engine_equals_tp1_logits_tokens_cache_and_preemption_for_gqa():
     run_distributed(_tp_worker, 2)

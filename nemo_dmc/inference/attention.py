@@ -94,7 +94,7 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
         cache.pop_taken_blocks(free)
     query = ops.apply_rope_tables(zero_decision_channel(query), tables)
     out = dispatch.paged_decode_attention(query, cache.key_pool, cache.value_pool,
-                                          cache.block_tables[rows, layer],
-                                          cache.lengths[rows, layer], scale, cache.workspace,
-                                          max_slots)
+                                          cache.block_tables[:, layer].index_select(0, rows),
+                                          cache.lengths[:, layer].index_select(0, rows), scale,
+                                          cache.workspace, max_slots)
     return out.unsqueeze(2)

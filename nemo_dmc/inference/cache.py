@@ -27,6 +27,12 @@ class CacheFullError(RuntimeError):
     """The KV block pool (or the set of sequence rows) cannot hold what was asked of it."""
 
 
+# CacheLayout fields set from conf/generate.yaml, and their keys there (for error messages).
+_CONFIG_KEYS = {"block_size": "engine.block_size", "num_blocks": "engine.num_blocks",
+                "max_sequences": "engine.max_batch_size",
+                "max_sequence_length": "engine.max_sequence_length"}
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """Shape of a :class:`PagedKVCache` (KV heads are those of this tensor-parallel rank)."""
@@ -42,9 +48,9 @@ class CacheLayout:
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
-        for key in ("block_size", "num_blocks", "max_sequences", "max_sequence_length"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        for field_, key in _CONFIG_KEYS.items():
+            if getattr(self, field_) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, field_)}")
 
     @property
     def blocks_per_head(self) -> int:

@@ -153,6 +153,10 @@ class InferenceEngine:
         config: cache and scheduling settings.
         vocab_size: real vocabulary (the model's embedding may be padded); tokens are
             sampled below it. ``None``: the whole padded vocabulary.
+
+    Counters of the pool's shortages: ``preemptions``; ``admission_waits`` (prompts put back
+    to wait for a running sequence to finish); ``admission_retries`` (batches of prompts that
+    did not fit with nothing running, retried one prompt at a time).
     """
 
     def __init__(self, model: GPTModel, config: Optional[EngineConfig] = None,
@@ -175,6 +179,8 @@ class InferenceEngine:
         self._running: List[_Sequence] = []
         self._admission_paused = False
         self.preemptions = 0
+        self.admission_waits = 0
+        self.admission_retries = 0
         self.steps = 0
 
     # -- requests ------------------------------------------------------------------------------
@@ -249,6 +255,7 @@ class InferenceEngine:
             if self._running:  # wait until a running sequence finishes and frees blocks
                 self._waiting.extendleft(reversed(batch))
                 self._admission_paused = True
+                self.admission_waits += 1
                 return
             if len(batch) == 1:
                 seq = batch[0]
@@ -259,12 +266,14 @@ class InferenceEngine:
                     "engine.kv_memory_mb")
             self._waiting.extendleft(reversed(batch[1:]))
             batch = batch[:1]
+            self.admission_retries += 1
 
     def _prefill(self, batch: List[_Sequence]) -> Optional[Tensor]:
         """Prefill ``batch`` into fresh rows; ``None`` (rows released) if the pool ran out."""
         rows = [self.cache.acquire_row() for _ in batch]
         logits = self.runner.prefill(rows, [s.prompt + s.generated for s in batch],
-                                     chunk_size=self.config.prefill_chunk_size)
+                                     chunk_size=self.config.prefill_chunk_size,
+                                     raise_on_overflow=False)  # shortage is agreed over TP
         overflow = _tp_any(self.cache.overflow, self._device)
         self.cache.overflow = False
         if overflow:

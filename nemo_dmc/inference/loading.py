@@ -7,12 +7,15 @@ Accepted ``checkpoint`` paths:
   ``nemo_dmc.convert.checkpoint_dir.load_weights_checkpoint``; the run's ``run_config.yaml``
   (written by the trainer into run_dir) or Hydra's ``.hydra/config.yaml``, if found above the
   checkpoint, supplies ``model``, ``dmc`` and the tokenizer;
-* a NeMo 2 directory with ``weights/`` (same loader);
+* a NeMo 2 directory (``context/`` + ``weights/``, same loader); its context supplies
+  ``model`` and, for a DMC model, ``dmc`` (the shape needs ``nemo`` installed; without it
+  the ``model`` settings given are used);
 * a weights checkpoint of ``python -m nemo_dmc.convert`` (``weights/`` + ``model_config.yaml``),
   loaded with ``nemo_dmc.convert.checkpoint_dir.load_weights_checkpoint``;
 * a ``.pt``/``.pth`` file holding a full (TP=1) model ``state_dict`` (or ``{"model": ...}``).
 
-dist_checkpointing checkpoints load at any tensor-parallel size.
+dist_checkpointing checkpoints load at any tensor-parallel size. All of them load into models of
+either layer spec, local or Transformer Engine (``nemo_dmc.convert.layout``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from nemo_dmc.training.config import RUN_CONFIG_FILE
 # A run's config: the trainer's own copy in run_dir, else Hydra's (when run_dir is its output).
 RUN_CONFIGS = (Path(RUN_CONFIG_FILE), Path(".hydra") / "config.yaml")
 STAGES = ("pretrain", "zero_out", "retrofit", "finetune")
+NEMO_CONTEXT = "context"  # a NeMo 2 checkpoint's serialised model and config
 
 
 @dataclass
@@ -41,6 +45,8 @@ class ResolvedCheckpoint:
 
     kind: ``"trainer"`` (dist checkpoint of the trainer or NeMo 2), ``"weights"`` (convert's
     weights checkpoint) or ``"state_dict"``. run_config: the training run's config, if found.
+    model_config / dmc_config: the shape / DMC settings the checkpoint itself records
+    (``model_config.yaml``, a NeMo 2 context).
     """
 
     kind: str
@@ -48,6 +54,7 @@ class ResolvedCheckpoint:
     run_config: Optional[Any] = None
     model_config: Optional[ModelConfig] = None
     key: str = "checkpoint"
+    dmc_config: Optional[DMCConfig] = None
 
     def recorded_model_config(self) -> Optional[ModelConfig]:
         """The model shape the checkpoint records (``model_config.yaml``, else its run's
@@ -56,6 +63,15 @@ class ResolvedCheckpoint:
             return self.model_config
         if self.run_config is not None:
             return _model_config_from(self.run_config, self.path)
+        return None
+
+    def recorded_dmc_config(self) -> Optional[DMCConfig]:
+        """The DMC settings the checkpoint records (a NeMo 2 context, else the run's config
+        when the checkpoint records no shape of its own), or ``None``."""
+        if self.dmc_config is not None:
+            return self.dmc_config
+        if self.model_config is None and self.run_config is not None:
+            return dmc_config_from_run(self.run_config)
         return None
 
 
@@ -93,6 +109,10 @@ def resolve_checkpoint(checkpoint: str | Path, key: str = "checkpoint") -> Resol
 
     if (path / MODEL_CONFIG_FILE).is_file():
         return ResolvedCheckpoint("weights", path, None, read_model_config(path), key=key)
+    if (path / NEMO_CONTEXT).is_dir() and (path / "weights" / "metadata.json").is_file():
+        return ResolvedCheckpoint("trainer", path, _find_run_config(path),
+                                  _nemo_model_config(path, key), key=key,
+                                  dmc_config=_nemo_dmc_config(path, key))
     if (path / "metadata.json").is_file() or (path / "weights" / "metadata.json").is_file():
         return ResolvedCheckpoint("trainer", path, _find_run_config(path), key=key)
     latest = _latest_in_run(path)
@@ -100,6 +120,37 @@ def resolve_checkpoint(checkpoint: str | Path, key: str = "checkpoint") -> Resol
         raise FileNotFoundError(f"{key}: no checkpoint found in {path} (expected a "
                                 "run/stage/step directory, a weights checkpoint or a .pt file)")
     return ResolvedCheckpoint("trainer", latest, _find_run_config(latest), key=key)
+
+
+def _nemo_model_config(path: Path, key: str) -> Optional[ModelConfig]:
+    """The shape a NeMo 2 checkpoint's context records; ``None`` without ``nemo``."""
+    try:
+        from nemo_dmc.nemo.checkpoint import read_nemo_model_config
+    except ImportError:
+        return None
+    try:
+        return read_nemo_model_config(path)
+    except Exception as err:  # fiddle/NeMo raise many types for an unreadable context
+        raise ValueError(f"{key}: cannot read the NeMo 2 model config in "
+                         f"{path / NEMO_CONTEXT}: {err}") from err
+
+
+def _nemo_dmc_config(path: Path, key: str) -> Optional[DMCConfig]:
+    """The DMC settings of a NeMo 2 checkpoint of a ``DMCGPTModel``: the flat ``dmc_*``
+    fields of ``DMCLlamaConfig`` in ``context/config.yaml``; ``None`` for a plain Llama."""
+    saved = path / NEMO_CONTEXT / "config.yaml"
+    if not saved.is_file():
+        return None
+    config = OmegaConf.load(saved)
+    if "dmc_window" not in config:
+        return None
+    try:
+        return DMCConfig(init_offset=float(config.dmc_init_offset),
+                         temperature=float(config.dmc_temperature),
+                         window=None if config.dmc_window is None else int(config.dmc_window),
+                         decision_scale=float(config.dmc_decision_scale))
+    except (AttributeError, ValueError) as err:
+        raise ValueError(f"{key}: bad DMC settings in {saved}: {err}") from err
 
 
 def _model_config_from(run_config: Any, source: Path) -> ModelConfig:
@@ -129,6 +180,9 @@ def load_weights(model: GPTModel, resolved: ResolvedCheckpoint) -> None:
         state = torch.load(resolved.path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
+        from nemo_dmc.convert.layout import match_layout
+
+        state = match_layout(state, model.state_dict())  # local <-> Transformer Engine names
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             from nemo_dmc.convert.sharding import shard_full_state
 
@@ -157,8 +211,7 @@ def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelC
         resolved = resolve_checkpoint(checkpoint, key)
         if prefer_checkpoint_config:
             model_config = resolved.recorded_model_config() or model_config
-            if resolved.model_config is None and resolved.run_config is not None:
-                dmc = dmc_config_from_run(resolved.run_config)
+            dmc = resolved.recorded_dmc_config() or dmc
     model = build_model(model_config, dmc)
     if resolved is not None:
         load_weights(model, resolved)

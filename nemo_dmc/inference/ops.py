@@ -102,9 +102,27 @@ def chunk_entries(query: Tensor, key: Tensor, value: Tensor,
     Returns:
         ``(query with the decision channel zeroed [b, hq, c, d], entries [b, hk, c, e])``.
     """
+    return zero_decision_channel(query), weigh_chunk(query, key, value, config)
+
+
+def weigh_chunk(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig) -> Tensor:
+    """The weighted entries ``[b, hk, c, e]`` of :func:`chunk_entries` alone."""
     omega = importance(query, key.shape[1], config.init_offset, config.decision_scale)
     kv = torch.cat([zero_decision_channel(key), value], dim=-1)
-    return zero_decision_channel(query), weighted_entries(kv, omega)
+    return weighted_entries(kv, omega)
+
+
+def decode_merges(key: Tensor, positions: Tensor, config: DMCConfig) -> Tensor:
+    """``[b, hk]`` bool hard decisions of one token per sequence (``key [b, hk, d]``
+    pre-RoPE at ``positions [b]``): ``chunk_decisions(...).merge[..., 0]`` of a one-token
+    chunk without its survival biases, which a decode step does not need (merge where
+    ``s * k[D-1] - c > 0``, or as forced; position 0 appends)."""
+    if config.force_decision is None:
+        merge = decision_logits(key, config.init_offset, config.decision_scale) > 0
+    else:
+        merge = torch.full(key.shape[:2], config.force_decision == "merge", dtype=torch.bool,
+                           device=key.device)
+    return merge & (positions != 0).unsqueeze(-1)
 
 
 def chronological(open_runs: Tensor, ring_next: Tensor) -> Tensor:
@@ -177,7 +195,7 @@ def advance_open_runs(open_runs: Tensor, ring_next: Tensor, entry: Tensor, merge
 
     Args:
         open_runs: ``[b, hk, r, e]``; ring_next: ``[b, hk]`` (windowed rings).
-        entry: ``[b, hk, e]`` the new token's weighted entry; merge: ``[b, hk]`` 0/1.
+        entry: ``[b, hk, e]`` the new token's weighted entry; merge: ``[b, hk]`` bool.
 
     Returns:
         ``(open_runs, ring_next)`` after the token; the slot is ``normalize_sums(runs.sum(-2))``.
@@ -185,10 +203,9 @@ def advance_open_runs(open_runs: Tensor, ring_next: Tensor, entry: Tensor, merge
     keep = merge.to(open_runs.dtype).view(*merge.shape, 1, 1)
     if window is None:
         return keep * open_runs + entry.unsqueeze(-2), ring_next
-    index = torch.where(merge.bool(), ring_next, torch.zeros_like(ring_next))
-    runs = open_runs * keep
+    index = ring_next * merge  # the oldest entry on merge, 0 on append (the run restarts)
     where = index.view(*index.shape, 1, 1).expand(*index.shape, 1, entry.shape[-1])
-    runs = runs.scatter(-2, where, entry.unsqueeze(-2))
+    runs = (open_runs * keep).scatter_(-2, where, entry.unsqueeze(-2))
     return runs, (index + 1) % window
 
 
@@ -219,11 +236,12 @@ def rope_tables(rope: Optional[RoPE], positions: Tensor, dim: int, dtype: torch.
     if rope is None:
         ones = torch.ones(b, dim, dtype=dtype, device=device)
         return RopeTables(ones, torch.zeros_like(ones), channels.clone())
-    eye = torch.eye(dim, dtype=dtype, device=device).unsqueeze(1).expand(dim, b, dim)
-    probe = rope(eye.contiguous(), positions).to(dtype)  # [i, b, j] = j-th output of e_i
+    eye = torch.eye(dim, dtype=dtype, device=device).unsqueeze(1)
+    # probe[i, b, j] = the j-th output of the unit vector e_i
+    probe = rope(eye.expand(dim, b, dim).contiguous(), positions).to(dtype)
     cos = probe.diagonal(dim1=0, dim2=2).contiguous()  # [b, d]
-    off = probe.masked_fill(torch.eye(dim, dtype=torch.bool, device=device).unsqueeze(1), 0.0)
-    partner = off.abs().argmax(dim=0)  # [b, d]
+    off = probe.masked_fill(eye.bool(), 0.0)
+    partner = off.abs().max(dim=0).indices  # [b, d] (the first on ties, as argmax; faster)
     sin = off.gather(0, partner.unsqueeze(0)).squeeze(0)
     tables = RopeTables(cos, sin, partner)
     if check:
@@ -277,30 +295,35 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
         key_pool, value_pool: ``[n, bs, d]``; tables: RoPE at ``positions``.
     """
     d, bs = key.shape[-1], key_pool.shape[1]
-    decisions = chunk_decisions(key.unsqueeze(2), positions == 0, config)
-    _, entries = chunk_entries(query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2), config)
-    merge = decisions.merge[..., 0]
-    runs, ring = advance_open_runs(open_runs[rows], ring_next[rows], entries[..., 0, :], merge,
+    merge = decode_merges(key, positions, config)
+    entry = weigh_chunk(query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2), config)
+    runs, ring = advance_open_runs(open_runs.index_select(0, rows),
+                                   ring_next.index_select(0, rows), entry[..., 0, :], merge,
                                    window)
-    open_runs[rows], ring_next[rows] = runs, ring
+    open_runs.index_copy_(0, rows, runs)
+    if window is not None:
+        ring_next.index_copy_(0, rows, ring)
     slot = normalize_sums(runs.sum(-2))  # [b, hk, 2d]
     keys = apply_rope_tables(slot[..., :d], tables)
-    old = lengths[rows]
-    appends = 1 - merge.long()
+    # Every head computes the block of its open slot (no boolean-mask indexing, which
+    # costs a nonzero() and a host sync); a head growing into a new block takes the k-th
+    # block from the top of the free stack, k counted over the growing heads in order.
+    appends = ~merge
+    old = lengths.index_select(0, rows)
     new = old + appends
-    index = (new - 1) // bs
-    heads = torch.arange(key.shape[1], device=key.device).expand_as(old)
-    grow = ((appends == 1) & (old % bs == 0)).reshape(-1)
-    k = free.taken.long() + torch.cumsum(grow.long(), 0) - 1  # the k-th block taken
-    r_idx = rows.unsqueeze(1).expand_as(old).reshape(-1)
-    h_idx, i_idx = heads.reshape(-1), index.reshape(-1)
-    block_tables[r_idx[grow], h_idx[grow], i_idx[grow]] = free.ids[free.top - 1 - k[grow]]
-    free.taken += grow.sum().to(free.taken.dtype)
-    block = block_tables[r_idx, h_idx, i_idx]
-    offset = ((new - 1) % bs).reshape(-1)
-    key_pool[block, offset] = keys.reshape(-1, d).to(key_pool.dtype)
-    value_pool[block, offset] = slot[..., d:].reshape(-1, d).to(value_pool.dtype)
-    lengths[rows] = new
+    index, offset = (new - 1).div(bs, rounding_mode="floor"), (new - 1) % bs
+    grow = appends & (old % bs == 0)  # an append into a full (or no) last block
+    at = (rows.unsqueeze(1), torch.arange(key.shape[1], device=key.device), index)
+    block = block_tables[at]
+    if free.top > 0:  # else nothing may grow (the host checked)
+        taken = torch.cumsum(grow.view(-1), 0).view_as(grow) + free.taken  # k + 1
+        top = (free.top - taken).clamp_(0, free.ids.numel() - 1)  # top - 1 - k
+        block = torch.where(grow, free.ids[top], block)
+        block_tables.index_put_(at, block)
+        free.taken += grow.sum()
+    key_pool.index_put_((block, offset), keys.to(key_pool.dtype))
+    value_pool.index_put_((block, offset), slot[..., d:].to(value_pool.dtype))
+    lengths.index_copy_(0, rows, new)
 
 
 def gather_slots(key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, lengths: Tensor,
@@ -323,7 +346,8 @@ def gather_slots(key_pool: Tensor, value_pool: Tensor, block_tables: Tensor, len
     ids = block_tables[..., :blocks].clamp_min(0).reshape(-1)
     shape, numel = (b, hk, blocks * bs, d), b * hk * blocks * bs * d
     if callable(workspace):
-        workspace = workspace(numel)
+        with torch.inference_mode(False):  # kept buffers stay usable outside inference mode
+            workspace = workspace(numel)
     if workspace is not None and workspace[0].numel() >= numel:
         keys = torch.index_select(key_pool, 0, ids, out=workspace[0][:numel].view(-1, bs, d))
         values = torch.index_select(value_pool, 0, ids, out=workspace[1][:numel].view(-1, bs, d))
@@ -353,11 +377,11 @@ def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
     keys, values, valid = gather_slots(key_pool, value_pool, block_tables, lengths, workspace)
     dtype = acc_dtype(query.dtype)
     q = query.view(b, hk, hq // hk, d).to(dtype) * scale
-    padding = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
-    padding.masked_fill_(~valid, float("-inf"))
-    scores = torch.matmul(q, keys.to(dtype).transpose(-1, -2)) + padding.unsqueeze(2)
-    probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0).to(values.dtype)  # [b, hk, g, t]
-    return torch.matmul(probs, values).view(b, hq, d)
+    scores = torch.matmul(q, keys.to(dtype).transpose(-1, -2))
+    scores.masked_fill_(~valid.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [b, hk, g, t]
+    out = torch.matmul(probs, values)  # NaN for a head of length 0 (all slots masked)
+    return out.masked_fill_((lengths == 0).view(b, hk, 1, 1), 0.0).view(b, hq, d)
 
 
 def prefix_chunk_attention(query: Tensor, prior_keys: Tensor, prior_values: Tensor,

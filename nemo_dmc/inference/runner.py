@@ -98,7 +98,8 @@ class DMCModelRunner:
 
     @torch.no_grad()
     def prefill(self, rows: Sequence[int], tokens: Sequence[Sequence[int]],
-                chunk_size: Optional[int] = None, all_logits: bool = False):
+                chunk_size: Optional[int] = None, all_logits: bool = False,
+                raise_on_overflow: bool = True):
         """Feed each row's next tokens (a prompt, or the rest of one) in parallel chunks.
 
         Args:
@@ -106,11 +107,15 @@ class DMCModelRunner:
                 row already caches.
             chunk_size: at most this many tokens per row per forward (``None``: all at once).
             all_logits: return the logits of every fed token instead of only the last.
+            raise_on_overflow: if the pool runs out of blocks, raise :class:`CacheFullError`
+                (after the last chunk, so tensor-parallel ranks run the same forwards);
+                ``False``: leave ``cache.overflow`` set and return meaningless logits (the
+                engine agrees on a shortage over the TP group before acting on it).
 
         Returns:
             ``[b, vocab]`` logits of each row's last token, or (``all_logits``) a list of
-            ``[len(tokens[i]), vocab]``. If the pool ran out of blocks, ``cache.overflow``
-            is set and the rows' state is undefined (release them).
+            ``[len(tokens[i]), vocab]``. After an overflow the rows' state is undefined
+            (release them).
         """
         if len(rows) != len(tokens) or any(len(t) == 0 for t in tokens):
             raise ValueError("prefill needs one non-empty token list per row")
@@ -136,6 +141,8 @@ class DMCModelRunner:
                 for j, i in enumerate(active):
                     outputs[i] = [logits[j]]
             done += chunk
+        if raise_on_overflow:
+            self._raise_if_overflow("prefill")
         if all_logits:
             return [torch.cat(o) for o in outputs]
         return torch.stack([o[0] for o in outputs])
@@ -148,11 +155,23 @@ class DMCModelRunner:
         then undefined: release them); check ``cache.blocks_needed_for_next_token`` first.
         """
         row_ids = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
-        hidden = self._forward(row_ids, tokens.view(-1, 1).to(self.device), None)
-        if self.cache.overflow:
-            raise CacheFullError(f"the KV pool (engine.num_blocks={self.cache.layout.num_blocks}) "
-                                 "ran out of blocks during decode; release the rows")
-        return self._logits(hidden)[:, 0]
+        with torch.inference_mode():  # cheaper per-op dispatch than no_grad alone
+            hidden = self._forward(row_ids, tokens.view(-1, 1).to(self.device), None)
+            self._raise_if_overflow("decode")
+            logits = self._logits(hidden)[:, 0]
+        return logits.clone()  # a normal tensor, which callers may modify in place
+
+    def _raise_if_overflow(self, step: str) -> None:
+        """Raise :class:`CacheFullError` (clearing ``cache.overflow``) if ``step`` ran out of
+        blocks."""
+        if not self.cache.overflow:
+            return
+        self.cache.overflow = False
+        layout = self.cache.layout
+        raise CacheFullError(
+            f"the KV pool (engine.num_blocks={layout.num_blocks} blocks of {layout.block_size} "
+            f"slots) ran out of blocks during {step}: release the rows (their state is "
+            "undefined) and raise engine.num_blocks or engine.kv_memory_mb")
 
     # -- the model walk ------------------------------------------------------------------------
 
