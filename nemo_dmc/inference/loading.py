@@ -110,9 +110,12 @@ def resolve_checkpoint(checkpoint: str | Path, key: str = "checkpoint") -> Resol
     if (path / MODEL_CONFIG_FILE).is_file():
         return ResolvedCheckpoint("weights", path, None, read_model_config(path), key=key)
     if (path / NEMO_CONTEXT).is_dir() and (path / "weights" / "metadata.json").is_file():
-        return ResolvedCheckpoint("trainer", path, _find_run_config(path),
-                                  _nemo_model_config(path, key), key=key,
-                                  dmc_config=_nemo_dmc_config(path, key))
+        try:
+            model, dmc = nemo_checkpoint_settings(path) or (None, None)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from err
+        return ResolvedCheckpoint("trainer", path, _find_run_config(path), model, key=key,
+                                  dmc_config=dmc)
     if (path / "metadata.json").is_file() or (path / "weights" / "metadata.json").is_file():
         return ResolvedCheckpoint("trainer", path, _find_run_config(path), key=key)
     latest = _latest_in_run(path)
@@ -122,35 +125,19 @@ def resolve_checkpoint(checkpoint: str | Path, key: str = "checkpoint") -> Resol
     return ResolvedCheckpoint("trainer", latest, _find_run_config(latest), key=key)
 
 
-def _nemo_model_config(path: Path, key: str) -> Optional[ModelConfig]:
-    """The shape a NeMo 2 checkpoint's context records; ``None`` without ``nemo``."""
+def nemo_checkpoint_settings(path: Path) -> Optional[tuple[ModelConfig, Optional[DMCConfig]]]:
+    """Shape and DMC settings a NeMo 2 checkpoint's ``context/`` records (see
+    :func:`nemo_dmc.nemo.checkpoint.read_nemo_settings`); ``None`` without ``nemo`` installed
+    (its ``weights/`` still load). Raises ValueError for an unreadable context."""
     try:
-        from nemo_dmc.nemo.checkpoint import read_nemo_model_config
+        from nemo_dmc.nemo.checkpoint import read_nemo_settings
     except ImportError:
         return None
     try:
-        return read_nemo_model_config(path)
+        return read_nemo_settings(path)
     except Exception as err:  # fiddle/NeMo raise many types for an unreadable context
-        raise ValueError(f"{key}: cannot read the NeMo 2 model config in "
-                         f"{path / NEMO_CONTEXT}: {err}") from err
-
-
-def _nemo_dmc_config(path: Path, key: str) -> Optional[DMCConfig]:
-    """The DMC settings of a NeMo 2 checkpoint of a ``DMCGPTModel``: the flat ``dmc_*``
-    fields of ``DMCLlamaConfig`` in ``context/config.yaml``; ``None`` for a plain Llama."""
-    saved = path / NEMO_CONTEXT / "config.yaml"
-    if not saved.is_file():
-        return None
-    config = OmegaConf.load(saved)
-    if "dmc_window" not in config:
-        return None
-    try:
-        return DMCConfig(init_offset=float(config.dmc_init_offset),
-                         temperature=float(config.dmc_temperature),
-                         window=None if config.dmc_window is None else int(config.dmc_window),
-                         decision_scale=float(config.dmc_decision_scale))
-    except (AttributeError, ValueError) as err:
-        raise ValueError(f"{key}: bad DMC settings in {saved}: {err}") from err
+        raise ValueError(f"cannot read the NeMo 2 model config in {path / NEMO_CONTEXT}: "
+                         f"{err}") from err
 
 
 def _model_config_from(run_config: Any, source: Path) -> ModelConfig:

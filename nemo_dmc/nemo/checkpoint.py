@@ -95,12 +95,20 @@ def load_nemo_model(path: Path) -> GPTModel:
     return model
 
 
-def read_nemo_model_config(path: Path, vocab_size: int | None = None) -> ModelConfig:
-    """Our :class:`ModelConfig` from a NeMo 2 checkpoint's context (no weights loaded).
+def read_nemo_settings(path: Path, vocab_size: int | None = None,
+                       ) -> tuple[ModelConfig, Optional[DMCConfig]]:
+    """Our :class:`ModelConfig` and the DMC settings (``None`` for a plain Llama) a NeMo 2
+    checkpoint's context records (no weights loaded).
 
     ``vocab_size`` is the tokenizer's; by default the checkpoint's (padded) vocabulary.
     """
-    from nemo_dmc.nemo.config import model_config_from_nemo
+    from nemo_dmc.nemo.config import DMCLlamaConfig, model_config_from_nemo
 
     config = _load_model_context(path).config
-    return model_config_from_nemo(config, vocab_size or config.vocab_size)
+    dmc = config.dmc_config() if isinstance(config, DMCLlamaConfig) else None
+    return model_config_from_nemo(config, vocab_size or config.vocab_size), dmc
+
+
+def read_nemo_model_config(path: Path, vocab_size: int | None = None) -> ModelConfig:
+    """The shape part of :func:`read_nemo_settings`."""
+    return read_nemo_settings(path, vocab_size)[0]

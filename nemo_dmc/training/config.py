@@ -310,15 +310,13 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
 def _nemo_model_config(path: Path) -> Optional[ModelConfig]:
     """The shape a NeMo 2 checkpoint's ``context/`` records; ``None`` without NeMo installed
     (its ``weights/`` still load, unchecked)."""
+    from nemo_dmc.inference.loading import nemo_checkpoint_settings  # imports this module
+
     try:
-        from nemo_dmc.nemo.checkpoint import read_nemo_model_config
-    except ImportError:
-        return None
-    try:
-        return read_nemo_model_config(path)
-    except Exception as err:  # fiddle/NeMo raise many types for an unreadable context
-        raise ConfigError("checkpoint.pretrained", f"cannot read the NeMo 2 model config in "
-                          f"{path / 'context'}: {err}") from err
+        settings = nemo_checkpoint_settings(path)
+    except ValueError as err:
+        raise ConfigError("checkpoint.pretrained", str(err)) from err
+    return settings[0] if settings else None
 
 
 def _validate_dmc(dmc: DMCSettings) -> None:
