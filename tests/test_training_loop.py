@@ -312,3 +312,24 @@ def test_bf16_distributed_optimizer_run_saves_and_resumes_on_gpu(train, tmp_path
     assert [r["step"] for r in again] == [1, 2, 3, 3]
     assert again[-1]["lm_loss"] == pytest.approx(first[-1]["lm_loss"], rel=1e-3)
     assert again[-1]["cr"] == pytest.approx(first[-1]["cr"], rel=1e-3)
+
+
+def test_progress_bar_is_drawn_on_the_logging_rank_only(tmp_path, capsys):
+    """rank 0 (enabled) draws a tqdm bar that counts steps from the resume point; other ranks
+    write nothing (no bar, no files)."""
+    from nemo_dmc.training.config import LoggingConfig
+    from nemo_dmc.training.metrics import RunLogger
+
+    cfg = LoggingConfig(tensorboard=False, progress_bar=True)
+    rank0 = RunLogger(tmp_path / "rank0", cfg, enabled=True)
+    rank0.start_stage("retrofit", steps=10, first_step=4, message="[retrofit] start")
+    rank0.advance({"lm_loss": 2.5})
+    assert rank0._bar is not None and rank0._bar.n == 5 and rank0._bar.total == 10
+    rank0.close()
+    other = RunLogger(tmp_path / "rank1", cfg, enabled=False)
+    other.start_stage("retrofit", steps=10, first_step=4, message="[retrofit] start")
+    other.advance({"lm_loss": 2.5})
+    other.close()
+    assert other._bar is None and not (tmp_path / "rank1").exists()
+    err = capsys.readouterr().err
+    assert "retrofit" in err and "5/10" in err
