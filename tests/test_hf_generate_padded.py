@@ -49,3 +49,23 @@ def test_right_padded_batch_is_rejected(megatron_tp1, tmp_path):
         hf.generate(ids, attention_mask=mask.flip(1), max_new_tokens=2, pad_token_id=PAD)
     with pytest.raises(ValueError, match="DMC cache"):
         hf.generate(ids, attention_mask=mask, use_cache=False, max_new_tokens=2, pad_token_id=PAD)
+
+
+def test_padding_is_inferred_from_the_pad_id_when_no_mask_is_given(megatron_tp1, tmp_path):
+    """transformers infers the mask from ``pad_token_id``; the DMC cache must follow it."""
+    _, hf = _dmc_export(tmp_path, seed=8)
+    ids, mask = _left_padded(_prompts(9, 4))
+    with torch.no_grad():
+        given = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                            pad_token_id=PAD)
+        inferred = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    assert inferred.tolist() == given.tolist()
+
+
+def test_a_chunk_of_only_padding_is_rejected(megatron_tp1, tmp_path):
+    _, hf = _dmc_export(tmp_path, seed=8)
+    ids, mask = _left_padded(_prompts(9, 4))
+    cache = DMCCache(hf.config, batch_size=2, max_length=16)
+    cache.set_left_padding(mask)
+    with torch.no_grad(), pytest.raises(ValueError, match="only padding"):
+        hf(ids[:, :3], past_key_values=cache, use_cache=True)

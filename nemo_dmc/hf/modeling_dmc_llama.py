@@ -88,6 +88,9 @@ class DMCLlamaAttention(LlamaAttention):
             # padding prefill_attention takes (``counts`` real tokens from position 0), and
             # rotate the outputs back (those of pad tokens are never used).
             pad = (cache.padding - cache.seen).clamp(0, c)  # [b] pad tokens in this chunk
+            if bool((pad >= c).any()):
+                raise ValueError("a chunk holds only padding for some row: the first forward "
+                                 "of a left-padded batch must cover all of its padding")
             q, k, v = (_rotate_tokens(x, pad) for x in (q, k, v))
             out = prefill_attention(cache.paged, self.layer_idx, cache.rows, q, k, v,
                                     positions + pad.view(-1, 1), c - pad, self.dmc_config,
@@ -133,6 +136,17 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
             layer.self_attn = DMCLlamaAttention(config, i)
         self.post_init()
 
+    def _inferred_attention_mask(self, input_ids: Tensor, kwargs: dict) -> Optional[Tensor]:
+        """The mask transformers infers when none is given: pad ids in the prompt are padding
+        when the pad id differs from the eos id (``None``: no padding to infer)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        eos = kwargs.get("eos_token_id", config.eos_token_id)
+        eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        if pad is None or pad in eos or not bool((input_ids == pad).any()):
+            return None
+        return (input_ids != pad).long()
+
     def generate(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                  past_key_values=None, **kwargs):
         """``transformers`` generation with a :class:`DMCCache` (unless ``use_cache=False``).
@@ -140,6 +154,8 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         Prompts of mixed lengths must be left padded (``attention_mask`` 0 before each
         prompt); pad tokens are not cached and each row's positions start at its first token.
         """
+        if attention_mask is None and input_ids is not None:
+            attention_mask = self._inferred_attention_mask(input_ids, kwargs)
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         if not kwargs.get("use_cache", True):
             if padded:
