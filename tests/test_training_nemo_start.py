@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytest.importorskip("nemo.collections.llm", reason="needs the `nemo` extra")
@@ -16,10 +14,11 @@ from nemo_dmc.training.launch import free_port  # noqa: E402
 from test_training_loop import micro_config, records, train  # noqa: E402,F401
 
 
-def test_a_stage_starts_from_a_nemo2_checkpoint_whose_shape_is_checked(train, tmp_path, capsys):
+def test_a_stage_starts_from_a_nemo2_checkpoint_whose_shape_is_checked(train, tmp_path, capsys,
+                                                                        monkeypatch):
     nemo = tmp_path / "nemo"
     cfg = micro_config(tmp_path / "run")
-    os.environ["MASTER_PORT"] = str(free_port())
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     parallel.initialize(tensor_parallel_size=1, seed=7)
     try:
         export_nemo_checkpoint(build_model(cfg.model, cfg.dmc.core()), cfg.model, cfg.dmc.core(),
@@ -31,6 +30,13 @@ def test_a_stage_starts_from_a_nemo2_checkpoint_whose_shape_is_checked(train, tm
     other = micro_config(tmp_path / "run", "model.hidden_size=128", f"checkpoint.pretrained={nemo}")
     with pytest.raises(ConfigError, match=r"model.hidden_size.*128.*has 64.*context"):
         validate_config(other, world_size=1, cuda_available=False)
+
+    # The context records the padded vocabulary (NeMo builds the model from it as is):
+    # a tokenizer vocabulary that pads to the same size matches.
+    assert cfg.model.vocab_size % cfg.model.make_vocab_size_divisible_by == 0
+    smaller = micro_config(tmp_path / "run", f"model.vocab_size={cfg.model.vocab_size - 50}",
+                           f"checkpoint.pretrained={nemo}")
+    validate_config(smaller, world_size=1, cuda_available=False)
 
     (summary,) = train(tmp_path / "run", "stage=retrofit", "stage.retrofit.steps=1",
                        f"checkpoint.pretrained={nemo}")

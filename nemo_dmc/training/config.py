@@ -289,10 +289,13 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
     from nemo_dmc.convert.checkpoint_dir import MODEL_CONFIG_FILE, read_model_config
 
     _require(path.is_dir(), "checkpoint.pretrained", f"no checkpoint directory at {path}")
+    from nemo_dmc.inference.loading import NEMO_CONTEXT  # imports this module
+
+    padded = False  # a NeMo 2 context records the padded vocabulary only
     if (path / MODEL_CONFIG_FILE).is_file():
         saved, source = read_model_config(path), path / MODEL_CONFIG_FILE
-    elif (path / "context").is_dir():
-        saved, source = _nemo_model_config(path), path / "context"
+    elif (path / NEMO_CONTEXT).is_dir():
+        saved, source, padded = _nemo_model_config(path), path / NEMO_CONTEXT, True
         if saved is None:
             return
     else:
@@ -301,6 +304,8 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
                 "ffn_hidden_size", "vocab_size", "rotary_base", "rope_scaling_factor",
                 "share_embeddings_and_output_weights"):
         ours, theirs = getattr(model, key), getattr(saved, key)
+        if key == "vocab_size" and padded:
+            ours = model.padded_vocab_size()
         name = "num_query_groups" if key == "kv_heads" else key
         _require(ours == theirs, f"model.{name}",
                  f"is {ours}, but checkpoint.pretrained={path} has {theirs} "
