@@ -137,5 +137,6 @@ def test_memory_report_counts_logical_allocated_waste_and_open_state():
                                        ("max_sequence_length", "engine.max_sequence_length")])
 def test_bad_layout_names_its_key_in_conf_generate(field, key):
     sizes = dict(block_size=2, num_blocks=4, max_sequences=1, max_sequence_length=8)
-    with pytest.raises(ValueError, match=f"^{key} must be >= 1"):
+    message = f"^cache {field} \\({key} in the engine config\\) must be >= 1"
+    with pytest.raises(ValueError, match=message):
         CacheLayout(num_layers=1, kv_heads=1, head_dim=4, window=None, **{**sizes, field: 0})

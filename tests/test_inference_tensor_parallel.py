@@ -1,6 +1,7 @@
 """Tensor-parallel inference: KV heads split over 2 gloo ranks give the TP=1 results, also when
 a short pool makes the ranks agree on preempting a sequence."""
 
+import pytest
 import torch
 
 from distributed import run_distributed
@@ -8,6 +9,7 @@ from megatron_utils import TINY_GQA
 from nemo_dmc.convert.sharding import shard_full_state
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import DMCModelRunner, EngineConfig, InferenceEngine, SamplingParams
+from nemo_dmc.inference.cache import CacheFullError
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
@@ -47,6 +49,16 @@ def _check_preemption_agreed_over_ranks(sharded, expected, rank: int) -> None:
     assert engine.admission_waits > 0 and engine.admission_retries > 0, rank
     assert tokens == expected, rank
     assert engine.cache.num_free_blocks == 14, rank
+
+
+def _check_prefill_overflow_raises_on_every_rank(sharded, tokens, rank: int) -> None:
+    """Only rank 1's pool is too small, yet both ranks raise (else rank 0 would carry on
+    into collectives rank 1 never joins)."""
+    runner = DMCModelRunner(sharded, block_size=2, num_blocks=200 if rank == 0 else 2,
+                            max_sequences=3, max_sequence_length=SEQ)
+    rows = [runner.cache.acquire_row() for _ in PROMPTS]
+    with pytest.raises(CacheFullError, match="engine.num_blocks"):
+        runner.prefill(rows, [tokens[i, :n].tolist() for i, n in enumerate(PROMPTS)])
 
 
 def _cached_logits(model, tokens):
@@ -91,6 +103,7 @@ def _tp_worker(rank: int, world: int) -> None:
         assert any(r.cache.compression_ratio > 1.2 for r in reference)
         if greedy_reference is not None:
             _check_preemption_agreed_over_ranks(sharded, greedy_reference, rank)
+            _check_prefill_overflow_raises_on_every_rank(sharded, tokens, rank)
     parallel.shutdown()
 
 

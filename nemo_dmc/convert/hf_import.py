@@ -109,13 +109,16 @@ def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
     """
     consumed: set[str] = set()
 
-    def take(name: str, *shape: int) -> Tensor:
+    def check(name: str, *shape: int) -> None:
         if name not in state:
             raise KeyError(f"tensor {name!r} missing from the checkpoint")
         if tuple(state[name].shape) != shape:
             raise ValueError(f"shape mismatch for tensor {name!r}: the config implies {shape}, "
                              f"the checkpoint has {tuple(state[name].shape)}")
         consumed.add(name)
+
+    def take(name: str, *shape: int) -> Tensor:
+        check(name, *shape)
         return state[name].float()
 
     vocab = model.padded_vocab_size(tensor_parallel_size)
@@ -132,7 +135,7 @@ def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
     if not model.share_embeddings_and_output_weights:
         out["output_layer.weight"] = pad_vocab(take("lm_head.weight", rows, h))
     elif "lm_head.weight" in state:  # tied: a copy of the embedding (e.g. transformers' GGUF load)
-        take("lm_head.weight", rows, h)
+        check("lm_head.weight", rows, h)
     for i in range(model.num_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         q = take(src + "self_attn.q_proj.weight", q_rows, h)

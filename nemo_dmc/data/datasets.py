@@ -364,8 +364,11 @@ def _check_blends(
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """Shuffle seed of epoch ``epoch`` of :func:`build_train_epochs` (``seed`` for the first)."""
-    return (seed + 7919 * epoch) % 2**32
+    """Shuffle seed of epoch ``epoch`` of :func:`build_train_epochs`: ``seed`` for the first,
+    then derived from both numbers (so nearby seeds never share an epoch's order)."""
+    if epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def build_train_epochs(
@@ -388,7 +391,8 @@ def build_train_epochs(
     ``seq_length`` and ``seed``: a run may change its length or run its stages one at a time.
 
     Give ``blend`` (its train part by ``split``) or ``train_blend``, as for
-    :func:`build_gpt_datasets`.
+    :func:`build_gpt_datasets`. Each epoch is one megatron index build (cached under
+    ``cache_dir``), so a run over many epochs of a small corpus builds that many at start-up.
     """
     if (blend is None) == (train_blend is None):
         raise ValueError("give either blend= (with split=) or train_blend=, not both or neither")

@@ -50,7 +50,8 @@ class CacheLayout:
     def __post_init__(self) -> None:
         for field_, key in _CONFIG_KEYS.items():
             if getattr(self, field_) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, field_)}")
+                raise ValueError(f"cache {field_} ({key} in the engine config) must be >= 1, "
+                                 f"got {getattr(self, field_)}")
 
     @property
     def blocks_per_head(self) -> int:

@@ -27,7 +27,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from nemo_dmc.inference.cache import CacheFullError, MemoryReport
-from nemo_dmc.inference.runner import DMCModelRunner
+from nemo_dmc.inference.runner import DMCModelRunner, tp_any, tp_size
 from nemo_dmc.inference.sampling import SamplingParams, sample_tokens
 
 FORCE_DECISIONS = (None, "append", "merge")
@@ -131,20 +131,6 @@ class _Sequence:
     preemptions: int = 0
 
 
-def _tp_size() -> int:
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return 1
-    return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def _tp_any(flag: bool, device: torch.device) -> bool:
-    if _tp_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
-    return bool(t.item())
-
-
 class InferenceEngine:
     """Generation with a DMC ``GPTModel`` over a paged, per-head compressed KV cache.
 
@@ -163,7 +149,7 @@ class InferenceEngine:
                  vocab_size: Optional[int] = None) -> None:
         self.config = config or EngineConfig()
         mc = model.config
-        kv_heads = (mc.num_query_groups or mc.num_attention_heads) // _tp_size()
+        kv_heads = (mc.num_query_groups or mc.num_attention_heads) // tp_size()
         slot_bytes = 2 * mc.kv_channels * torch.empty((), dtype=mc.params_dtype).element_size()
         self.runner = DMCModelRunner(
             model, block_size=self.config.block_size,
@@ -274,7 +260,7 @@ class InferenceEngine:
         logits = self.runner.prefill(rows, [s.prompt + s.generated for s in batch],
                                      chunk_size=self.config.prefill_chunk_size,
                                      raise_on_overflow=False)  # shortage is agreed over TP
-        overflow = _tp_any(self.cache.overflow, self._device)
+        overflow = tp_any(self.cache.overflow, self._device)
         self.cache.overflow = False
         if overflow:
             for row in rows:
@@ -288,7 +274,7 @@ class InferenceEngine:
         while self._running:
             rows = torch.tensor([s.row for s in self._running], device=self._device)
             needed = self.cache.blocks_needed_for_next_token(rows)
-            if not _tp_any(needed > self.cache.num_free_blocks, self._device):
+            if not tp_any(needed > self.cache.num_free_blocks, self._device):
                 break
             if len(self._running) == 1:
                 seq = self._running[0]
@@ -318,7 +304,7 @@ class InferenceEngine:
         if self.vocab_size is not None:
             logits = logits[:, :self.vocab_size]
         tokens = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch])
-        if _tp_size() > 1:
+        if tp_size() > 1:
             dist.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
                            group=parallel_state.get_tensor_model_parallel_group())
         for seq, token in zip(batch, tokens.tolist()):
@@ -334,8 +320,8 @@ class InferenceEngine:
 
     def _finish(self, seq: _Sequence, reason: str) -> GenerationResult:
         lengths = self.cache.head_lengths(seq.row)
-        if _tp_size() > 1:
-            parts = [torch.empty_like(lengths) for _ in range(_tp_size())]
+        if tp_size() > 1:
+            parts = [torch.empty_like(lengths) for _ in range(tp_size())]
             dist.all_gather(parts, lengths, group=parallel_state.get_tensor_model_parallel_group())
             lengths = torch.cat(parts, dim=1)
         stats = CacheStats(tokens=int(self.cache.positions[seq.row]), head_lengths=lengths,
@@ -347,7 +333,7 @@ class InferenceEngine:
                                 seq.preemptions)
 
     def _tp_sum_report(self, report: MemoryReport) -> MemoryReport:
-        if _tp_size() == 1:
+        if tp_size() == 1:
             return report
         fields_ = ("slots", "logical", "allocated", "open_state", "vanilla")
         t = torch.tensor([getattr(report, f) for f in fields_], dtype=torch.int64,

@@ -18,6 +18,8 @@ from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 from torch import Tensor
@@ -48,6 +50,22 @@ def _dmc_attentions(model: GPTModel) -> List[DMCSelfAttention]:
             raise ValueError(f"layer {i} has cross-attention, which inference does not support")
         attentions.append(attn)
     return attentions
+
+
+def tp_size() -> int:
+    """Tensor-parallel world size (1 without an initialised process group)."""
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_any(flag: bool, device: torch.device) -> bool:
+    """``flag`` on any tensor-parallel rank (an all-reduce only when TP > 1)."""
+    if tp_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+    return bool(t.item())
 
 
 class DMCModelRunner:
@@ -108,7 +126,8 @@ class DMCModelRunner:
             chunk_size: at most this many tokens per row per forward (``None``: all at once).
             all_logits: return the logits of every fed token instead of only the last.
             raise_on_overflow: if the pool runs out of blocks, raise :class:`CacheFullError`
-                (after the last chunk, so tensor-parallel ranks run the same forwards);
+                on every tensor-parallel rank (the ranks agree after the last chunk, so all
+                run the same forwards);
                 ``False``: leave ``cache.overflow`` set and return meaningless logits (the
                 engine agrees on a shortage over the TP group before acting on it).
 
@@ -164,9 +183,10 @@ class DMCModelRunner:
     def _raise_if_overflow(self, step: str) -> None:
         """Raise :class:`CacheFullError` (clearing ``cache.overflow``) if ``step`` ran out of
         blocks."""
-        if not self.cache.overflow:
-            return
+        overflow = tp_any(self.cache.overflow, self.device)  # every rank raises, or none
         self.cache.overflow = False
+        if not overflow:
+            return
         layout = self.cache.layout
         raise CacheFullError(
             f"the KV pool (engine.num_blocks={layout.num_blocks} blocks of {layout.block_size} "

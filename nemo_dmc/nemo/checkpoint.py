@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import fiddle as fdl
 from megatron.core import dist_checkpointing
@@ -14,11 +14,13 @@ from torch import nn
 
 from nemo_dmc.convert.checkpoint_dir import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.core import DMCConfig
-from nemo_dmc.inference.loading import ResolvedCheckpoint
 from nemo_dmc.megatron.model import ModelConfig
 from nemo_dmc.nemo.config import cpu_overrides, dmc_llama_config, llama_config
 from nemo_dmc.nemo.model import DMCGPTModel
 from nemo_dmc.training.checkpoint import read_progress
+
+if TYPE_CHECKING:  # annotation only: no nemo -> inference import edge
+    from nemo_dmc.inference.loading import ResolvedCheckpoint
 
 
 def export_nemo_checkpoint(model: nn.Module, model_config: ModelConfig, dmc: Optional[DMCConfig],
