@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import List
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -274,6 +275,23 @@ def test_trains_on_a_weighted_blend_and_on_a_split_of_one_blend(train, tmp_path,
         assert summary.steps_run == 2 and math.isfinite(summary.validation.lm_loss)
     # the split's valid documents are another part of `a` than the held-out file `b`
     assert split.validation.lm_loss != weighted.validation.lm_loss
+
+
+def test_trainer_data_follows_blend_weights_and_split(megatron_tp1, tmp_path, tiny_corpus):
+    """The datasets the trainer reads: a 0.7/0.3 blend draws in proportion from `a` and `b`;
+    a split of `a` gives train and valid disjoint document ranges."""
+    from nemo_dmc.training.batches import build_splits
+
+    a, b = tiny_corpus / "a", tiny_corpus / "b"
+    cfg = micro_config(tmp_path, *indexed(tiny_corpus, f"0.7,{a},0.3,{b}", str(b)))
+    epoch = build_splits(cfg, train_samples=40, valid_samples=4).train.datasets[0]
+    share = np.bincount(epoch.dataset_index, minlength=2) / len(epoch.dataset_index)
+    assert share[0] == pytest.approx(0.7, abs=0.05), share
+    cfg = micro_config(tmp_path, *indexed(tiny_corpus, str(a)), "data.split='70,30,0'")
+    splits = build_splits(cfg, train_samples=8, valid_samples=4)
+    train_docs = set(splits.train.datasets[0].document_index.tolist())
+    valid_docs = set(splits.valid.document_index.tolist())
+    assert train_docs and valid_docs and not train_docs & valid_docs
 
 
 def test_selective_recompute_checkpoints_the_core_attention_of_every_layer(
