@@ -44,7 +44,26 @@ def _check_preemption_agreed_over_ranks(sharded, expected, rank: int) -> None:
     ranks' heads differ, and here rank 1 runs short at a step where rank 0 does not: only the
     shortage agreed over the TP group keeps their schedules (and collectives) in step. The
     tokens stay ``expected`` (TP=1, enough blocks)."""
-    engine, tokens = _greedy_run(sharded, num_blocks=14)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from nemo_dmc.inference import engine as engine_module
+
+    local_flags = []  # each rank's own shortage flag at every agreement
+
+    def recording_tp_any(flag, device):
+        local_flags.append(bool(flag))
+        return agree(flag, device)
+
+    agree, engine_module.tp_any = engine_module.tp_any, recording_tp_any
+    try:
+        engine, tokens = _greedy_run(sharded, num_blocks=14)
+    finally:
+        engine_module.tp_any = agree
+    flags = [None, None]
+    dist.all_gather_object(flags, local_flags,
+                           group=parallel_state.get_tensor_model_parallel_group())
+    assert len(flags[0]) == len(flags[1]) and flags[0] != flags[1], flags  # ranks disagreed
     assert engine.preemptions > 0, rank
     assert engine.admission_waits > 0 and engine.admission_retries > 0, rank
     assert tokens == expected, rank
