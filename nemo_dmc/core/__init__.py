@@ -21,6 +21,7 @@ from nemo_dmc.core.config import DMCConfig
 from nemo_dmc.core.decisions import (
     Decisions,
     decision_logits,
+    hard_merges,
     importance,
     make_decisions,
     sample_logistic_noise,
@@ -33,7 +34,7 @@ from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 __all__ = [
     "DMCConfig", "Decisions", "RoPE", "SimulationResult", "Stage",
     "compression_loss", "decision_logits", "dmc_attention", "dmc_score_bias",
-    "dmc_self_attention", "dmc_states", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
+    "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
     "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
     "zero_out_scale",

@@ -84,6 +84,13 @@ def _survival_bias(log_keep: Tensor) -> Tensor:
     return F.pad(log_keep[..., 1:], (0, 1))
 
 
+def hard_merges(logits: Tensor, config: DMCConfig) -> Tensor:
+    """Hard decisions (bool) before the first-token rule: ``l > 0``, or as forced."""
+    if config.force_decision is not None:
+        return torch.full_like(logits, config.force_decision == "merge", dtype=torch.bool)
+    return logits > 0
+
+
 def make_decisions(logits: Tensor, config: DMCConfig, training: bool,
                    noise: Optional[Tensor] = None) -> Decisions:
     """Turn decision logits ``[b, hk, s]`` into :class:`Decisions`.
@@ -93,8 +100,7 @@ def make_decisions(logits: Tensor, config: DMCConfig, training: bool,
     in eval they are hard, ``1[l > 0]``.
     """
     if config.force_decision is not None:
-        value = 1.0 if config.force_decision == "merge" else 0.0
-        hard = _first_token_appends(torch.full_like(logits, value))
+        hard = _first_token_appends(hard_merges(logits, config).to(logits.dtype))
         bias = _survival_bias(hard * config.hard_bias)
         return Decisions(alpha=hard, hard=hard, straight_through=hard, state_bias=bias)
 
@@ -109,6 +115,6 @@ def make_decisions(logits: Tensor, config: DMCConfig, training: bool,
         bias = _survival_bias(F.logsigmoid(-z))
         return Decisions(alpha=alpha, hard=hard, straight_through=straight_through, state_bias=bias)
 
-    hard = _first_token_appends((logits > 0).float())
+    hard = _first_token_appends(hard_merges(logits, config).float())
     bias = _survival_bias(hard * config.hard_bias)
     return Decisions(alpha=hard, hard=hard, straight_through=hard, state_bias=bias)

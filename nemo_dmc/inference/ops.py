@@ -32,6 +32,7 @@ from nemo_dmc.core import (
     RoPE,
     decision_logits,
     dmc_score_bias,
+    hard_merges,
     importance,
     linear_scan,
     make_decisions,
@@ -117,12 +118,8 @@ def decode_merges(key: Tensor, positions: Tensor, config: DMCConfig) -> Tensor:
     pre-RoPE at ``positions [b]``): ``chunk_decisions(...).merge[..., 0]`` of a one-token
     chunk without its survival biases, which a decode step does not need (merge where
     ``s * k[D-1] - c > 0``, or as forced; position 0 appends)."""
-    if config.force_decision is None:
-        merge = decision_logits(key, config.init_offset, config.decision_scale) > 0
-    else:
-        merge = torch.full(key.shape[:2], config.force_decision == "merge", dtype=torch.bool,
-                           device=key.device)
-    return merge & (positions != 0).unsqueeze(-1)
+    logits = decision_logits(key, config.init_offset, config.decision_scale)
+    return hard_merges(logits, config) & (positions != 0).unsqueeze(-1)
 
 
 def chronological(open_runs: Tensor, ring_next: Tensor) -> Tensor:
