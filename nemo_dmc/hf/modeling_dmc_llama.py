@@ -136,10 +136,10 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
             layer.self_attn = DMCLlamaAttention(config, i)
         self.post_init()
 
-    def _inferred_attention_mask(self, input_ids: Tensor, kwargs: dict) -> Optional[Tensor]:
+    @staticmethod
+    def _inferred_attention_mask(input_ids: Tensor, config, kwargs: dict) -> Optional[Tensor]:
         """The mask transformers infers when none is given: pad ids in the prompt are padding
         when the pad id differs from the eos id (``None``: no padding to infer)."""
-        config = kwargs.get("generation_config") or self.generation_config
         pad = kwargs.get("pad_token_id", config.pad_token_id)
         eos = kwargs.get("eos_token_id", config.eos_token_id)
         eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
@@ -154,15 +154,15 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         Prompts of mixed lengths must be left padded (``attention_mask`` 0 before each
         prompt); pad tokens are not cached and each row's positions start at its first token.
         """
+        config = kwargs.get("generation_config") or self.generation_config
         if attention_mask is None and input_ids is not None:
-            attention_mask = self._inferred_attention_mask(input_ids, kwargs)
+            attention_mask = self._inferred_attention_mask(input_ids, config, kwargs)
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
         if not kwargs.get("use_cache", True):
             if padded:
                 raise ValueError("padded batches need the DMC cache: DMC would merge pad "
                                  "tokens into the states of use_cache=False")
         elif past_key_values is None and input_ids is not None:
-            config = kwargs.get("generation_config") or self.generation_config
             new = kwargs.get("max_new_tokens") or config.max_new_tokens
             length = input_ids.shape[1] + new if new else kwargs.get("max_length", config.max_length)
             past_key_values = DMCCache(self.config, input_ids.shape[0], length,
