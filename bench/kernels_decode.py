@@ -22,7 +22,8 @@ from typing import Callable, Dict, List
 import torch
 
 from nemo_dmc.core import DMCConfig, rotate_half_rope
-from nemo_dmc.inference import ops
+from nemo_dmc.kernels import references
+from nemo_dmc.kvcache import ops
 
 GPU_SIZES = dict(context=8192, batch=16, heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,12 +77,12 @@ def bench_attention(args, device, use_triton: bool) -> List[Dict]:
         cache = _paged_cache(_lengths(args, cr, device), args, device)
         kv_bytes = int(cache["lengths"].sum()) * 2 * args.head_dim * element
         label = f"CR {cr:g}" if cr != 1 else "vanilla (CR 1)"
-        impls = [("torch reference", ops.paged_decode_attention)]
+        impls = [("torch reference", references.paged_decode_attention)]
         if use_triton:
             from nemo_dmc.kernels.decode_attention import paged_decode_attention
 
             impls.insert(0, ("triton", paged_decode_attention))
-            ref = ops.paged_decode_attention(**cache, scale=scale)
+            ref = references.paged_decode_attention(**cache, scale=scale)
             err = (paged_decode_attention(**cache, scale=scale).float() - ref.float()).abs().max()
             print(f"  {label}: triton vs reference max |diff| = {float(err):.2e}")
         for name, fn in impls:
@@ -114,7 +115,7 @@ def bench_cache_update(args, device, use_triton: bool) -> List[Dict]:
     rows_ = torch.arange(b, device=device)
     tables_rope = ops.rope_tables(rotate_half_rope(), positions, d, dtype)
     config = DMCConfig(window=window)
-    impls = [("torch reference", ops.decode_cache_update)]
+    impls = [("torch reference", references.decode_cache_update)]
     if use_triton:
         from nemo_dmc.kernels.cache_update import decode_cache_update
 
@@ -122,8 +123,8 @@ def bench_cache_update(args, device, use_triton: bool) -> List[Dict]:
     out = []
     for name, fn in impls:
         state = [runs.clone(), ring.clone(), lengths.clone(), tables.clone()]
-        free = ops.FreeBlocks(free_ids, len(free_ids), torch.zeros(1, dtype=torch.int32,
-                                                                   device=device))
+        free = references.FreeBlocks(free_ids, len(free_ids),
+                                     torch.zeros(1, dtype=torch.int32, device=device))
 
         def step() -> None:
             fn(q, k, v, positions, rows_, *state, *pools, free, tables_rope, config, window)

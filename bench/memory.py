@@ -20,7 +20,8 @@ from typing import Dict, List
 import torch
 
 from bench_model import BENCH_SHAPE, build_bench_models, machine_line
-from nemo_dmc.inference import DMCModelRunner, MemoryReport
+from nemo_dmc.inference import DMCModelRunner
+from nemo_dmc.kvcache import MemoryReport
 from nemo_dmc.megatron import parallel
 
 

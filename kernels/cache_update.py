@@ -8,7 +8,7 @@ the open slot ``S / Z`` with its key rotated at the token's position (channel D-
 before RoPE), the write into its block (popping a new block from the host's free stack
 through an atomic counter when an append crosses into one) and the new length.
 
-Reference: :func:`nemo_dmc.inference.ops.decode_cache_update` (same arguments). Blocks taken
+Reference: :func:`nemo_dmc.kernels.references.decode_cache_update` (same arguments). Blocks taken
 in one launch may be handed to heads in a different order than the reference's (the atomic
 counter orders them); the slots each head reads are the same.
 """
@@ -120,9 +120,9 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
                         rows: Tensor, open_runs: Tensor, ring_next: Tensor, lengths: Tensor,
                         block_tables: Tensor, key_pool: Tensor, value_pool: Tensor, free,
                         tables, config, window: Optional[int]) -> None:
-    """Triton version of :func:`nemo_dmc.inference.ops.decode_cache_update` (same arguments;
-    ``free`` a :class:`~nemo_dmc.inference.ops.FreeBlocks`, ``tables`` a
-    :class:`~nemo_dmc.inference.ops.RopeTables`, ``config`` a ``DMCConfig``)."""
+    """Triton version of :func:`nemo_dmc.kernels.references.decode_cache_update` (same arguments;
+    ``free`` a :class:`~nemo_dmc.kernels.references.FreeBlocks`, ``tables`` a
+    :class:`~nemo_dmc.kernels.references.RopeTables`, ``config`` a ``DMCConfig``)."""
     b, hq, d = query.shape
     hk, r = key.shape[1], open_runs.shape[-2]
     if open_runs.stride(-1) != 1 or block_tables.stride(-1) != 1 or key_pool.stride(-1) != 1:

@@ -7,7 +7,7 @@ sequence: every program of :func:`_partial_kernel` covers ``split`` slots of one
 writes a partial ``(max, sum, acc)`` per query head; :func:`_combine_kernel` merges them.
 Slots are addressed one by one through the block table, so any page size works.
 
-Reference: :func:`nemo_dmc.inference.ops.paged_decode_attention` (same arguments, same
+Reference: :func:`nemo_dmc.kernels.references.paged_decode_attention` (same arguments, same
 semantics: scores and softmax in fp32, probabilities cast to the pool dtype before the
 value product, a head of length 0 gives zeros).
 """
@@ -111,7 +111,7 @@ def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
                            block_tables: Tensor, lengths: Tensor, scale: float,
                            max_slots: Optional[int] = None, split: Optional[int] = None,
                            block_n: Optional[int] = None) -> Tensor:
-    """Triton version of :func:`nemo_dmc.inference.ops.paged_decode_attention`.
+    """Triton version of :func:`nemo_dmc.kernels.references.paged_decode_attention`.
 
     Args:
         query: ``[b, hq, d]``; key_pool, value_pool: ``[n, bs, d]`` (last dim contiguous);

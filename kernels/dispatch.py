@@ -97,7 +97,7 @@ def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor,
                            lengths: torch.Tensor, scale: float, workspace=None,
                            max_slots=None) -> torch.Tensor:
     """Decode attention over the per-head paged cache; see
-    :func:`nemo_dmc.inference.ops.paged_decode_attention` (``workspace`` is used by the
+    :func:`nemo_dmc.kernels.references.paged_decode_attention` (``workspace`` is used by the
     reference only, ``max_slots``, a bound of ``lengths``, by the kernel only). fp64 pools
     always take the reference."""
     if (use_triton(query) and key_pool.dtype in _DECODE_DTYPES
@@ -105,7 +105,7 @@ def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor,
         from nemo_dmc.kernels.decode_attention import paged_decode_attention as kernel
 
         return kernel(query, key_pool, value_pool, block_tables, lengths, scale, max_slots)
-    from nemo_dmc.inference.ops import paged_decode_attention as reference
+    from nemo_dmc.kernels.references import paged_decode_attention as reference
 
     return reference(query, key_pool, value_pool, block_tables, lengths, scale, workspace)
 
@@ -116,11 +116,11 @@ def decode_cache_update(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         block_tables: torch.Tensor, key_pool: torch.Tensor,
                         value_pool: torch.Tensor, free, tables, config, window) -> None:
     """Fused cache update of one decode token per sequence; see
-    :func:`nemo_dmc.inference.ops.decode_cache_update`. fp64 caches take the reference."""
+    :func:`nemo_dmc.kernels.references.decode_cache_update`. fp64 caches take the reference."""
     if (use_triton(key) and key_pool.dtype in _DECODE_DTYPES
             and open_runs.dtype == torch.float32):
         from nemo_dmc.kernels.cache_update import decode_cache_update as kernel
     else:
-        from nemo_dmc.inference.ops import decode_cache_update as kernel
+        from nemo_dmc.kernels.references import decode_cache_update as kernel
     kernel(query, key, value, positions, rows, open_runs, ring_next, lengths, block_tables,
            key_pool, value_pool, free, tables, config, window)

@@ -26,9 +26,14 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from nemo_dmc.core import DMCConfig  # noqa: E402
-from nemo_dmc.inference.engine import EngineConfig, GenerationResult  # noqa: E402
-from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
 from nemo_dmc.megatron.model import ModelConfig  # noqa: E402
+from nemo_dmc.inference.config import (  # noqa: E402
+    EngineConfig,
+    ParallelSettings,
+    SamplingSettings,
+)
+from nemo_dmc.inference.engine import GenerationResult  # noqa: E402
+from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
 
 
 @dataclass
@@ -37,27 +42,6 @@ class DMCSettings:
 
     init_offset: float = 5.0
     window: Optional[int] = 12
-
-
-@dataclass
-class SamplingSettings:
-    """Sampling of every prompt (``sampling.*``); see :class:`SamplingParams`.
-
-    stop_at_eod: also stop at the tokenizer's end-of-document token.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    stop_token_ids: List[int] = field(default_factory=list)
-    stop_at_eod: bool = True
-    seed: Optional[int] = None
-
-
-@dataclass
-class ParallelSettings:
-    tensor_model_parallel_size: int = 1
 
 
 @dataclass
@@ -167,7 +151,7 @@ register_schema()
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from nemo_dmc.inference.cache import CacheFullError
+    from nemo_dmc.kvcache.paged import CacheFullError
 
     try:
         run(OmegaConf.to_object(cfg))  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from nemo_dmc.evaluation.passkey import (
     passkey_prompts,
 )
 from nemo_dmc.evaluation.perplexity import heldout_perplexity
-from nemo_dmc.inference.cache import CacheLayout
+from nemo_dmc.kvcache.paged import CacheLayout
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from nemo_dmc.core import DMCConfig, rotate_half_rope, simulate_inference
-from nemo_dmc.inference import ops
-from nemo_dmc.inference.attention import decode_attention, prefill_attention
-from nemo_dmc.inference.cache import CacheLayout, PagedKVCache
+from nemo_dmc.kernels import references
+from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
+from nemo_dmc.kvcache.paged import CacheLayout, PagedKVCache
 
 
 def _inputs(hq, hk, seq, batch=2, dim=8, seed=0):
@@ -86,7 +86,7 @@ def test_windowed_merge_continues_across_decode_steps_from_the_ring():
 def test_decode_attention_reads_only_blocks_up_to_the_longest_head():
     pool = torch.arange(10 * 4 * 2, dtype=torch.float32).view(10, 4, 2)
     tables = torch.tensor([[[3, 7, -1, -1], [5, -1, -1, -1]]])
-    keys, values, valid = ops.gather_slots(pool, pool, tables, torch.tensor([[6, 2]]))
+    keys, values, valid = references.gather_slots(pool, pool, tables, torch.tensor([[6, 2]]))
     assert keys.shape == (1, 2, 8, 2)  # two blocks of 4: the longest head holds 6 slots
     assert torch.equal(keys[0, 0, :4], pool[3]) and torch.equal(keys[0, 0, 4:], pool[7])
     assert valid.sum(-1).tolist() == [[6, 2]]

@@ -18,8 +18,8 @@ from megatron_utils import TINY_GQA
 from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.data.tokenizer import train_bpe_tokenizer
-from nemo_dmc.generate import GenerateConfig, SamplingSettings, run
-from nemo_dmc.inference import EngineConfig
+from nemo_dmc.generate import GenerateConfig, run
+from nemo_dmc.inference.config import EngineConfig, SamplingSettings
 from nemo_dmc.inference.loading import build_inference_model
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model

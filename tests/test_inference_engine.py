@@ -11,7 +11,6 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_utils import TINY_GQA
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import (
-    CacheFullError,
     DMCModelRunner,
     EngineConfig,
     InferenceEngine,
@@ -19,6 +18,7 @@ from nemo_dmc.inference import (
     filter_logits,
     generate,
 )
+from nemo_dmc.kvcache import CacheFullError
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all

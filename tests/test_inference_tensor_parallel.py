@@ -9,7 +9,7 @@ from megatron_utils import TINY_GQA
 from nemo_dmc.convert.sharding import shard_full_state
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import DMCModelRunner, EngineConfig, InferenceEngine, SamplingParams
-from nemo_dmc.inference.cache import CacheFullError
+from nemo_dmc.kvcache.paged import CacheFullError
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model

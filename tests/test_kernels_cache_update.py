@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from nemo_dmc.core import DMCConfig, rotate_half_rope
-from nemo_dmc.inference import ops
+from nemo_dmc.kernels import references
 from nemo_dmc.kernels.cache_update import decode_cache_update
+from nemo_dmc.kvcache import ops
 
 BS, D = 16, 16
 
@@ -23,10 +24,10 @@ class _State:
     block_tables: torch.Tensor
     key_pool: torch.Tensor
     value_pool: torch.Tensor
-    free: ops.FreeBlocks
+    free: references.FreeBlocks
 
     def clone(self) -> "_State":
-        free = ops.FreeBlocks(self.free.ids.clone(), self.free.top, self.free.taken.clone())
+        free = references.FreeBlocks(self.free.ids.clone(), self.free.top, self.free.taken.clone())
         return _State(*(getattr(self, f).clone() for f in
                         ("open_runs", "ring_next", "lengths", "block_tables", "key_pool",
                          "value_pool")), free)
@@ -52,7 +53,7 @@ def _state(lengths, window, dtype, seed=0):
     runs[..., D - 1] = 0.0  # the decision channel of stored keys is zero
     ring = torch.randint(0, r_entries, (rows, hk), generator=g)
     pool = lambda: torch.randn(n, BS, D, generator=g).to(dtype)  # noqa: E731
-    free = ops.FreeBlocks(order[used:].clone(), n - used, torch.zeros(1, dtype=torch.int32))
+    free = references.FreeBlocks(order[used:].clone(), n - used, torch.zeros(1, dtype=torch.int32))
     return _State(runs, ring, lengths.clone(), tables, pool(), pool(), free)
 
 
@@ -68,8 +69,8 @@ def _token(b, hq, hk, dtype, seed=1):
 
 def _slots(state, rows):
     """Each head's slots ``[b, hk, t, d]`` read through its block table (zeros past its end)."""
-    keys, values, valid = ops.gather_slots(state.key_pool, state.value_pool,
-                                           state.block_tables[rows], state.lengths[rows])
+    keys, values, valid = references.gather_slots(state.key_pool, state.value_pool,
+                                                  state.block_tables[rows], state.lengths[rows])
     mask = valid.unsqueeze(-1)
     return keys * mask, values * mask
 
@@ -84,7 +85,7 @@ def _step(lengths, positions, hq, window, dtype=torch.float32, config=None):
     tables = ops.rope_tables(rotate_half_rope(), positions, D, dtype)
     config = config or DMCConfig(window=window)
     out = {}
-    for name, fn in (("triton", decode_cache_update), ("torch", ops.decode_cache_update)):
+    for name, fn in (("triton", decode_cache_update), ("torch", references.decode_cache_update)):
         s = state.clone()
         fn(query, key, value, positions, rows, s.open_runs, s.ring_next, s.lengths,
            s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window)
@@ -173,14 +174,14 @@ def test_cuda_kernel_matches_reference(window):
     state = _state(lengths, window, torch.bfloat16)
     state = _State(*(t.cuda() for t in (state.open_runs, state.ring_next, state.lengths,
                                         state.block_tables, state.key_pool, state.value_pool)),
-                   ops.FreeBlocks(state.free.ids.cuda(), state.free.top,
-                                  state.free.taken.cuda()))
+                   references.FreeBlocks(state.free.ids.cuda(), state.free.top,
+                                         state.free.taken.cuda()))
     query, key, value = (t.cuda() for t in _token(2, 16, 4, torch.bfloat16))
     positions, rows = torch.tensor([70, 90]).cuda(), torch.tensor([1, 0]).cuda()
     tables = ops.rope_tables(rotate_half_rope(), positions, D, torch.bfloat16)
     config = DMCConfig(window=window)
     tri, ref = state.clone(), state.clone()
-    for s, fn in ((tri, decode_cache_update), (ref, ops.decode_cache_update)):
+    for s, fn in ((tri, decode_cache_update), (ref, references.decode_cache_update)):
         fn(query, key, value, positions, rows, s.open_runs, s.ring_next, s.lengths,
            s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window)
     _assert_same(tri, ref, rows, torch.bfloat16)

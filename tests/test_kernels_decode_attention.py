@@ -4,8 +4,7 @@ PyTorch reference; on CPU it runs under ``TRITON_INTERPRET=1`` (see conftest).""
 import pytest
 import torch
 
-from nemo_dmc.inference import ops
-from nemo_dmc.kernels import dispatch
+from nemo_dmc.kernels import dispatch, references
 from nemo_dmc.kernels.decode_attention import paged_decode_attention
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -31,7 +30,7 @@ def _check(lengths, hq, dtype=torch.float32, split=16, **kw):
     query, kp, vp, tables = _paged(lengths, hq, dtype=dtype, **kw)
     scale = query.shape[-1] ** -0.5
     out = paged_decode_attention(query, kp, vp, tables, lengths, scale, split=split)
-    ref = ops.paged_decode_attention(query, kp, vp, tables, lengths, scale)
+    ref = references.paged_decode_attention(query, kp, vp, tables, lengths, scale)
     assert out.dtype == ref.dtype == kp.dtype
     torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
     return out
@@ -105,5 +104,5 @@ def test_cuda_kernel_matches_reference_at_default_splits(dtype):
     query, kp, vp, tables = (t.cuda() for t in _paged(lengths, 16, d=128, dtype=dtype))
     lengths = lengths.cuda()
     out = paged_decode_attention(query, kp, vp, tables, lengths, 0.1)
-    ref = ops.paged_decode_attention(query, kp, vp, tables, lengths, 0.1)
+    ref = references.paged_decode_attention(query, kp, vp, tables, lengths, 0.1)
     torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])

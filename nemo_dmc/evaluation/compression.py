@@ -5,8 +5,8 @@ hard decisions (the first token always appends), ``s`` for plain attention, and 
 eviction policy kept at the last position under eviction. Realised CR is tokens over slots, so the
 overall, per-layer and per-head figures here equal ``1 / (1 - merge fraction)`` of
 :func:`nemo_dmc.megatron.stats.collect_dmc_stats`. Bytes follow the inference cache's
-conventions (:class:`~nemo_dmc.inference.cache.CacheLayout`,
-:class:`~nemo_dmc.inference.cache.MemoryReport`).
+conventions (:class:`~nemo_dmc.kvcache.paged.CacheLayout`,
+:class:`~nemo_dmc.kvcache.paged.MemoryReport`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from torch import Tensor, nn
 
-from nemo_dmc.inference.cache import CacheLayout, MemoryReport
+from nemo_dmc.kvcache.paged import CacheLayout, MemoryReport
 from nemo_dmc.megatron.stats import dmc_attention_modules
 
 KV_DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,

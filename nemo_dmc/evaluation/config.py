@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from nemo_dmc.generate import DMCSettings, ParallelSettings
 from nemo_dmc.megatron.model import ModelConfig
+from nemo_dmc.generate import DMCSettings
+from nemo_dmc.inference.config import ParallelSettings
 
 METHODS = ("dmc", "vanilla", "h2o", "tova", "streaming")
 """Cache policies: DMC decisions, plain attention, and training-free eviction baselines."""

@@ -33,7 +33,7 @@ from nemo_dmc.evaluation.data import (
 from nemo_dmc.evaluation.passkey import PasskeyPrompt, passkey_accuracy, passkey_prompts
 from nemo_dmc.evaluation.perplexity import heldout_perplexity
 from nemo_dmc.evaluation.policy import cache_policy, eviction_ratio
-from nemo_dmc.inference.cache import CacheLayout
+from nemo_dmc.kvcache.paged import CacheLayout
 
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "head_cr_heatmap.png"

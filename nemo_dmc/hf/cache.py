@@ -1,7 +1,7 @@
 """``DMCCache``: a transformers cache backed by nemo_dmc's per-head paged compressed cache.
 
 ``DMCLlamaForCausalLM.generate`` creates one; its attention layers then run
-:func:`nemo_dmc.inference.attention.prefill_attention` / ``decode_attention`` against it,
+:func:`nemo_dmc.kvcache.attention.prefill_attention` / ``decode_attention`` against it,
 the same functions the megatron inference engine uses.
 """
 
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from nemo_dmc.inference.cache import CacheLayout, MemoryReport, PagedKVCache
+from nemo_dmc.kvcache.paged import CacheLayout, MemoryReport, PagedKVCache
 
 
 def left_padding(attention_mask: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import (
 from nemo_dmc.core import DMCConfig, dmc_states
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 from nemo_dmc.hf.cache import DMCCache
-from nemo_dmc.inference.attention import decode_attention, prefill_attention
+from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
 
 
 class DMCLlamaHFConfig(LlamaConfig):

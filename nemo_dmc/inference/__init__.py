@@ -1,5 +1,6 @@
-"""DMC inference: a per-head paged compressed KV cache, parallel (chunked) prefill, batched
-decode with continuous batching, sampling, and tensor-parallel generation.
+"""DMC inference with megatron-core models: parallel (chunked) prefill, batched decode with
+continuous batching over the per-head paged cache of :mod:`nemo_dmc.kvcache`, sampling, and
+tensor-parallel generation.
 
 Typical use::
 
@@ -9,19 +10,12 @@ Typical use::
     print(results[0].text, results[0].cache.compression_ratio)
 """
 
-from nemo_dmc.inference.cache import CacheFullError, CacheLayout, MemoryReport, PagedKVCache
-from nemo_dmc.inference.engine import (
-    CacheStats,
-    EngineConfig,
-    GenerationResult,
-    InferenceEngine,
-    generate,
-)
+from nemo_dmc.inference.config import EngineConfig
+from nemo_dmc.inference.engine import CacheStats, GenerationResult, InferenceEngine, generate
 from nemo_dmc.inference.runner import DMCModelRunner
 from nemo_dmc.inference.sampling import SamplingParams, filter_logits, sample_tokens
 
 __all__ = [
-    "CacheFullError", "CacheLayout", "CacheStats", "DMCModelRunner", "EngineConfig",
-    "GenerationResult", "InferenceEngine", "MemoryReport", "PagedKVCache", "SamplingParams",
-    "filter_logits", "generate", "sample_tokens",
+    "CacheStats", "DMCModelRunner", "EngineConfig", "GenerationResult", "InferenceEngine",
+    "SamplingParams", "filter_logits", "generate", "sample_tokens",
 ]

@@ -25,9 +25,10 @@ from megatron.core.transformer.identity_op import IdentityOp
 from torch import Tensor
 
 from nemo_dmc.core import DMCConfig
-from nemo_dmc.inference import ops
-from nemo_dmc.inference.attention import decode_attention, prefill_attention
-from nemo_dmc.inference.cache import CacheFullError, CacheLayout, PagedKVCache
+from nemo_dmc.kernels.references import RopeTables
+from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
+from nemo_dmc.kvcache.ops import rope_tables
+from nemo_dmc.kvcache.paged import CacheFullError, CacheLayout, PagedKVCache
 from nemo_dmc.megatron.attention import ZERO_OUT_MODE, DMCSelfAttention, megatron_rope
 
 
@@ -105,7 +106,7 @@ class DMCModelRunner:
         freqs = model.rotary_pos_emb(max_sequence_length)
         self._rope = megatron_rope(freqs, model.config)
         probe = torch.tensor([0, 1, max_sequence_length - 1], device=self.device)
-        ops.rope_tables(self._rope, probe, self.head_dim, model.config.params_dtype, check=True)
+        rope_tables(self._rope, probe, self.head_dim, model.config.params_dtype, check=True)
 
     @property
     def device(self) -> torch.device:
@@ -207,7 +208,7 @@ class DMCModelRunner:
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
         step_info = None  # decode: RoPE of this step's positions (all layers) and a length bound
         if counts is None:
-            rope = ops.rope_tables(self._rope, positions[:, 0], self.head_dim, hidden.dtype)
+            rope = rope_tables(self._rope, positions[:, 0], self.head_dim, hidden.dtype)
             step_info = (rope, last + 1)  # a head holds at most one slot per token
         for layer_number, layer in enumerate(self.model.decoder.layers):
             residual = hidden
@@ -232,7 +233,7 @@ class DMCModelRunner:
 
     def _attention(self, layer: int, attn: DMCSelfAttention, x: Tensor, rows: Tensor,
                    positions: Tensor, counts: Optional[Tensor],
-                   step_info: Optional[Tuple[ops.RopeTables, int]] = None) -> Tensor:
+                   step_info: Optional[Tuple[RopeTables, int]] = None) -> Tensor:
         query, key, value = attn.get_query_key_value_tensors(x)  # [c, b, heads, d]
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if counts is None:

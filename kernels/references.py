@@ -1,15 +1,16 @@
-"""Pure-torch kernels of DMC inference: decisions of new tokens, the open-slot (running-average)
-state, and attention over a paged per-head cache.
+"""PyTorch references of the decode-step kernels: the one-token cache update
+(:func:`decode_cache_update`) and attention over the per-head paged cache
+(:func:`paged_decode_attention`), with the types and helpers they take.
 
-The decode step's two kernels, :func:`decode_cache_update` and :func:`paged_decode_attention`,
-are the PyTorch references of the Triton kernels in ``nemo_dmc.kernels``;
-:mod:`nemo_dmc.kernels.dispatch` picks one or the other. All decision, importance and
-accumulation math comes from :mod:`nemo_dmc.core`.
+The Triton kernels beside them (:mod:`nemo_dmc.kernels.cache_update`,
+:mod:`nemo_dmc.kernels.decode_attention`) compute the same; :mod:`nemo_dmc.kernels.dispatch`
+picks one or the other. All decision, importance and accumulation math comes from
+:mod:`nemo_dmc.core`; the cache itself is :class:`nemo_dmc.kvcache.paged.PagedKVCache`.
 
 Shape letters: ``b`` sequences, ``hq`` query heads and ``hk`` KV heads (local to this
-tensor-parallel rank), ``c`` tokens of a chunk, ``d`` head dim, ``e = 2d + 1`` a weighted
-entry ``[omega*k | omega*v | omega]`` (keys pre-RoPE, decision channel zeroed), ``r`` entries
-of an open run (the merge window ``W``, or 1 for unbounded runs where the single entry is the
+tensor-parallel rank), ``d`` head dim, ``e = 2d + 1`` a weighted entry
+``[omega*k | omega*v | omega]`` (keys pre-RoPE, decision channel zeroed), ``r`` entries of an
+open run (the merge window ``W``, or 1 for unbounded runs where the single entry is the
 running sum), ``n`` blocks in the pool, ``bs`` block size, ``m`` blocks per head, ``t`` slots.
 
 Open runs are kept in at least fp32 (like :func:`nemo_dmc.core.partial_accumulate`); an
@@ -24,21 +25,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from nemo_dmc.core import (
     DMCConfig,
-    RoPE,
     decision_logits,
-    dmc_score_bias,
     hard_merges,
     importance,
-    linear_scan,
-    make_decisions,
-    weighted_entries,
-    windowed_scan,
     normalize_sums,
+    weighted_entries,
     zero_decision_channel,
 )
 
@@ -50,64 +45,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def run_entries(window: Optional[int]) -> int:
-    """Entries ``r`` of an open run: ``W`` for a windowed average, 1 (the running sum) otherwise."""
-    return 1 if window is None else window
-
-
-@dataclass
-class ChunkDecisions:
-    """Hard decisions of a chunk of new tokens (all ``[b, hk, c]`` unless noted).
-
-    merge: 1 = the token merges into the head's last slot, 0 = it appends a slot.
-    state_bias: score bias of chunk state ``i`` for later queries of the chunk (``hard_bias``
-        where token ``i + 1`` merges into it, else 0), as :func:`nemo_dmc.core.make_decisions`.
-    open_bias: ``[b, hk]`` score bias of the cached open slot for this chunk's queries
-        (``hard_bias`` when the chunk's first token merges into it).
-    """
-
-    merge: Tensor
-    state_bias: Tensor
-    open_bias: Tensor
-
-
-def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig) -> ChunkDecisions:
-    """Decisions of a chunk that starts a sequence or continues a cached one.
-
-    Args:
-        key: ``[b, hk, c, d]`` pre-RoPE keys of the chunk.
-        starts_sequence: ``[b]`` bool, True where the chunk holds the sequence's first token
-            (which always appends); otherwise the chunk's first token may merge into the
-            cached open slot.
-    """
-    logits = decision_logits(key, config.init_offset, config.decision_scale)
-    # A leading stand-in for the cached open slot lets make_decisions see the chunk's first
-    # token as a continuation (and gives the open slot's survival bias at index 0).
-    cont = make_decisions(F.pad(logits, (1, 0)), config, training=False)
-    merge, state_bias = cont.hard[..., 1:], cont.state_bias[..., 1:]
-    if bool(starts_sequence.any()):
-        fresh = make_decisions(logits, config, training=False)
-        first = starts_sequence.view(-1, 1, 1)
-        merge = torch.where(first, fresh.hard, merge)
-        state_bias = torch.where(first, fresh.state_bias, state_bias)
-    return ChunkDecisions(merge=merge, state_bias=state_bias, open_bias=cont.state_bias[..., 0])
-
-
-def chunk_entries(query: Tensor, key: Tensor, value: Tensor,
-                  config: DMCConfig) -> Tuple[Tensor, Tensor]:
-    """Zeroed queries and the weighted entries of a chunk.
-
-    Args:
-        query: ``[b, hq, c, d]``; key, value: ``[b, hk, c, d]`` (pre-RoPE).
-
-    Returns:
-        ``(query with the decision channel zeroed [b, hq, c, d], entries [b, hk, c, e])``.
-    """
-    return zero_decision_channel(query), weigh_chunk(query, key, value, config)
-
-
 def weigh_chunk(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig) -> Tensor:
-    """The weighted entries ``[b, hk, c, e]`` of :func:`chunk_entries` alone."""
+    """The weighted entries ``[b, hk, c, e]`` of a chunk (``query [b, hq, c, d]``; key,
+    value ``[b, hk, c, d]`` pre-RoPE), as :func:`nemo_dmc.kvcache.ops.chunk_entries`."""
     omega = importance(query, key.shape[1], config.init_offset, config.decision_scale)
     kv = torch.cat([zero_decision_channel(key), value], dim=-1)
     return weighted_entries(kv, omega)
@@ -115,73 +55,12 @@ def weigh_chunk(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig) ->
 
 def decode_merges(key: Tensor, positions: Tensor, config: DMCConfig) -> Tensor:
     """``[b, hk]`` bool hard decisions of one token per sequence (``key [b, hk, d]``
-    pre-RoPE at ``positions [b]``): ``chunk_decisions(...).merge[..., 0]`` of a one-token
+    pre-RoPE at ``positions [b]``): :func:`nemo_dmc.kvcache.ops.chunk_decisions`'s
+    ``merge[..., 0]`` of a one-token
     chunk without its survival biases, which a decode step does not need (merge where
     ``s * k[D-1] - c > 0``, or as forced; position 0 appends)."""
     logits = decision_logits(key, config.init_offset, config.decision_scale)
     return hard_merges(logits, config) & (positions != 0).unsqueeze(-1)
-
-
-def chronological(open_runs: Tensor, ring_next: Tensor) -> Tensor:
-    """Entries of open runs ``[b, hk, r, e]`` oldest first (the ring starts at ``ring_next``)."""
-    r = open_runs.shape[-2]
-    if r == 1:
-        return open_runs
-    order = (ring_next.unsqueeze(-1) + torch.arange(r, device=open_runs.device)) % r
-    return open_runs.gather(-2, order.unsqueeze(-1).expand_as(open_runs))
-
-
-def accumulate_chunk(entries: Tensor, merge: Tensor, open_runs: Tensor,
-                     window: Optional[int]) -> Tensor:
-    """Weighted sums of every state of a chunk, continuing each head's open run.
-
-    The open run's entries (oldest first) are prepended as one run, so the chunk's first
-    token continues it when it merges; core's scan then gives the same sums as a scan over
-    the whole sequence (truncated to the last ``W`` terms when windowed).
-
-    Args:
-        entries: ``[b, hk, c, e]`` weighted entries of the chunk.
-        merge: ``[b, hk, c]`` hard decisions.
-        open_runs: ``[b, hk, r, e]`` chronological open runs (zeros for new sequences).
-
-    Returns:
-        ``[b, hk, r + c, e]`` unnormalised sums over the open run and the chunk.
-    """
-    b, hk, r, _ = open_runs.shape
-    alpha_open = torch.ones(r, dtype=entries.dtype, device=entries.device)
-    alpha_open[0] = 0.0
-    alpha = torch.cat([alpha_open.expand(b, hk, r), merge.to(entries.dtype)], dim=-1)
-    x = torch.cat([open_runs, entries], dim=-2)
-    return linear_scan(alpha, x) if window is None else windowed_scan(alpha, x, window)
-
-
-def open_runs_after_chunk(open_runs: Tensor, entries: Tensor, merge: Tensor, sums: Tensor,
-                          counts: Tensor, window: Optional[int]) -> Tensor:
-    """Each head's open run after the first ``counts[b]`` tokens of a chunk, in canonical
-    form (chronological; a windowed ring then has its oldest entry at index 0).
-
-    Args:
-        open_runs: ``[b, hk, r, e]`` chronological runs before the chunk.
-        entries, merge: the chunk's ``[b, hk, c, e]`` entries and ``[b, hk, c]`` decisions.
-        sums: ``[b, hk, r + c, e]`` from :func:`accumulate_chunk`.
-        counts: ``[b]`` real (unpadded) tokens per sequence, >= 1.
-    """
-    b, hk, r, e = open_runs.shape
-    end = (r + counts - 1).view(b, 1, 1, 1)  # index of each sequence's last token
-    if window is None:
-        return sums.gather(-2, end.expand(b, hk, 1, e))
-    ext = torch.cat([open_runs, entries], dim=-2)
-    steps = ext.shape[-2]
-    alpha = F.pad(merge.to(ext.dtype), (r, 0), value=1.0)
-    idx = torch.arange(steps, device=ext.device)
-    # start of the last run: the latest append at or before `end` (index 0 always "appends")
-    appends = (alpha == 0) | (idx == 0)
-    start = torch.where(appends & (idx <= end.view(b, 1, 1)), idx, -1).amax(-1, keepdim=True)
-    pos = end.view(b, 1, 1) - window + 1 + torch.arange(window, device=ext.device)  # [b, 1, W]
-    valid = (pos >= start) & (pos >= 0)
-    pos = pos.clamp_min(0).expand(b, hk, window)
-    ring = ext.gather(-2, pos.unsqueeze(-1).expand(b, hk, window, e))
-    return ring * valid.unsqueeze(-1)
 
 
 def advance_open_runs(open_runs: Tensor, ring_next: Tensor, entry: Tensor, merge: Tensor,
@@ -212,44 +91,13 @@ class RopeTables:
 
     cos, sin: ``[b, d]`` (>= fp32); partner: ``[b, d]`` int64 channel paired with ``j``.
     Every rotary embedding that rotates channel pairs (rotate-half, interleaved, partial)
-    has this form; :func:`rope_tables` reads it off the model's own RoPE callable.
+    has this form; :func:`nemo_dmc.kvcache.ops.rope_tables` reads it off the model's own
+    RoPE callable.
     """
 
     cos: Tensor
     sin: Tensor
     partner: Tensor
-
-
-def rope_tables(rope: Optional[RoPE], positions: Tensor, dim: int, dtype: torch.dtype,
-                check: bool = False) -> RopeTables:
-    """:class:`RopeTables` of ``rope`` at ``positions [b]`` (``rope=None``: the identity).
-
-    The rotation of each position is probed on the ``dim`` unit vectors; ``check`` verifies
-    on a random vector that it moves at most one partner channel into each channel.
-    """
-    b, device = positions.shape[0], positions.device
-    dtype = acc_dtype(dtype)
-    channels = torch.arange(dim, device=device).expand(b, dim)
-    if rope is None:
-        ones = torch.ones(b, dim, dtype=dtype, device=device)
-        return RopeTables(ones, torch.zeros_like(ones), channels.clone())
-    eye = torch.eye(dim, dtype=dtype, device=device).unsqueeze(1)
-    # probe[i, b, j] = the j-th output of the unit vector e_i
-    probe = rope(eye.expand(dim, b, dim).contiguous(), positions).to(dtype)
-    cos = probe.diagonal(dim1=0, dim2=2).contiguous()  # [b, d]
-    off = probe.masked_fill(eye.bool(), 0.0)
-    partner = off.abs().max(dim=0).indices  # [b, d] (the first on ties, as argmax; faster)
-    sin = off.gather(0, partner.unsqueeze(0)).squeeze(0)
-    tables = RopeTables(cos, sin, partner)
-    if check:
-        x = torch.randn(1, b, dim, dtype=dtype, device=device,
-                        generator=torch.Generator(device).manual_seed(0))
-        expected = rope(x, positions).to(dtype)[0]
-        if not torch.allclose(apply_rope_tables(x[0].unsqueeze(1), tables)[:, 0], expected,
-                              atol=1e-4, rtol=1e-4):
-            raise ValueError("the model's rotary embedding does not rotate channel pairs; "
-                             "DMC decode cannot fuse it (use a rotate-half or interleaved RoPE)")
-    return tables
 
 
 def apply_rope_tables(x: Tensor, tables: RopeTables) -> Tensor:
@@ -262,7 +110,8 @@ def apply_rope_tables(x: Tensor, tables: RopeTables) -> Tensor:
 
 @dataclass
 class FreeBlocks:
-    """Blocks a decode step may take, prepared by the host (:class:`PagedKVCache`).
+    """Blocks a decode step may take, prepared by the host
+    (:class:`~nemo_dmc.kvcache.paged.PagedKVCache`).
 
     The ``k``-th block taken (``k`` counted by ``taken``, ``[1]`` int32, advanced by the
     update) is ``ids[top - 1 - k]``: the top of the cache's free stack. The host checks
@@ -379,35 +228,3 @@ def paged_decode_attention(query: Tensor, key_pool: Tensor, value_pool: Tensor,
     probs = torch.softmax(scores, dim=-1).to(values.dtype)  # [b, hk, g, t]
     out = torch.matmul(probs, values)  # NaN for a head of length 0 (all slots masked)
     return out.masked_fill_((lengths == 0).view(b, hk, 1, 1), 0.0).view(b, hq, d)
-
-
-def prefix_chunk_attention(query: Tensor, prior_keys: Tensor, prior_values: Tensor,
-                           prior_bias: Tensor, keys: Tensor, values: Tensor, state_bias: Tensor,
-                           scale: float) -> Tensor:
-    """Chunk queries over the cached slots of earlier chunks plus the chunk's own states.
-
-    The chunk part follows :func:`nemo_dmc.core.dmc_score_bias` (causal, survival bias, no
-    bias on a query's own state).
-
-    Args:
-        query: ``[b, hq, c, d]``; prior_keys, prior_values: ``[b, hk, t, d]`` cached slots;
-        prior_bias: ``[b, hk, t]`` (0, ``hard_bias`` for a superseded open slot, ``-inf``
-        for padding); keys, values: ``[b, hk, c, d]`` chunk states; state_bias: ``[b, hk, c]``.
-
-    Returns:
-        ``[b, hq, c, d]``.
-    """
-    b, hq, c, d = query.shape
-    hk, t = prior_keys.shape[1], prior_keys.shape[2]
-    g = hq // hk
-    dtype = acc_dtype(query.dtype)
-    q = query.reshape(b, hk, g * c, d).to(dtype) * scale
-    prior = torch.matmul(q, prior_keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, t)
-    prior = prior + prior_bias.to(dtype).view(b, hk, 1, 1, t)
-    own = torch.matmul(q, keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, c)
-    own = own + dmc_score_bias(state_bias.to(dtype)).unsqueeze(2)
-    probs = torch.softmax(torch.cat([prior, own], dim=-1), dim=-1).to(values.dtype)
-    probs = probs.view(b, hk, g * c, t + c)
-    out = (torch.matmul(probs[..., :t], prior_values)
-           + torch.matmul(probs[..., t:], values))
-    return out.view(b, hq, c, d)

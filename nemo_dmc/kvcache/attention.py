@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums, zero_decision_channel
-from nemo_dmc.inference import ops
-from nemo_dmc.inference.cache import PagedKVCache
+from nemo_dmc.kernels import dispatch, references
+from nemo_dmc.kvcache import ops
+from nemo_dmc.kvcache.paged import PagedKVCache
 
 
 def rotate(rope: Optional[RoPE], x: Tensor, positions: Tensor) -> Tensor:
@@ -52,8 +53,9 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
         out = dmc_attention(query, keys, values, decisions.state_bias, scale)
     else:
         lengths = cache.lengths[rows, layer]
-        prior_k, prior_v, valid = ops.gather_slots(cache.key_pool, cache.value_pool,
-                                                   cache.block_tables[rows, layer], lengths)
+        prior_k, prior_v, valid = references.gather_slots(cache.key_pool, cache.value_pool,
+                                                          cache.block_tables[rows, layer],
+                                                          lengths)
         slot = torch.arange(valid.shape[-1], device=valid.device)
         open_slot = slot == lengths.unsqueeze(-1) - 1
         prior_bias = torch.where(valid, open_slot * decisions.open_bias.unsqueeze(-1),
@@ -69,7 +71,7 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
 
 def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tensor, key: Tensor,
                      value: Tensor, positions: Tensor, config: DMCConfig, rope: Optional[RoPE],
-                     scale: float, tables: Optional[ops.RopeTables] = None,
+                     scale: float, tables: Optional[references.RopeTables] = None,
                      max_slots: Optional[int] = None) -> Tensor:
     """One token per row (``c = 1``) at ``positions [b, 1]``: append or merge per head, write
     the open slot (key rotated at this position), attend over each head's slots.
@@ -79,8 +81,6 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
     ``max_slots``: a bound of the heads' lengths known without a device sync (e.g. the
     longest row's tokens), which sizes the Triton kernel's sequence splits.
     """
-    from nemo_dmc.kernels import dispatch
-
     head_dim = key.shape[-1]
     query, key, value = query[:, :, 0], key[:, :, 0], value[:, :, 0]
     if tables is None:
@@ -92,7 +92,7 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
             cache.ring_next[:, layer], cache.lengths[:, layer], cache.block_tables[:, layer],
             cache.key_pool, cache.value_pool, free, tables, config, cache.layout.window)
         cache.pop_taken_blocks(free)
-    query = ops.apply_rope_tables(zero_decision_channel(query), tables)
+    query = references.apply_rope_tables(zero_decision_channel(query), tables)
     out = dispatch.paged_decode_attention(query, cache.key_pool, cache.value_pool,
                                           cache.block_tables[:, layer].index_select(0, rows),
                                           cache.lengths[:, layer].index_select(0, rows), scale,

@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from nemo_dmc.inference.ops import FreeBlocks, acc_dtype, run_entries
+from nemo_dmc.kernels.references import FreeBlocks, acc_dtype
+from nemo_dmc.kvcache.ops import run_entries
 
 
 class CacheFullError(RuntimeError):
@@ -183,7 +184,7 @@ class PagedKVCache:
 
     def free_blocks_for_decode(self, rows: Tensor, layer: int) -> Optional[FreeBlocks]:
         """The free stack for one decode token per row in ``layer`` (see
-        :func:`~nemo_dmc.inference.ops.decode_cache_update`), or ``None`` (and
+        :func:`~nemo_dmc.kernels.references.decode_cache_update`), or ``None`` (and
         :attr:`overflow` set) when it cannot cover every head whose last block is full."""
         if self.overflow:
             return None
