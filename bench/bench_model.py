@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.megatron.model import ModelConfig, build_model
+from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.zero_out import decision_channel_rows
 
 BENCH_SHAPE = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8,
@@ -70,7 +70,7 @@ def build_bench_models(ratios: List[float], shape: ModelConfig = BENCH_SHAPE,
                        window: int = 12, seed: int = 0) -> BenchModels:
     """One vanilla model and one DMC model per target ratio, on the same base weights."""
     torch.manual_seed(seed)
-    vanilla = build_model(shape, dmc=None).eval()
+    vanilla = build_model(shape, method=None).eval()
     base = vanilla.state_dict()
     models = {}
     for cr in ratios:

@@ -154,7 +154,7 @@ def train(run: Runner, name: str, run_dir: Path, args: List[str]) -> None:
 
 def final_checkpoint(run_dir: Path, stage: str) -> Path:
     """The latest checkpoint a stage of ``run_dir`` wrote (relative to the repository)."""
-    from nemo_dmc.training.checkpoint import latest_checkpoint
+    from nemo_dmc.checkpoints.run_dir import latest_checkpoint
 
     latest = latest_checkpoint(REPO / run_dir / "checkpoints" / stage)
     if latest is None:
@@ -185,7 +185,7 @@ def run_training(run: Runner, layout: Layout, ratios: Sequence[int], budget_pct:
         groups = KV_HEADS // ratio
         init = layout.gqa_init(ratio)
         if not (REPO / init).exists():
-            run([PYTHON, "-m", "nemo_dmc.baselines.gqa", "--src", str(base), "--dst", str(init),
+            run([PYTHON, "-m", "nemo_dmc.convert.gqa", "--src", str(base), "--dst", str(init),
                  "--groups", str(groups)])
         jobs.append((f"repro_gqa_cr{ratio}", layout.gqa(ratio),
                      [*start[:-1], f"checkpoint.pretrained={init}",

@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import torch
 
-from nemo_dmc.core import DMCConfig
+from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
-from nemo_dmc.megatron.model import ModelConfig, build_model
+from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.stats import collect_dmc_stats
 
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     parallel.initialize(tensor_parallel_size=1, seed=0)
     shape = replace(ModelConfig(), seq_length=args.seq)
-    vanilla = build_model(shape, dmc=None).train()
+    vanilla = build_model(shape, method=None).train()
     dmc = build_model(shape, DMCConfig(window=args.window or None)).train()
     dmc.load_state_dict(vanilla.state_dict())
     tokens = torch.randint(0, shape.vocab_size, (args.batch, args.seq))

@@ -25,8 +25,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatr
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from nemo_dmc.core import DMCConfig  # noqa: E402
-from nemo_dmc.megatron.model import ModelConfig  # noqa: E402
+from nemo_dmc.core import DMCConfig, ModelConfig  # noqa: E402
 from nemo_dmc.inference.config import (  # noqa: E402
     EngineConfig,
     ParallelSettings,
@@ -34,14 +33,6 @@ from nemo_dmc.inference.config import (  # noqa: E402
 )
 from nemo_dmc.inference.engine import GenerationResult  # noqa: E402
 from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
-
-
-@dataclass
-class DMCSettings:
-    """DMC mechanism (``dmc.*``), used when the checkpoint's run does not record it."""
-
-    init_offset: float = 5.0
-    window: Optional[int] = 12
 
 
 @dataclass
@@ -61,7 +52,7 @@ class GenerateConfig:
     prompt_token_ids: Optional[List[List[int]]] = None
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
-    dmc: DMCSettings = field(default_factory=DMCSettings)
+    dmc: DMCConfig = field(default_factory=DMCConfig)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
@@ -98,9 +89,10 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
     """Build the model (and tokenizer), generate, print on rank 0, return the results."""
     import torch.distributed as dist
 
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
     from nemo_dmc.data.tokenizer import load_tokenizer
     from nemo_dmc.inference.engine import generate
-    from nemo_dmc.inference.loading import build_inference_model, find_tokenizer_path
+    from nemo_dmc.inference.loading import build_inference_model
     from nemo_dmc.megatron import parallel
 
     if cfg.prompt_token_ids is None and not cfg.prompts:
@@ -111,8 +103,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
                             seed=cfg.sampling.seed)
     parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
     try:
-        dmc = DMCConfig(init_offset=cfg.dmc.init_offset, window=cfg.dmc.window)
-        model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, dmc,
+        model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, cfg.dmc,
                                                                 key="load")
         path = find_tokenizer_path(cfg.tokenizer, resolved)
         tokenizer = load_tokenizer(path) if path is not None else None

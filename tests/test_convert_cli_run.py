@@ -10,7 +10,7 @@ from nemo_dmc.core import DMCConfig
 from nemo_dmc.hf import DMCLlamaForCausalLM
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.model import build_model
-from nemo_dmc.training.config import RUN_CONFIG_FILE
+from nemo_dmc.checkpoints.run_config import RUN_CONFIG_FILE
 from nemo_dmc.training.launch import free_port
 from test_convert_hf import _megatron_logits
 from test_inference_cli import SHAPE, _trainer_run
@@ -33,7 +33,7 @@ def test_export_hf_of_a_training_run_is_dmc_with_its_tokenizer_and_logits(tmp_pa
     out = tmp_path / "hf"
     assert convert_main(["export-hf", "--input", str(run), "--output", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "dmc_llama" and config["dmc_window"] == 5
+    assert config["model_type"] == "dmc_llama" and config["kv_method"]["window"] == 5
     eos = AutoTokenizer.from_pretrained(out).eos_token_id  # the run's BPE: <|endoftext|> is 0
     assert eos != 2 and config["eos_token_id"] == eos
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos

@@ -10,15 +10,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
 
 from distributed import run_distributed
-from nemo_dmc.convert.__main__ import main as convert_main
-from nemo_dmc.convert.checkpoint_dir import (
+from nemo_dmc.checkpoints.sharding import gather_full_state
+from nemo_dmc.checkpoints.weights import (
     load_weights_checkpoint,
     read_model_config,
     save_weights_checkpoint,
 )
+from nemo_dmc.convert.__main__ import main as convert_main
 from nemo_dmc.convert.hf_export import save_hf_checkpoint
 from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint, model_config_from_hf
-from nemo_dmc.convert.sharding import gather_full_state
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
@@ -62,7 +62,7 @@ def test_imported_llama_logits_match_transformers(megatron_tp1, tmp_path, kv_hea
     ckpt = load_hf_checkpoint(path)
     assert ckpt.model.rotary_base == 50000.0 and ckpt.model.norm_epsilon == 1e-6
     assert ckpt.model.share_embeddings_and_output_weights is tied
-    model = build_model(ckpt.model, dmc=None)
+    model = build_model(ckpt.model, method=None)
     model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
     ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_megatron_logits(model, ids, 200), _hf_logits(path, ids),
@@ -72,7 +72,7 @@ def test_imported_llama_logits_match_transformers(megatron_tp1, tmp_path, kv_hea
 def _tp2_from_checkpoint(rank: int, world: int, ckpt_dir: str, hf_dir: str) -> None:
     parallel.initialize(tensor_parallel_size=2, seed=0)
     cfg = read_model_config(Path(ckpt_dir))
-    model = build_model(cfg, dmc=None)
+    model = build_model(cfg, method=None)
     load_weights_checkpoint(model, Path(ckpt_dir))
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(_megatron_logits(model, ids, 200),
@@ -91,10 +91,10 @@ def test_convert_cli_writes_checkpoint_that_loads_at_tp2(tmp_path):
 
 def test_weights_checkpoint_round_trip_is_exact(megatron_tp1, tmp_path):
     ckpt = load_hf_checkpoint(_tiny_llama(tmp_path, kv_heads=2, tied=False))
-    model = build_model(ckpt.model, dmc=None)
+    model = build_model(ckpt.model, method=None)
     model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
     save_weights_checkpoint(model, ckpt.model, tmp_path / "w")
-    fresh = build_model(read_model_config(tmp_path / "w"), dmc=None)
+    fresh = build_model(read_model_config(tmp_path / "w"), method=None)
     load_weights_checkpoint(fresh, tmp_path / "w")
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         if torch.is_tensor(a):
@@ -215,7 +215,7 @@ def test_llama3_rope_scaling_imports_and_exports(megatron_tp1, tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "l3")
     ckpt = load_hf_checkpoint(tmp_path / "l3")
     assert (ckpt.model.rotary_base, ckpt.model.rope_scaling_factor) == (500000.0, 8.0)
-    model = build_model(ckpt.model, dmc=None)
+    model = build_model(ckpt.model, method=None)
     model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
     ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(1))
     source = _hf_logits(tmp_path / "l3", ids)
@@ -244,7 +244,7 @@ def test_real_smollm2_gguf_import_matches_transformers_logits(megatron_tp1, smol
     gguf = smollm2_gguf
     ckpt = load_hf_checkpoint(gguf)
     assert (ckpt.model.num_layers, ckpt.model.num_attention_heads, ckpt.model.kv_heads) == (30, 9, 3)
-    model = build_model(ckpt.model, dmc=None)
+    model = build_model(ckpt.model, method=None)
     model.load_state_dict(hf_to_megatron(ckpt.state, ckpt.model), strict=False)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ids = torch.tensor([tok.encode("The interpreter reads the program and executes it.")])

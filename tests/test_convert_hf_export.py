@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from megatron_utils import TINY_GQA
 from nemo_dmc.convert.hf_export import megatron_to_hf, save_hf_checkpoint
 from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
-from nemo_dmc.convert.sharding import gather_full_state
+from nemo_dmc.checkpoints.sharding import gather_full_state
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.hf import DMCLlamaForCausalLM
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
@@ -48,8 +48,9 @@ def test_hf_dmc_model_logits_equal_megatron_dmc_model_in_eval(megatron_tp1, tmp_
     model = build_model(TINY_GQA, dmc)
     save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=dmc)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert isinstance(hf, DMCLlamaForCausalLM) and hf.config.dmc_window == 4
-    assert hf.config.dmc_decision_scale == scale and hf.model.layers[0].self_attn.dmc_config == dmc
+    assert isinstance(hf, DMCLlamaForCausalLM) and hf.config.dmc_config.window == 4
+    assert hf.config.dmc_config.decision_scale == scale
+    assert hf.model.layers[0].self_attn.dmc_config == dmc
     ids = _ids()
     with torch.no_grad():
         hf_logits = hf(ids, use_cache=False).logits
@@ -60,7 +61,7 @@ def test_hf_dmc_model_logits_equal_megatron_dmc_model_in_eval(megatron_tp1, tmp_
 
 def test_never_retrofitted_model_exports_to_stock_llama(megatron_tp1, tmp_path):
     seed_all(3)
-    vanilla = build_model(TINY_GQA, dmc=None)
+    vanilla = build_model(TINY_GQA, method=None)
     save_hf_checkpoint(gather_full_state(vanilla), TINY_GQA, tmp_path / "plain")
     stock = LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval()
     assert type(stock) is LlamaForCausalLM
@@ -72,7 +73,7 @@ def test_never_retrofitted_model_exports_to_stock_llama(megatron_tp1, tmp_path):
 
 def test_dmc_with_all_append_equals_stock_llama_with_zeroed_channel(megatron_tp1, tmp_path):
     seed_all(4)
-    vanilla = build_model(TINY_GQA, dmc=None)
+    vanilla = build_model(TINY_GQA, method=None)
     zero_decision_projections(vanilla)
     state = gather_full_state(vanilla)
     save_hf_checkpoint(state, TINY_GQA, tmp_path / "plain")

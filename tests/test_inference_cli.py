@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from nemo_dmc.training.launch import free_port
 from megatron_utils import TINY_GQA
-from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
+from nemo_dmc.checkpoints.weights import save_weights_checkpoint
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.data.tokenizer import train_bpe_tokenizer
 from nemo_dmc.generate import GenerateConfig, run
@@ -65,7 +65,7 @@ def test_training_run_loads_latest_checkpoint_with_its_model_and_dmc_config(mega
 
 def test_weights_checkpoint_and_state_dict_file_load(megatron_tp1, tmp_path):
     seed_all(22)
-    source = build_model(SHAPE, dmc=None)
+    source = build_model(SHAPE, method=None)
     state = {k: v.clone() for k, v in source.state_dict().items() if torch.is_tensor(v)}
     save_weights_checkpoint(source, SHAPE, tmp_path / "weights_ckpt")
     torch.save(source.state_dict(), tmp_path / "model.pt")

@@ -6,7 +6,7 @@ import torch
 
 from distributed import run_distributed
 from megatron_utils import TINY_GQA
-from nemo_dmc.convert.sharding import shard_full_state
+from nemo_dmc.checkpoints.sharding import shard_full_state
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import DMCModelRunner, EngineConfig, InferenceEngine, SamplingParams
 from nemo_dmc.kvcache.paged import CacheFullError

@@ -11,18 +11,19 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_utils import TINY_GQA
-from nemo_dmc.core import DMCConfig, simulate_inference
+from nemo_dmc.core import DMCConfig, ModelConfig, simulate_inference
 from nemo_dmc.megatron.attention import (
-    DMCCoreAttention,
-    DMCSelfAttention,
+    BiasedCoreAttention,
+    MethodSelfAttention,
     _to_bhsd,
     megatron_rope,
 )
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
-from nemo_dmc.megatron.model import ModelConfig, build_model, transformer_config
+from nemo_dmc.megatron.model import build_model, transformer_config
 from nemo_dmc.megatron.parallel import seed_all
-from nemo_dmc.megatron.spec import dmc_layer_spec
-from nemo_dmc.megatron.stats import collect_dmc_stats, set_dmc_mode
+from nemo_dmc.megatron.spec import method_layer_spec
+from nemo_dmc.megatron.stages import set_dmc_phase
+from nemo_dmc.megatron.stats import collect_dmc_stats
 from nemo_dmc.megatron.zero_out import decision_channel_rows, zero_decision_projections
 
 TINY_MHA = replace(TINY_GQA, num_query_groups=None)
@@ -40,13 +41,13 @@ def _logits(model, cfg, **kw):
     return model(tokens, positions, mask)
 
 
-class ReferenceDMCSelfAttention(DMCSelfAttention):
+class ReferenceMethodSelfAttention(MethodSelfAttention):
     """DMC attention computed by the token-by-token simulator instead of the parallel path."""
 
     def forward(self, hidden_states, attention_mask, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, **_):
         q, k, v = self.get_query_key_value_tensors(hidden_states)
-        ref = simulate_inference(_to_bhsd(q), _to_bhsd(k), _to_bhsd(v), self.dmc_config,
+        ref = simulate_inference(_to_bhsd(q), _to_bhsd(k), _to_bhsd(v), self.method.settings,
                                  rope=megatron_rope(rotary_pos_emb, self.config))
         out = ref.output.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
         return self.linear_proj(out)
@@ -55,8 +56,8 @@ class ReferenceDMCSelfAttention(DMCSelfAttention):
 def _reference_model(cfg: ModelConfig, dmc: DMCConfig):
     from megatron.core.models.gpt import GPTModel
 
-    spec = dmc_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"), dmc)
-    spec.submodules.self_attention.module = ReferenceDMCSelfAttention
+    spec = method_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"), dmc)
+    spec.submodules.self_attention.module = ReferenceMethodSelfAttention
     return GPTModel(config=transformer_config(cfg), transformer_layer_spec=spec,
                     vocab_size=cfg.padded_vocab_size(), max_sequence_length=cfg.seq_length,
                     position_embedding_type="rope", rotary_base=int(cfg.rotary_base))
@@ -65,10 +66,10 @@ def _reference_model(cfg: ModelConfig, dmc: DMCConfig):
 def test_spec_transform_swaps_attention_classes_and_leaves_base_untouched():
     base = get_gpt_layer_local_spec(normalization="RMSNorm")
     before = copy.deepcopy(base)
-    spec = dmc_layer_spec(base, DMCConfig(window=5))
+    spec = method_layer_spec(base, DMCConfig(window=5))
     attn = spec.submodules.self_attention
-    assert attn.module is DMCSelfAttention and attn.params["dmc_config"].window == 5
-    assert attn.submodules.core_attention.module is DMCCoreAttention
+    assert attn.module is MethodSelfAttention and attn.params["method_settings"].window == 5
+    assert attn.submodules.core_attention.module is BiasedCoreAttention
     assert attn.submodules.linear_qkv is base.submodules.self_attention.submodules.linear_qkv
     assert base.submodules.self_attention.module is SelfAttention
     assert base.submodules.self_attention.submodules.core_attention is DotProductAttention
@@ -79,7 +80,7 @@ def test_spec_transform_rejects_spec_without_self_attention():
     spec = get_gpt_layer_local_spec()
     spec.submodules.self_attention = ModuleSpec(module=torch.nn.Identity)
     with pytest.raises(ValueError, match="SelfAttention"):
-        dmc_layer_spec(spec)
+        method_layer_spec(spec, DMCConfig())
 
 
 @pytest.mark.parametrize("shape", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
@@ -101,7 +102,7 @@ def test_dmc_gptmodel_eval_matches_token_by_token_simulator(megatron_tp1, shape,
 
 def test_dmc_off_reproduces_vanilla_gptmodel(megatron_tp1):
     seed_all(3)
-    vanilla = build_model(TINY_GQA, dmc=None)
+    vanilla = build_model(TINY_GQA, method=None)
     dmc = build_model(TINY_GQA, DMCConfig(force_decision="append"))
     dmc.load_state_dict(vanilla.state_dict())
     assert zero_decision_projections(vanilla) == zero_decision_projections(dmc) == 2
@@ -121,11 +122,11 @@ def test_transformer_engine_spec_becomes_dmc_and_dmc_off_matches_vanilla(megatro
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    spec = dmc_layer_spec(get_gpt_layer_with_transformer_engine_spec())
-    assert spec.submodules.self_attention.module is DMCSelfAttention
-    assert spec.submodules.self_attention.submodules.core_attention.module is DMCCoreAttention
+    spec = method_layer_spec(get_gpt_layer_with_transformer_engine_spec(), DMCConfig())
+    assert spec.submodules.self_attention.module is MethodSelfAttention
+    assert spec.submodules.self_attention.submodules.core_attention.module is BiasedCoreAttention
     seed_all(3)
-    vanilla = build_model(TINY_GQA, dmc=None, use_transformer_engine=True).cuda()
+    vanilla = build_model(TINY_GQA, method=None, use_transformer_engine=True).cuda()
     dmc = build_model(TINY_GQA, DMCConfig(force_decision="append"),
                       use_transformer_engine=True).cuda()
     dmc.load_state_dict(vanilla.state_dict())
@@ -139,17 +140,17 @@ def test_transformer_engine_spec_becomes_dmc_and_dmc_off_matches_vanilla(megatro
                                    atol=1e-4, rtol=1e-4)
 
 
-def test_zero_out_mode_at_full_scale_is_vanilla_attention(megatron_tp1):
+def test_zero_out_phase_at_full_scale_is_vanilla_attention(megatron_tp1):
     seed_all(4)
-    vanilla = build_model(TINY_GQA, dmc=None).eval()
+    vanilla = build_model(TINY_GQA, method=None).eval()
     dmc = build_model(TINY_GQA, DMCConfig()).eval()
     dmc.load_state_dict(vanilla.state_dict())
-    set_dmc_mode(dmc, "zero_out", zero_out_scale=1.0)
+    set_dmc_phase(dmc, "zero_out", 1.0)
     with torch.no_grad():
         torch.testing.assert_close(_logits(dmc, TINY_GQA), _logits(vanilla, TINY_GQA),
                                    atol=1e-5, rtol=1e-5)
         assert collect_dmc_stats(dmc) is None
-        set_dmc_mode(dmc, "zero_out", zero_out_scale=0.0)
+        set_dmc_phase(dmc, "zero_out", 0.0)
         scaled = _logits(dmc, TINY_GQA)
         zero_decision_projections(vanilla)
         torch.testing.assert_close(scaled, _logits(vanilla, TINY_GQA), atol=1e-5, rtol=1e-5)
@@ -159,7 +160,7 @@ def test_zeroed_projections_make_every_token_append_with_default_offset(megatron
     seed_all(5)
     model = build_model(TINY_GQA, DMCConfig()).eval()
     zero_decision_projections(model)
-    attn = next(m for m in model.modules() if isinstance(m, DMCSelfAttention))
+    attn = next(m for m in model.modules() if isinstance(m, MethodSelfAttention))
     rows = decision_channel_rows(4, 2, TINY_GQA.head_dim)
     assert torch.all(attn.linear_qkv.weight[rows] == 0)
     with torch.no_grad():
@@ -181,7 +182,7 @@ def test_gradients_reach_decision_and_importance_channels(megatron_tp1):
     stats = collect_dmc_stats(model)
     (lm_loss + stats.loss(8.0)).backward()
     d, block = TINY_GQA.head_dim, (2 + 2) * TINY_GQA.head_dim
-    for attn in (m for m in model.modules() if isinstance(m, DMCSelfAttention)):
+    for attn in (m for m in model.modules() if isinstance(m, MethodSelfAttention)):
         grad = attn.linear_qkv.weight.grad
         key_rows = [g * block + 2 * d + d - 1 for g in range(4)]
         query_rows = [g * block + j * d + d - 1 for g in range(4) for j in range(2)]
@@ -196,8 +197,8 @@ def test_stats_report_model_layer_and_head_ratios(megatron_tp1):
         _logits(model, TINY_GQA, batch=3, seq=10)
     stats = collect_dmc_stats(model)
     assert stats.layer_cr.shape == (2,) and stats.head_cr.shape == (2, 4)
-    hard = torch.stack([m.last_decisions.hard for m in model.modules()
-                        if isinstance(m, DMCSelfAttention)])
+    hard = torch.stack([m.method.record.decisions.hard for m in model.modules()
+                        if isinstance(m, MethodSelfAttention)])
     torch.testing.assert_close(stats.merge_fraction, hard.mean())
     torch.testing.assert_close(stats.head_cr, 1 / (1 - hard.mean(dim=(1, 3))))
     torch.testing.assert_close(stats.cr, 1 / (1 - hard.mean()))
@@ -212,8 +213,8 @@ def test_stats_describe_the_most_recent_forward(megatron_tp1):
         first = collect_dmc_stats(model)
         _logits(model, TINY_GQA, batch=1, seq=7, seed=2)
         second = collect_dmc_stats(model)
-    hard = torch.stack([m.last_decisions.hard for m in model.modules()
-                        if isinstance(m, DMCSelfAttention)])
+    hard = torch.stack([m.method.record.decisions.hard for m in model.modules()
+                        if isinstance(m, MethodSelfAttention)])
     assert hard.shape[1:] == (1, 4, 7)
     torch.testing.assert_close(second.merge_fraction, hard.mean())
     assert not torch.equal(first.head_cr, second.head_cr)
@@ -247,7 +248,7 @@ def test_full_activation_recompute_is_rejected(megatron_tp1):
         "full", "uniform", 1)
     from megatron.core.models.gpt import GPTModel
 
-    spec = dmc_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = method_layer_spec(get_gpt_layer_local_spec(normalization="RMSNorm"), DMCConfig())
     with pytest.raises(ValueError, match="recompute_granularity"):
         GPTModel(config=config, transformer_layer_spec=spec, vocab_size=256,
                  max_sequence_length=32, position_embedding_type="rope")

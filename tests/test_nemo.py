@@ -16,22 +16,19 @@ from nemo.collections.llm.gpt.model.llama import LlamaConfig  # noqa: E402
 from nemo.lightning import io  # noqa: E402
 
 from megatron_utils import TINY_GQA  # noqa: E402
+from nemo_dmc.checkpoints.nemo_context import cpu_overrides, read_nemo_model_config  # noqa: E402
+from nemo_dmc.checkpoints.run_dir import Progress, step_dir_name  # noqa: E402
+from nemo_dmc.checkpoints.weights import load_weights_checkpoint  # noqa: E402
 from nemo_dmc.convert.__main__ import main as convert_main  # noqa: E402
-from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint  # noqa: E402
 from nemo_dmc.core import DMCConfig  # noqa: E402
-from nemo_dmc.megatron.attention import DMCSelfAttention  # noqa: E402
+from nemo_dmc.megatron.attention import MethodSelfAttention  # noqa: E402
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask  # noqa: E402
 from nemo_dmc.megatron.model import build_model  # noqa: E402
 from nemo_dmc.megatron.parallel import seed_all  # noqa: E402
 from nemo_dmc.megatron.stats import collect_dmc_stats  # noqa: E402
 from nemo_dmc.nemo import DMCGPTModel  # noqa: E402
-from nemo_dmc.nemo.checkpoint import (  # noqa: E402
-    export_nemo_checkpoint,
-    load_nemo_model,
-    read_nemo_model_config,
-)
-from nemo_dmc.nemo.config import DMCLlamaConfig, cpu_overrides, dmc_llama_config  # noqa: E402
-from nemo_dmc.training.checkpoint import Progress, step_dir_name  # noqa: E402
+from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint, load_nemo_model  # noqa: E402
+from nemo_dmc.nemo.config import DMCLlamaConfig, dmc_llama_config  # noqa: E402
 from nemo_dmc.training.config import DMCSettings, TrainConfig  # noqa: E402
 from nemo_dmc.training.runner import write_run_config  # noqa: E402
 
@@ -48,15 +45,15 @@ def _inputs(seq=12):
 
 def test_nemo_checkpoint_restores_dmc_model_settings_and_logits(megatron_tp1, tmp_path):
     seed_all(1)
-    dmc = replace(DMC, decision_scale=4.0)
+    dmc = replace(DMC, decision_scale=4.0, target_cr=3.0)
     model = build_model(TINY_GQA, dmc).eval()
-    export_nemo_checkpoint(model, TINY_GQA, dmc, tmp_path / "nemo", target_cr=3.0)
+    export_nemo_checkpoint(model, TINY_GQA, dmc, tmp_path / "nemo")
     assert (tmp_path / "nemo" / "context" / "io.json").is_file()
     restored = load_nemo_model(tmp_path / "nemo").eval()
     assert isinstance(restored, DMCGPTModel)
-    assert (restored.config.dmc_window, restored.config.dmc_target_cr) == (4, 3.0)
-    assert restored.config.dmc_config() == dmc
-    assert isinstance(restored.module.decoder.layers[0].self_attention, DMCSelfAttention)
+    assert (restored.config.dmc.window, restored.config.dmc.target_cr) == (4, 3.0)
+    assert restored.config.dmc == dmc
+    assert isinstance(restored.module.decoder.layers[0].self_attention, MethodSelfAttention)
     with torch.no_grad():
         assert torch.equal(restored(*_inputs()), model(*_inputs()))
 
@@ -92,7 +89,7 @@ def test_nemo_context_keeps_gpu_defaults_not_cpu_overrides(megatron_tp1, tmp_pat
 
 def test_plain_export_restores_a_nemo_llama_model_with_same_logits(megatron_tp1, tmp_path):
     seed_all(5)
-    model = build_model(TINY_GQA, dmc=None).eval()
+    model = build_model(TINY_GQA, method=None).eval()
     export_nemo_checkpoint(model, TINY_GQA, None, tmp_path / "nemo")
     restored = load_nemo_model(tmp_path / "nemo").eval()
     assert type(restored) is LlamaModel and type(restored.config) is LlamaConfig
@@ -121,9 +118,9 @@ def test_export_cli_writes_the_runs_dmc_training_settings(megatron_tp1, tmp_path
     saved = _context(tmp_path / "nemo")
     assert saved.__fn_or_cls__ is DMCGPTModel
     config = saved.config
-    assert (config.dmc_loss_weight, config.dmc_target_cr) == (7.5, 3.0)
-    assert config.dmc_decision_scale == 2.0
-    assert (config.dmc_stage, config.dmc_stage_steps, config.dmc_window) == ("retrofit", 40, 4)
+    assert (config.dmc.loss_weight, config.dmc.target_cr) == (7.5, 3.0)
+    assert config.dmc.decision_scale == 2.0
+    assert (config.dmc_stage, config.dmc_stage_steps, config.dmc.window) == ("retrofit", 40, 4)
 
 
 def test_export_cli_plain_format_writes_a_nemo_llama_model(megatron_tp1, tmp_path):
@@ -135,7 +132,7 @@ def test_export_cli_plain_format_writes_a_nemo_llama_model(megatron_tp1, tmp_pat
 
 
 def _nemo_model(stage="retrofit", steps=10):
-    config = dmc_llama_config(TINY_GQA, DMC, target_cr=4.0, stage=stage, stage_steps=steps)
+    config = dmc_llama_config(TINY_GQA, DMC, stage=stage, stage_steps=steps)
     model = DMCGPTModel(config, tokenizer=None)
     model.configure_model()
     return model
@@ -164,8 +161,8 @@ def test_zero_out_stage_decays_channel_then_zeroes_rows(megatron_tp1):
     batch = {"tokens": tokens, "labels": tokens, "position_ids": positions,
              "attention_mask": mask, "loss_mask": torch.ones(tokens.shape)}
     out = model.training_step(batch)
-    attn = [m for m in model.modules() if isinstance(m, DMCSelfAttention)]
-    assert all(m.dmc_mode == "zero_out" and m.zero_out_scale == 1.0 for m in attn)
+    attn = [m for m in model.modules() if isinstance(m, MethodSelfAttention)]
+    assert all(m.method.phase == "zero_out" and m.method.zero_out_scale == 1.0 for m in attn)
     loss_sum, num_tokens, _ = model.training_loss_reduction.forward(batch, out)
     torch.testing.assert_close(loss_sum / num_tokens, out.mean())  # LM loss only
     model.on_train_end()
@@ -194,11 +191,11 @@ def test_retrofit_step_follows_the_cr_ramp_at_the_trainers_global_step(megatron_
 
 def test_zero_out_scale_decays_with_the_trainers_global_step(megatron_tp1):
     model = _nemo_model(stage="zero_out", steps=10).train()
-    attn = [m for m in model.modules() if isinstance(m, DMCSelfAttention)]
+    attn = [m for m in model.modules() if isinstance(m, MethodSelfAttention)]
     for step, scale in ((4, 0.5), (8, 0.0)):  # 1 - step / (0.8 * 10), floored at 0
         model._trainer = SimpleNamespace(global_step=step)
         model.training_step(_batch())
-        assert all(m.zero_out_scale == pytest.approx(scale) for m in attn)
+        assert all(m.method.zero_out_scale == pytest.approx(scale) for m in attn)
 
 
 def test_model_state_dict_works_after_a_training_step(megatron_tp1):
@@ -222,7 +219,7 @@ def test_nemo_trainer_with_megatron_strategy_trains_the_retrofit_ramp(monkeypatc
 
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     tokenizer = SimpleNamespace(vocab_size=TINY_GQA.vocab_size)
-    config = dmc_llama_config(TINY_GQA, DMC, target_cr=4.0, stage="retrofit", stage_steps=2,
+    config = dmc_llama_config(TINY_GQA, DMC, stage="retrofit", stage_steps=2,
                               **CPU_OFF)  # fusions off: Transformer Engine may be absent
     optim = nl.MegatronOptimizerModule(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False,
                                                        use_distributed_optimizer=False))
@@ -251,7 +248,7 @@ def test_nemo_trainer_with_megatron_strategy_trains_the_retrofit_ramp(monkeypatc
 
 
 @pytest.mark.parametrize("change,message", [({"dmc_stage": "warmup"}, "warmup"),
-                                            ({"dmc_target_cr": 0.5}, "dmc_target_cr"),
+                                            ({"dmc_stage_steps": 0}, "dmc_stage_steps"),
                                             ({"attention_backend": AttnBackend.local}, "local")])
 def test_invalid_dmc_nemo_settings_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
@@ -266,7 +263,7 @@ def test_hydra_yaml_instantiates_dmc_nemo_model():
     cfg.config.update(CPU_OFF)
     model = instantiate(cfg)
     assert isinstance(model, DMCGPTModel)
-    assert (model.config.num_layers, model.config.dmc_target_cr, model.config.dmc_window) == (32, 4.0, 12)
+    assert (model.config.num_layers, model.config.dmc.target_cr, model.config.dmc.window) == (32, 4.0, 12)
 
 
 def test_recipe_swaps_in_dmc_model_and_reference_optimizer():
@@ -277,7 +274,7 @@ def test_recipe_swaps_in_dmc_model_and_reference_optimizer():
     recipe = dmc_recipe("llama2_7b", stage="finetune", target_cr=8.0, steps=2000,
                         restore_from="/ckpt/retrofit")
     assert recipe.model.__fn_or_cls__ is DMCGPTModel
-    assert (recipe.model.config.num_layers, recipe.model.config.dmc_target_cr) == (32, 8.0)
+    assert (recipe.model.config.num_layers, recipe.model.config.dmc.target_cr) == (32, 8.0)
     assert recipe.trainer.max_steps == 2000 and recipe.optim.config.lr == 3e-5
     assert recipe.resume.restore_config.path == "/ckpt/retrofit"
     for key, value in CPU_OFF.items():

@@ -5,7 +5,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from distributed import run_distributed
 from megatron_utils import TINY_GQA
-from nemo_dmc.convert.sharding import gather_full_grads, shard_full_state
+from nemo_dmc.checkpoints.sharding import gather_full_grads, shard_full_state
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
@@ -67,14 +67,14 @@ def _heads_not_dividing_worker(rank: int, world: int) -> None:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from nemo_dmc.megatron.spec import dmc_layer_spec, llama_layer_spec
+    from nemo_dmc.megatron.spec import method_layer_spec, llama_layer_spec
 
     parallel.initialize(tensor_parallel_size=2, seed=0)
     config = TransformerConfig(num_layers=1, hidden_size=48, num_attention_heads=6,
                                num_query_groups=3, use_cpu_initialization=True)
     with pytest.raises(ValueError, match=r"num_query_groups \(3\) must be divisible by the "
                                          r"tensor-parallel size \(2\)"):
-        GPTModel(config, dmc_layer_spec(llama_layer_spec(False)), vocab_size=64,
+        GPTModel(config, method_layer_spec(llama_layer_spec(False), DMCConfig()), vocab_size=64,
                  max_sequence_length=16)
     parallel.shutdown()
 

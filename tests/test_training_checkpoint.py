@@ -9,16 +9,10 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
+from nemo_dmc.checkpoints.run_dir import Progress, latest_checkpoint, list_checkpoints, read_progress
+from nemo_dmc.checkpoints.weights import load_weights_checkpoint
 from nemo_dmc.training import checkpoint as checkpoint_module
-from nemo_dmc.training.checkpoint import (
-    Progress,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_progress,
-    save_checkpoint,
-)
+from nemo_dmc.training.checkpoint import load_checkpoint, save_checkpoint
 from nemo_dmc.training.config import OptimConfig
 from nemo_dmc.training.optim import build_optimizer, build_scheduler
 from test_training_optim import micro_ddp, plan

@@ -14,9 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from nemo_dmc.core import Stage
+from nemo_dmc.core import ModelConfig, Stage
 from nemo_dmc.megatron import model as model_module
-from nemo_dmc.megatron.model import ModelConfig
 from nemo_dmc.train import CONFIG_DIR, to_train_config
 from nemo_dmc.training.config import ConfigError, TrainConfig, validate_config
 from nemo_dmc.training.plan import plan_stages

@@ -21,8 +21,8 @@ from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.zero_out import decision_channel_rows
 from nemo_dmc.train import CONFIG_DIR, to_train_config
-from nemo_dmc.convert.checkpoint_dir import load_weights_checkpoint
-from nemo_dmc.training.checkpoint import latest_checkpoint
+from nemo_dmc.checkpoints.run_dir import latest_checkpoint
+from nemo_dmc.checkpoints.weights import load_weights_checkpoint
 from nemo_dmc.training.config import ConfigError, TrainConfig
 from nemo_dmc.training.launch import free_port
 from nemo_dmc.training.metrics import StageSummary
@@ -179,7 +179,7 @@ def test_pretrain_stage_trains_plain_attention_and_feeds_a_dmc_retrofit(train, t
 
 
 def test_a_run_writes_its_config_so_its_checkpoints_load_without_hydra_files(train, tmp_path):
-    from nemo_dmc.inference.loading import resolve_checkpoint
+    from nemo_dmc.checkpoints.resolve import resolve_checkpoint
 
     train(tmp_path, "stage=retrofit", "stage.retrofit.steps=1", "dmc.window=3")
     resolved = resolve_checkpoint(tmp_path)

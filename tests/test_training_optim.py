@@ -8,8 +8,8 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from nemo_dmc.core import DMCConfig, Stage
-from nemo_dmc.megatron.model import ModelConfig, build_model
+from nemo_dmc.core import DMCConfig, ModelConfig, Stage
+from nemo_dmc.megatron.model import build_model
 from nemo_dmc.training.config import OptimConfig
 from nemo_dmc.training.optim import build_optimizer, build_scheduler
 from nemo_dmc.training.plan import StagePlan

@@ -13,7 +13,7 @@ from typing import Dict, List
 
 import pytest
 
-from nemo_dmc.training.checkpoint import latest_checkpoint, read_progress
+from nemo_dmc.checkpoints.run_dir import latest_checkpoint, read_progress
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",

@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 
 def _import_hf(args: argparse.Namespace) -> int:
-    from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
+    from nemo_dmc.checkpoints.layout import match_layout
+    from nemo_dmc.checkpoints.weights import save_weights_checkpoint
     from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
-    from nemo_dmc.convert.layout import match_layout
     from nemo_dmc.convert.progress import Progress
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
@@ -30,7 +30,7 @@ def _import_hf(args: argparse.Namespace) -> int:
     state = hf_to_megatron(checkpoint.state, checkpoint.model, progress=progress)
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
-        model = build_model(checkpoint.model, dmc=None)
+        model = build_model(checkpoint.model, method=None)
         result = model.load_state_dict(match_layout(state, model.state_dict()), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
@@ -50,21 +50,19 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 
 def _load_for_export(args: argparse.Namespace):
-    """(model, model_config, dmc or None, target_cr, resolved) for an export subcommand."""
-    from nemo_dmc.core import DMCConfig
+    """(model, model_config, dmc or None, resolved) for an export subcommand."""
+    from nemo_dmc.core import DMCConfig, ModelConfig
     from nemo_dmc.inference.loading import build_inference_model
-    from nemo_dmc.megatron.model import ModelConfig
 
     print(f"[convert] loading {args.input}", flush=True)
     model, shape, dmc, resolved = build_inference_model(args.input, ModelConfig(), DMCConfig(),
                                                         key="--input")
     trained = resolved.run_config is not None
     use_dmc = args.format == "dmc" or (args.format == "auto" and trained)
-    target_cr = float(resolved.run_config.dmc.target_cr) if trained else 4.0
     print(f"[convert] {shape.num_layers} layers, {shape.num_attention_heads} heads / "
           f"{shape.kv_heads} KV groups; exporting {'DMC' if use_dmc else 'plain Llama'}",
           flush=True)
-    return model, shape, (dmc if use_dmc else None), target_cr, resolved
+    return model, shape, (dmc if use_dmc else None), resolved
 
 
 def _export_nemo(args: argparse.Namespace) -> int:
@@ -74,10 +72,10 @@ def _export_nemo(args: argparse.Namespace) -> int:
     try:
         from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint, recorded_stage_settings
 
-        model, shape, dmc, target_cr, resolved = _load_for_export(args)
-        settings = dict(target_cr=target_cr, **recorded_stage_settings(resolved))
+        model, shape, dmc, resolved = _load_for_export(args)
+        settings = recorded_stage_settings(resolved)
         if dmc is not None:
-            print("[convert] NeMo DMC settings: " +
+            print(f"[convert] NeMo DMC settings: {dmc}, " +
                   ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
         out = export_nemo_checkpoint(model, shape, dmc, args.output, **settings)
     finally:
@@ -87,26 +85,25 @@ def _export_nemo(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from nemo_dmc.convert.checkpoint_dir import read_special_tokens
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
+    from nemo_dmc.checkpoints.sharding import gather_full_state
+    from nemo_dmc.checkpoints.weights import read_special_tokens
     from nemo_dmc.convert.hf_export import save_hf_checkpoint
     from nemo_dmc.convert.progress import Progress
-    from nemo_dmc.convert.sharding import gather_full_state
     from nemo_dmc.data.tokenizer import load_tokenizer
-    from nemo_dmc.inference.loading import find_tokenizer_path
     from nemo_dmc.megatron import parallel
 
     progress = Progress()
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
-        model, shape, dmc, target_cr, resolved = _load_for_export(args)
+        model, shape, dmc, resolved = _load_for_export(args)
         tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
         if tokenizer is not None:
             print(f"[convert] tokenizer from {tokenizer_path}", flush=True)
         special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
         progress(f"loaded {args.input}")
-        out = save_hf_checkpoint(gather_full_state(model), shape, args.output, dmc=dmc,
-                                 target_cr=target_cr, tokenizer=tokenizer,
+        out = save_hf_checkpoint(gather_full_state(model), shape, args.output, dmc=dmc, tokenizer=tokenizer,
                                  special_tokens=special, progress=progress)
         progress("saved")
     finally:

@@ -13,17 +13,18 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.convert.checkpoint_dir import SPECIAL_TOKEN_KEYS, atomic_checkpoint_dir, is_rank0
-from nemo_dmc.convert.layout import to_local_names
+from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
+from nemo_dmc.checkpoints.layout import to_local_names
+from nemo_dmc.checkpoints.weights import SPECIAL_TOKEN_KEYS
 from nemo_dmc.convert.progress import ProgressFn, silent
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.megatron.model import ModelConfig
+from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.methods import settings_to_dict
 
 
 def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig,
                    progress: ProgressFn = silent) -> dict[str, Tensor]:
     """Full (TP=1) megatron GPT state, local or Transformer Engine layer-spec names (see
-    :mod:`nemo_dmc.convert.layout`) -> HF Llama tensor names and layouts."""
+    :mod:`nemo_dmc.checkpoints.layout`) -> HF Llama tensor names and layouts."""
     state = to_local_names(state)
 
     def take(name: str) -> Tensor:
@@ -63,7 +64,7 @@ def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:
 
 
 def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
-                 dmc: Optional[DMCConfig] = None, target_cr: float = 4.0,
+                 dmc: Optional[DMCConfig] = None,
                  special_tokens: Optional[dict[str, Any]] = None):
     """A transformers config with our model's shape: ``LlamaConfig``, or with ``dmc`` the
     DMC-aware ``DMCLlamaHFConfig`` (``model_type: dmc_llama``) carrying the DMC settings.
@@ -84,9 +85,7 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
         from nemo_dmc.hf import DMCLlamaHFConfig
 
         config_class = DMCLlamaHFConfig
-        extra = {"architectures": ["DMCLlamaForCausalLM"], "dmc_init_offset": dmc.init_offset,
-                 "dmc_temperature": dmc.temperature, "dmc_window": dmc.window,
-                 "dmc_decision_scale": dmc.decision_scale, "dmc_target_cr": target_cr}
+        extra = {"architectures": ["DMCLlamaForCausalLM"], "kv_method": settings_to_dict(dmc)}
     return config_class(
         vocab_size=model.vocab_size, hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
@@ -100,14 +99,14 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
 
 
 def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Path,
-                       dmc: Optional[DMCConfig] = None, target_cr: float = 4.0,
+                       dmc: Optional[DMCConfig] = None,
                        dtype: Optional[torch.dtype] = None, tokenizer: Any = None,
                        special_tokens: Optional[dict[str, Any]] = None,
                        progress: ProgressFn = silent) -> Path:
     """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
     tokenizer's files atomically (temp dir, then rename).
 
-    ``state`` is a full megatron state (:func:`nemo_dmc.convert.sharding.gather_full_state`);
+    ``state`` is a full megatron state (:func:`nemo_dmc.checkpoints.sharding.gather_full_state`);
     ``dmc=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint. The bos/eos/pad ids
     come from ``tokenizer`` (a :class:`nemo_dmc.data.tokenizer.Tokenizer`), else from
     ``special_tokens``.
@@ -120,7 +119,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     if tokenizer is not None:
         special_tokens = special_token_ids(tokenizer)
-    config = llama_config(model, dtype or torch.float32, dmc, target_cr, special_tokens)
+    config = llama_config(model, dtype or torch.float32, dmc, special_tokens)
     with atomic_checkpoint_dir(output) as tmp:
         if is_rank0():
             config.save_pretrained(tmp)

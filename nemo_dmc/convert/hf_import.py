@@ -1,10 +1,10 @@
 """Import Hugging Face Llama-family checkpoints (safetensors directories or GGUF files).
 
 Weights map onto megatron's GPT layout (TP=1 "full" names of the local layer spec;
-:func:`nemo_dmc.convert.layout.match_layout` renames them for a Transformer Engine model);
-:mod:`nemo_dmc.convert.sharding` cuts them for tensor parallelism. HF Llama already stores q/k
-in rotate-half order, which is megatron's non-interleaved RoPE, so no permutation is needed;
-transformers undoes llama.cpp's permutation when it reads a GGUF file.
+:func:`nemo_dmc.checkpoints.layout.match_layout` renames them for a Transformer Engine
+model); :mod:`nemo_dmc.checkpoints.sharding` cuts them for tensor parallelism. HF Llama already
+stores q/k in rotate-half order, which is megatron's non-interleaved RoPE, so no permutation is
+needed; transformers undoes llama.cpp's permutation when it reads a GGUF file.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.convert.checkpoint_dir import SPECIAL_TOKEN_KEYS
+from nemo_dmc.checkpoints.weights import SPECIAL_TOKEN_KEYS
 from nemo_dmc.convert.progress import ProgressFn, silent
-from nemo_dmc.megatron.model import ModelConfig
+from nemo_dmc.core import ModelConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "dmc_llama")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -1,4 +1,5 @@
-"""Pure-torch DMC math: decisions, accumulation, attention bias, loss, schedules, reference.
+"""Pure-torch DMC math: decisions, accumulation, attention bias, loss, schedules, reference;
+and the plain settings dataclasses shared by every package (``DMCConfig``, ``ModelConfig``).
 
 Nothing here imports megatron; every other part of nemo_dmc builds on these functions.
 """
@@ -28,11 +29,12 @@ from nemo_dmc.core.decisions import (
     zero_decision_channel,
 )
 from nemo_dmc.core.loss import compression_loss, merge_target, realised_cr
+from nemo_dmc.core.model_config import ModelConfig
 from nemo_dmc.core.reference import SimulationResult, rotate_half_rope, simulate_inference
 from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 
 __all__ = [
-    "DMCConfig", "Decisions", "RoPE", "SimulationResult", "Stage",
+    "DMCConfig", "Decisions", "ModelConfig", "RoPE", "SimulationResult", "Stage",
     "compression_loss", "decision_logits", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",

@@ -1,21 +1,21 @@
-"""Checkpoints of a stage with megatron-core ``dist_checkpointing``.
+"""Saving and restoring the trainer's state with megatron-core ``dist_checkpointing``.
 
-Layout: ``<checkpoint dir>/<stage>/step_<NNNNNNN>/`` (a ``torch_dist`` checkpoint). Model and
-optimizer state are sharded tensors keyed like the model (``module.*``, NeMo 2's layout), so a
-checkpoint saved at one tensor-parallel size loads at another. Scheduler and progress live in
-the common state; RNG states are sharded objects per data-parallel rank (and per TP rank for
-megatron's model-parallel tracker). A save is written to ``.tmp-step_<N>`` and renamed into
-place when complete, so a killed run never leaves a partial ``step_*`` directory.
+Layout: ``<checkpoint dir>/<stage>/step_<NNNNNNN>/`` (a ``torch_dist`` checkpoint; found and
+read by :mod:`nemo_dmc.checkpoints.run_dir`). Model and optimizer state are sharded tensors
+keyed like the model (``module.*``, NeMo 2's layout), so a checkpoint saved at one
+tensor-parallel size loads at another. Scheduler and progress live in the common state; RNG
+states are sharded objects per data-parallel rank (and per TP rank for megatron's
+model-parallel tracker). A save is written to ``.tmp-step_<N>`` and renamed into place when
+complete, so a killed run never leaves a partial ``step_*`` directory.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -26,52 +26,8 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from nemo_dmc.convert.checkpoint_dir import atomic_checkpoint_dir, is_rank0
-
-_STEP_DIR = re.compile(r"^step_(\d{7})$")
-
-
-@dataclass
-class Progress:
-    """Where a stage stands; saved in every checkpoint's common state."""
-
-    stage: str
-    step: int
-    steps: int
-    consumed_samples: int
-    tensor_parallel_size: int
-    data_parallel_size: int
-
-    @property
-    def complete(self) -> bool:
-        return self.step >= self.steps
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def list_checkpoints(stage_dir: Path) -> List[Tuple[int, Path]]:
-    """Complete checkpoints of a stage as ``(step, path)``, oldest first."""
-    if not stage_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in stage_dir.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(stage_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint of a stage, or ``None``."""
-    found = list_checkpoints(stage_dir)
-    return found[-1][1] if found else None
-
-
-def read_progress(path: Path) -> Progress:
-    """The :class:`Progress` stored in a checkpoint (common state only, no tensors read)."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if "progress" not in common:
-        raise ValueError(f"{path} is not a checkpoint of this trainer (no 'progress' entry)")
-    return Progress(**common["progress"])
+from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
+from nemo_dmc.checkpoints.run_dir import Progress, list_checkpoints, read_progress, step_dir_name
 
 
 def _rng_objects(progress: Progress, include_common: bool, include_tracker: bool) -> Dict[str, Any]:

@@ -9,15 +9,15 @@ then checks value ranges and cross-field constraints before any compute, raising
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
-from nemo_dmc.core import DMCConfig, Stage
-from nemo_dmc.megatron.model import ModelConfig, transformer_config
+from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT, nemo_checkpoint_settings
+from nemo_dmc.checkpoints.weights import MODEL_CONFIG_FILE, read_model_config
+from nemo_dmc.core import DMCConfig, ModelConfig, Stage
+from nemo_dmc.megatron.model import transformer_config
 
-# The resolved config of a run, written into its run_dir (checkpoints find it there).
-RUN_CONFIG_FILE = "run_config.yaml"
 STAGE_ORDER = (Stage.PRETRAIN, Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
 DATA_SOURCES = ("pydocs", "indexed", "random")
 DECAY_STYLES = ("cosine", "linear", "constant")
@@ -37,32 +37,22 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DMCSettings:
-    """DMC mechanism and its token budget (``dmc.*``).
+class DMCSettings(DMCConfig):
+    """``dmc.*``: the DMC method's settings (every field of :class:`~nemo_dmc.core.DMCConfig`,
+    declared there) and the retrofit's token budget.
 
     budget_pct: token budget of the stages with a ``budget_share``, in percent of
         ``model.pretrain_tokens`` (the paper uses 2-8 %); ``null`` = use stage steps/tokens.
-    decision_scale: multiplies the decision/importance channel q/k[D-1] before the logit
-        and importance; >1 speeds up learning the decisions in short retrofits, like an
-        s-times larger learning rate on those projection rows; 1 = the paper.
-    loss_weight: weight of the compression loss in ``LM + w * L_cr``; the one-sided loss
-        gives every decision only ``w / (tokens * layers * KV heads)`` of push, so short
-        retrofits of pretrained models (hundreds of steps) need ``w`` >> 1 for the ratio to
-        follow its ramp; it stops pulling once the target is met. 1 = the paper.
     """
 
-    target_cr: float = 4.0
-    init_offset: float = 5.0
-    temperature: float = 0.1
-    window: Optional[int] = 12
     budget_pct: Optional[float] = None
-    decision_scale: float = 1.0
-    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        """Checked by :func:`validate_config` instead, as a :class:`ConfigError` naming the key."""
 
     def core(self) -> DMCConfig:
-        """The :class:`nemo_dmc.core.DMCConfig` the attention layers use."""
-        return DMCConfig(init_offset=self.init_offset, temperature=self.temperature,
-                         window=self.window, decision_scale=self.decision_scale)
+        """The :class:`nemo_dmc.core.DMCConfig` the attention layers use (validated)."""
+        return DMCConfig(**{f.name: getattr(self, f.name) for f in fields(DMCConfig)})
 
 
 @dataclass
@@ -286,11 +276,7 @@ def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
 def _validate_pretrained(model: ModelConfig, path: Path) -> None:
     """The base checkpoint exists and, if it records its shape (``model_config.yaml`` of
     ``python -m nemo_dmc.convert``, or a NeMo 2 checkpoint's ``context/``), matches ``model.*``."""
-    from nemo_dmc.convert.checkpoint_dir import MODEL_CONFIG_FILE, read_model_config
-
     _require(path.is_dir(), "checkpoint.pretrained", f"no checkpoint directory at {path}")
-    from nemo_dmc.inference.loading import NEMO_CONTEXT  # imports this module
-
     padded = False  # a NeMo 2 context records the padded vocabulary only
     if (path / MODEL_CONFIG_FILE).is_file():
         saved, source = read_model_config(path), path / MODEL_CONFIG_FILE
@@ -315,8 +301,6 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
 def _nemo_model_config(path: Path) -> Optional[ModelConfig]:
     """The shape a NeMo 2 checkpoint's ``context/`` records; ``None`` without NeMo installed
     (its ``weights/`` still load, unchecked)."""
-    from nemo_dmc.inference.loading import nemo_checkpoint_settings  # imports this module
-
     try:
         settings = nemo_checkpoint_settings(path)
     except ValueError as err:
@@ -325,10 +309,7 @@ def _nemo_model_config(path: Path) -> Optional[ModelConfig]:
 
 
 def _validate_dmc(dmc: DMCSettings) -> None:
-    _check_min(dmc.target_cr, "dmc.target_cr", 1.0)
-    _require(dmc.decision_scale > 0, "dmc.decision_scale", f"must be > 0, got {dmc.decision_scale}")
-    _check_min(dmc.loss_weight, "dmc.loss_weight", 0.0)
-    try:  # temperature, window
+    try:
         dmc.core()
     except ValueError as err:
         raise _named_error(err, "dmc") from err

@@ -23,23 +23,18 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from omegaconf import OmegaConf
 
-from nemo_dmc.convert.checkpoint_dir import is_rank0, load_weights_checkpoint
+from nemo_dmc.checkpoints.atomic import is_rank0
+from nemo_dmc.checkpoints.run_config import RUN_CONFIG_FILE
+from nemo_dmc.checkpoints.run_dir import Progress, latest_checkpoint, read_progress
+from nemo_dmc.checkpoints.weights import load_weights_checkpoint
 from nemo_dmc.core import Stage, target_cr
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
-from nemo_dmc.megatron.stats import apply_stage, set_dmc_mode
-from nemo_dmc.megatron.zero_out import zero_decision_projections
+from nemo_dmc.megatron.stages import apply_stage, finish_stage, validation_phase
 from nemo_dmc.training.batches import MicroBatches, build_splits
-from nemo_dmc.training.checkpoint import (
-    Progress,
-    latest_checkpoint,
-    load_checkpoint,
-    read_progress,
-    save_checkpoint,
-)
+from nemo_dmc.training.checkpoint import load_checkpoint, save_checkpoint
 from nemo_dmc.training.config import (
-    RUN_CONFIG_FILE,
     STAGE_ORDER,
     ConfigError,
     TrainConfig,
@@ -211,8 +206,7 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
         tic = time.perf_counter()
         target = apply_stage(model, plan.stage, step, plan.steps, cfg.dmc.target_cr)
         result = train_step(model, optimizer, scheduler, session.batches, session.mask, consumed,
-                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}",
-                            loss_weight=cfg.dmc.loss_weight)
+                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}")
         step += 1
         consumed += cfg.data.global_batch_size
         last = step == plan.steps
@@ -221,16 +215,15 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
         logger.advance({"loss": result.lm_loss, "cr": result.cr})
         if cfg.validation.interval and step % cfg.validation.interval == 0 and not last:
             _log_validation(session, plan, step)
-        if last and plan.stage is Stage.ZERO_OUT:
-            zero_decision_projections(model)
+        if last:
+            finish_stage(model, plan.stage)
         if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
             progress = Progress(name, step, plan.steps, consumed,
                                 parallel_state.get_tensor_model_parallel_world_size(),
                                 parallel_state.get_data_parallel_world_size())
             save_checkpoint(cfg.checkpoint_dir / name, model, optimizer, scheduler, progress,
                             cfg.checkpoint.keep_last)
-    if plan.stage is not Stage.PRETRAIN:  # validate a pretrained model with plain attention
-        set_dmc_mode(model, "dmc")
+    validation_phase(model, plan.stage)
     summary = StageSummary(name, step - first_step, plan.steps, step * plan.tokens_per_step,
                            plan.tokens, time.perf_counter() - started,
                            target_cr(plan.stage, plan.steps, plan.steps, cfg.dmc.target_cr),

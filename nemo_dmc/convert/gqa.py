@@ -1,7 +1,7 @@
 """GQA up-training baseline (Ainslie et al. 2023): mean-pool a checkpoint's KV heads into
 fewer groups, then continue training it with plain attention.
 
-    python -m nemo_dmc.baselines.gqa --src <run | step_N | weights dir> --dst <dir> --groups N
+    python -m nemo_dmc.convert.gqa --src <run | step_N | weights dir> --dst <dir> --groups N
     python -m nemo_dmc.train stage=pretrain checkpoint.pretrained=<dir> model.num_query_groups=N ...
 
 megatron's fused ``linear_qkv`` weight ``[groups * (q_per_group + 2) * d, hidden]`` is laid
@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from nemo_dmc.megatron.model import ModelConfig
+from nemo_dmc.core import ModelConfig
 
 QKV_SUFFIXES = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 
@@ -88,8 +88,8 @@ def convert(src: Path, dst: Path, groups: int) -> Tuple[Path, ModelConfig, Model
     Initialises and tears down a single-process megatron (TP=1). Returns
     ``(dst, source config, pooled config)``.
     """
-    from nemo_dmc.convert.checkpoint_dir import save_weights_checkpoint
-    from nemo_dmc.inference.loading import load_weights, resolve_checkpoint
+    from nemo_dmc.checkpoints.resolve import load_weights, resolve_checkpoint
+    from nemo_dmc.checkpoints.weights import save_weights_checkpoint
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
     from nemo_dmc.training.launch import local_rendezvous
@@ -101,10 +101,10 @@ def convert(src: Path, dst: Path, groups: int) -> Tuple[Path, ModelConfig, Model
     with local_rendezvous():  # a free port unless a launcher set one
         parallel.initialize(tensor_parallel_size=1, seed=0)
         try:
-            model = build_model(source, dmc=None)
+            model = build_model(source, method=None)
             load_weights(model, resolved)
             state, pooled_config = mean_pool_kv_heads(model.state_dict(), source, groups)
-            pooled = build_model(pooled_config, dmc=None)
+            pooled = build_model(pooled_config, method=None)
             pooled.load_state_dict(state)
             out = save_weights_checkpoint(pooled, pooled_config, Path(dst))
         finally:
@@ -113,7 +113,7 @@ def convert(src: Path, dst: Path, groups: int) -> Tuple[Path, ModelConfig, Model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nemo_dmc.baselines.gqa", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m nemo_dmc.convert.gqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, type=Path,
                         help="trainer run/stage/step_N directory or weights checkpoint")

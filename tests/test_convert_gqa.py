@@ -10,22 +10,21 @@ import pytest
 import torch
 
 from megatron_utils import TINY_GQA
-from nemo_dmc.baselines.gqa import main, mean_pool_kv_heads
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.megatron.attention import ZERO_OUT_MODE
+from nemo_dmc.convert.gqa import main, mean_pool_kv_heads
+from nemo_dmc.core import ModelConfig
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
-from nemo_dmc.megatron.model import ModelConfig, build_model
-from nemo_dmc.megatron.stats import dmc_attention_modules, set_dmc_mode
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.stats import method_attentions
+from nemo_dmc.methods import VanillaSettings
 
 REPO = Path(__file__).resolve().parents[1]
 QKV = "self_attention.linear_qkv.weight"
 
 
 def _plain_model(cfg: ModelConfig, state=None):
-    model = build_model(cfg, DMCConfig()).eval()
+    model = build_model(cfg, VanillaSettings()).eval()  # plain attention
     if state is not None:
         model.load_state_dict(state)
-    set_dmc_mode(model, ZERO_OUT_MODE, 1.0)  # plain attention
     return model
 
 
@@ -73,8 +72,8 @@ def test_pooled_heads_follow_megatrons_qkv_layout(megatron_tp1):
     state, cfg = mean_pool_kv_heads(model.state_dict(), TINY_GQA, 2)
     pooled = _plain_model(cfg, state)
     hidden = torch.randn(5, 2, TINY_GQA.hidden_size)
-    old = next(dmc_attention_modules(model)).get_query_key_value_tensors(hidden)
-    new = next(dmc_attention_modules(pooled)).get_query_key_value_tensors(hidden)
+    old = method_attentions(model)[0].get_query_key_value_tensors(hidden)
+    new = method_attentions(pooled)[0].get_query_key_value_tensors(hidden)
     torch.testing.assert_close(new[0], old[0])  # queries [s, b, 8, d]
     for i in (1, 2):  # keys, values [s, b, groups, d]
         mean = old[i].reshape(5, 2, 2, 2, TINY_GQA.head_dim).mean(dim=3)
@@ -102,7 +101,7 @@ def test_cli_reports_a_missing_source(tmp_path, capsys):
 
 
 def test_cli_writes_a_checkpoint_the_trainer_continues_with_fewer_groups(tmp_path, capsys):
-    from nemo_dmc.convert.checkpoint_dir import read_model_config, save_weights_checkpoint
+    from nemo_dmc.checkpoints.weights import read_model_config, save_weights_checkpoint
     from nemo_dmc.megatron import parallel
     from nemo_dmc.training.launch import free_port
 
@@ -111,7 +110,7 @@ def test_cli_writes_a_checkpoint_the_trainer_continues_with_fewer_groups(tmp_pat
     os.environ["MASTER_PORT"] = str(free_port())
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
-        save_weights_checkpoint(build_model(micro, dmc=None), micro, tmp_path / "src")
+        save_weights_checkpoint(build_model(micro, method=None), micro, tmp_path / "src")
     finally:
         parallel.shutdown()
 

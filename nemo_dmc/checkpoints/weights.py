@@ -4,65 +4,27 @@ imported checkpoints, ``special_tokens.yaml`` (the source's bos/eos/pad token id
 
 Any tensor-parallel size can load them (dist_checkpointing reshards), into a model of either
 layer spec, local or Transformer Engine (megatron saves both under the same names, see
-:mod:`nemo_dmc.convert.layout`);
+:mod:`nemo_dmc.checkpoints.layout`);
 :func:`load_weights_checkpoint` also reads the weights of trainer and NeMo 2 checkpoints.
 """
 
 from __future__ import annotations
 
-import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
 from torch import nn
 
-from nemo_dmc.megatron.model import ModelConfig
+from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
+from nemo_dmc.core import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
 SPECIAL_TOKENS_FILE = "special_tokens.yaml"
 SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def is_rank0() -> bool:
-    """Global rank 0, or a process without ``torch.distributed``."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-@contextmanager
-def atomic_checkpoint_dir(output: Path, subdirs: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory beside ``output`` (with ``subdirs``) for every rank to
-    write into; on success rank 0 renames it to ``output``, replacing an older one only
-    once the new one is complete; on an error it is removed. All ranks must enter it."""
-    output = Path(output)
-    tmp = output.with_name(f".tmp-{output.name}")
-    if is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for sub in subdirs:
-            (tmp / sub).mkdir()
-    _barrier()
-    try:
-        yield tmp
-    except BaseException:
-        if is_rank0():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _barrier()
-    if is_rank0():
-        shutil.rmtree(output, ignore_errors=True)
-        tmp.rename(output)
-    _barrier()
 
 
 def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output: Path,
