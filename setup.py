@@ -12,8 +12,8 @@ setup(
     # The Triton kernels live in kernels/ (the product's layout) and install as nemo_dmc.kernels.
     packages=find_packages(include=["nemo_dmc", "nemo_dmc.*"]) + ["nemo_dmc.kernels"],
     package_dir={"nemo_dmc.kernels": "kernels"},
-    # lm-eval task files of nemo_dmc.evaluation (offline demo tasks).
-    package_data={"nemo_dmc.evaluation": ["tasks/*.yaml", "tasks/*.py", "tasks/data/*.jsonl"]},
+    # lm-eval task files of nemo_dmc.evaluate (offline demo tasks).
+    package_data={"nemo_dmc.evaluate": ["tasks/*.yaml", "tasks/*.py", "tasks/data/*.jsonl"]},
     # Pinned, tested versions. torch must be the CPU or CUDA build matching your machine:
     # install with `pip install -c constraints.txt ...` so pip never swaps it.
     install_requires=[
@@ -39,7 +39,7 @@ setup(
         # without declaring it; leptonai 0.47 lacks leptonai.api.v1; pyarrow>=22 needs numpy 2.
         "nemo": ["nemo_toolkit[llm]==2.7.3", "nemo_run", "leptonai<0.47", "pyarrow<22"],
         # python -m nemo_dmc.evaluate's heatmap and the lm-evaluation-harness model type
-        # (nemo_dmc.evaluation.lm_eval_adapter); lm_eval 0.4.9 keeps every pin above.
+        # (nemo_dmc.evaluate.lm_eval_adapter); lm_eval 0.4.9 keeps every pin above.
         "eval": ["lm_eval==0.4.9", "matplotlib>=3.7"],
     },
 )

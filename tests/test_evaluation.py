@@ -1,4 +1,4 @@
-"""``nemo_dmc.evaluation`` and ``python -m nemo_dmc.evaluate``."""
+"""``nemo_dmc.evaluate`` and ``python -m nemo_dmc.evaluate``."""
 
 import json
 from dataclasses import asdict, replace
@@ -17,9 +17,10 @@ from megatron_utils import TINY_GQA
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.data.tokenizer import train_bpe_tokenizer
 from nemo_dmc.evaluate import EvaluateConfig, run
-from nemo_dmc.evaluation.compression import CompressionTally, dmc_head_slots, write_heatmap
-from nemo_dmc.evaluation.data import heldout_batches
-from nemo_dmc.evaluation.passkey import (
+from nemo_dmc.evaluate.compression import CompressionTally, write_heatmap
+from nemo_dmc.evaluate.config import register_schema
+from nemo_dmc.evaluate.data import heldout_batches
+from nemo_dmc.evaluate.passkey import (
     NEEDLE,
     PasskeyPrompt,
     answer_correct,
@@ -27,12 +28,12 @@ from nemo_dmc.evaluation.passkey import (
     passkey_accuracy,
     passkey_prompts,
 )
-from nemo_dmc.evaluation.perplexity import heldout_perplexity
+from nemo_dmc.evaluate.perplexity import heldout_perplexity
 from nemo_dmc.kvcache.paged import CacheLayout
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all
-from nemo_dmc.megatron.stats import collect_dmc_stats
+from nemo_dmc.megatron.stats import collect_dmc_stats, layer_slots
 from nemo_dmc.training.batches import MicroBatches, RandomTokens, Splits
 from nemo_dmc.training.launch import free_port
 from nemo_dmc.training.loop import validate
@@ -75,6 +76,9 @@ def _run_dir(path: Path, tokenizer) -> Path:
     return path
 
 
+register_schema()  # as `python -m nemo_dmc.evaluate` does
+
+
 def _compose(*overrides: str) -> EvaluateConfig:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return OmegaConf.to_object(compose("evaluate", overrides=list(overrides)))
@@ -92,7 +96,7 @@ def test_perplexity_equals_exp_of_validate_loss_on_the_same_batches(megatron_tp1
                         SHAPE.num_layers)
     tally = CompressionTally(_layout())
     result = heldout_perplexity(model, heldout_batches(data, 8, 4),
-                                after_forward=lambda b: tally.add(dmc_head_slots(model),
+                                after_forward=lambda b: tally.add(layer_slots(model),
                                                                   SHAPE.seq_length, True))
     assert result.sequences == 8 and result.tokens == 8 * SHAPE.seq_length
     assert result.loss == pytest.approx(expected.lm_loss, rel=1e-5)
@@ -110,7 +114,7 @@ def test_per_head_cr_matches_collect_dmc_stats(megatron_tp1):
               causal_attention_mask(SHAPE.seq_length))
     stats = collect_dmc_stats(model)
     tally = CompressionTally(_layout())
-    tally.add(dmc_head_slots(model), SHAPE.seq_length, open_state=True)
+    tally.add(layer_slots(model), SHAPE.seq_length, open_state=True)
     assert tally.head_cr.shape == (SHAPE.num_layers, SHAPE.kv_heads)
     assert torch.allclose(tally.head_cr.float(), stats.head_cr.float(), rtol=1e-5)
     assert torch.allclose(tally.layer_cr.float(), stats.layer_cr.float(), rtol=1e-5)
@@ -279,14 +283,14 @@ def test_bad_values_are_errors_naming_the_key(overrides, key):
 
 def _needed(tokenizer) -> int:
     """Tokens of needle + question + answer (no filler) for a 5-digit key."""
-    from nemo_dmc.evaluation.passkey import ANSWER, QUESTION
+    from nemo_dmc.evaluate.passkey import ANSWER, QUESTION
 
     return sum(len(tokenizer.encode(t.format(key="12345")))
                for t in (NEEDLE, QUESTION, ANSWER))
 
 
 def test_default_passkey_lengths_too_short_for_the_prompt_are_dropped(tokenizer):
-    from nemo_dmc.evaluation.runner import build_passkey_prompts
+    from nemo_dmc.evaluate.runner import build_passkey_prompts
 
     need = _needed(tokenizer)
     seq = 4 * (need - 1)  # seq / 4 cannot hold the needle; seq / 2 and seq can
@@ -299,7 +303,7 @@ def test_default_passkey_lengths_too_short_for_the_prompt_are_dropped(tokenizer)
 
 
 def test_explicit_passkey_lengths_too_short_are_an_error_naming_the_key(tokenizer):
-    from nemo_dmc.evaluation.runner import build_passkey_prompts
+    from nemo_dmc.evaluate.runner import build_passkey_prompts
 
     cfg = _compose("load=x", "passkey.lengths=[10,128]")
     with pytest.raises(ValueError, match="^passkey.lengths: 10 tokens"):
@@ -316,7 +320,7 @@ def test_bad_passkey_values_are_errors_naming_the_key(overrides, key):
 
 def test_bad_passkey_lengths_fail_before_the_perplexity_pass(megatron_tp1, tmp_path, tokenizer,
                                                              monkeypatch):
-    import nemo_dmc.evaluation.runner as runner
+    import nemo_dmc.evaluate.runner as runner
 
     def never(*args, **kwargs):
         raise AssertionError("the perplexity pass ran before the passkey prompts were checked")

@@ -61,7 +61,7 @@ def test_prefill_and_decode_logits_equal_full_forward_for_mixed_lengths(megatron
     seq, prompt_lengths = 16, [5, 11, 8]
     tokens = torch.randint(0, VOCAB, (3, seq), generator=torch.Generator().manual_seed(0))
     full = _full_logits(model, tokens)
-    merges = torch.cat([layer.self_attention.last_decisions.hard for layer in model.decoder.layers])
+    merges = torch.cat([layer.self_attention.method.record.decisions.hard for layer in model.decoder.layers])
     assert 0.2 < merges.mean() < 0.8
 
     runner = DMCModelRunner(model, block_size=4, num_blocks=200, max_sequences=3,
@@ -95,7 +95,7 @@ def test_cache_lengths_are_the_appends_of_the_models_hard_decisions(megatron_tp1
     model = _model()
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     _full_logits(model, tokens)
-    merges = torch.stack([layer.self_attention.last_decisions.hard
+    merges = torch.stack([layer.self_attention.method.record.decisions.hard
                           for layer in model.decoder.layers], dim=1)  # [b, layers, hk, s]
     runner = DMCModelRunner(model, block_size=4, num_blocks=100, max_sequences=2,
                             max_sequence_length=12)
@@ -153,7 +153,7 @@ def test_dmc_off_engine_equals_megatron_static_kv_cache_generation(megatron_tp1,
     so with it left non-zero the two models would attend differently on the same weights.
     Zeroed, the vanilla model is a model "with DMC off" and every token appends anyway."""
     seed_all(11)
-    vanilla = build_model(shape, dmc=None).eval()
+    vanilla = build_model(shape, method=None).eval()
     dmc = build_model(shape, DMCConfig()).eval()
     dmc.load_state_dict(vanilla.state_dict())
     zero_decision_projections(vanilla)

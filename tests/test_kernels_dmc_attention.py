@@ -67,7 +67,7 @@ def test_kernel_matches_reference_bf16():
 
 def test_kernel_reads_megatron_permuted_layout_without_copies():
     q, k, v, bias = _inputs(2, 2, 1, 17, 16)
-    # [s, b, h, d] storage seen as [b, h, s, d], as DMCCoreAttention passes it
+    # [s, b, h, d] storage seen as [b, h, s, d], as BiasedCoreAttention passes it
     q, k, v = (t.detach().permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3).requires_grad_()
                for t in (q, k, v))
     out = kernel(q, k, v, bias, **SMALL_BLOCKS)

@@ -1,4 +1,4 @@
-"""The lm-evaluation-harness model type ``nemo_dmc`` (``nemo_dmc.evaluation.lm_eval_adapter``)."""
+"""The lm-evaluation-harness model type ``nemo_dmc`` (``nemo_dmc.evaluate.lm_eval_adapter``)."""
 
 import importlib
 import os
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nemo_dmc.evaluation.passkey import full_logits
+from nemo_dmc.evaluate.passkey import full_logits
 from nemo_dmc.megatron import parallel
 from nemo_dmc.training.launch import free_port
 
@@ -17,9 +17,9 @@ def test_missing_lm_eval_is_an_error_naming_the_eval_extra(monkeypatch):
     for name in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry",
                  "lm_eval.utils"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: ImportError
-    monkeypatch.delitem(sys.modules, "nemo_dmc.evaluation.lm_eval_adapter", raising=False)
+    monkeypatch.delitem(sys.modules, "nemo_dmc.evaluate.lm_eval_adapter", raising=False)
     with pytest.raises(ImportError, match="`eval` extra"):
-        importlib.import_module("nemo_dmc.evaluation.lm_eval_adapter")
+        importlib.import_module("nemo_dmc.evaluate.lm_eval_adapter")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def lm(tmp_path_factory):
     from test_evaluation import TEXTS, _run_dir
 
     from nemo_dmc.data.tokenizer import train_bpe_tokenizer
-    from nemo_dmc.evaluation.lm_eval_adapter import NemoDMCLM
+    from nemo_dmc.evaluate.lm_eval_adapter import NemoDMCLM
 
     root = tmp_path_factory.mktemp("lm_eval")
     os.environ["MASTER_PORT"] = str(free_port())
@@ -93,7 +93,7 @@ def test_local_demo_tasks_run_offline_through_simple_evaluate(lm, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from nemo_dmc.evaluation.lm_eval_adapter import TASKS_DIR
+    from nemo_dmc.evaluate.lm_eval_adapter import TASKS_DIR
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -110,7 +110,7 @@ def test_local_demo_tasks_run_offline_through_simple_evaluate(lm, monkeypatch):
 def test_model_type_is_registered_and_validates_its_arguments(lm):
     from lm_eval.api.registry import get_model
 
-    from nemo_dmc.evaluation.lm_eval_adapter import NemoDMCLM
+    from nemo_dmc.evaluate.lm_eval_adapter import NemoDMCLM
 
     assert get_model("nemo_dmc") is NemoDMCLM
     with pytest.raises(ValueError, match="^ratio: "):

@@ -1,4 +1,9 @@
-"""Hyperparameters of the DMC mechanism (no training-loop settings here)."""
+"""The DMC settings: the one declaration of every ``dmc.*`` field and its default.
+
+Every format carries this dataclass (the trainer's Hydra schema, ``generate``/``evaluate``
+configs, NeMo contexts, HF ``config.json``) through
+:func:`nemo_dmc.methods.settings_to_dict` / :func:`~nemo_dmc.methods.settings_from_dict`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Optional
 
 @dataclass
 class DMCConfig:
-    """How a layer decides, weighs and accumulates keys/values.
+    """How a layer decides, weighs and accumulates keys/values, and what it is trained to.
 
     Attributes:
         init_offset: ``c`` in the paper. Decision logit is ``k[D-1] - c`` and importance
@@ -31,8 +36,14 @@ class DMCConfig:
     hard_bias: float = -1.0e9
     force_decision: Optional[str] = None
     decision_scale: float = 1.0
+    target_cr: float = 4.0
+    loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.target_cr >= 1:
+            raise ValueError(f"dmc.target_cr must be >= 1, got {self.target_cr}")
+        if not self.loss_weight >= 0:
+            raise ValueError(f"dmc.loss_weight must be >= 0, got {self.loss_weight}")
         if not self.decision_scale > 0:
             raise ValueError(f"dmc.decision_scale must be > 0, got {self.decision_scale}")
         if self.temperature <= 0:

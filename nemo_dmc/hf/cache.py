@@ -42,7 +42,7 @@ class DMCCache(DynamicCache):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         blocks = batch_size * layers * kv_heads * -(-max_length // block_size)
         self.paged = PagedKVCache(CacheLayout(
-            num_layers=layers, kv_heads=kv_heads, head_dim=head_dim, window=config.dmc_window,
+            num_layers=layers, kv_heads=kv_heads, head_dim=head_dim, window=config.dmc_config.window,
             block_size=block_size, num_blocks=blocks, max_sequences=batch_size,
             max_sequence_length=max_length, dtype=dtype), device=device)
         self.rows = torch.tensor([self.paged.acquire_row() for _ in range(batch_size)],

@@ -21,29 +21,30 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from nemo_dmc.core import DMCConfig, dmc_states
+from nemo_dmc.methods import settings_from_dict, settings_to_dict
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 from nemo_dmc.hf.cache import DMCCache
 from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
 
 
 class DMCLlamaHFConfig(LlamaConfig):
-    """``LlamaConfig`` plus the DMC settings (``dmc_*``)."""
+    """``LlamaConfig`` plus the KV method's settings: ``kv_method`` in ``config.json`` is
+    :func:`nemo_dmc.methods.settings_to_dict` of a :class:`~nemo_dmc.core.DMCConfig`."""
 
     model_type = "dmc_llama"
 
-    def __init__(self, dmc_init_offset: float = 5.0, dmc_temperature: float = 0.1,
-                 dmc_window: Optional[int] = 12, dmc_target_cr: float = 4.0,
-                 dmc_decision_scale: float = 1.0, **kwargs) -> None:
-        self.dmc_init_offset = dmc_init_offset
-        self.dmc_decision_scale = dmc_decision_scale  # 1.0 for configs written before it existed
-        self.dmc_temperature = dmc_temperature
-        self.dmc_window = dmc_window
-        self.dmc_target_cr = dmc_target_cr
+    def __init__(self, kv_method: Optional[dict] = None, **kwargs) -> None:
+        self.kv_method = kv_method if kv_method is not None else settings_to_dict(DMCConfig())
         super().__init__(**kwargs)
 
+    @property
     def dmc_config(self) -> DMCConfig:
-        return DMCConfig(init_offset=self.dmc_init_offset, temperature=self.dmc_temperature,
-                         window=self.dmc_window, decision_scale=self.dmc_decision_scale)
+        """The DMC settings of ``kv_method`` (error naming the key if they are not DMC's)."""
+        settings = settings_from_dict(self.kv_method, key="config.json kv_method")
+        if not isinstance(settings, DMCConfig):
+            raise ValueError(f"config.json kv_method: DMCLlamaForCausalLM runs the dmc method, "
+                             f"got {self.kv_method.get('name')!r}")
+        return settings
 
 
 def _rotate_tokens(x: Tensor, shift: Tensor) -> Tensor:
@@ -68,7 +69,7 @@ class DMCLlamaAttention(LlamaAttention):
 
     def __init__(self, config: DMCLlamaHFConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
-        self.dmc_config = config.dmc_config()
+        self.dmc_config = config.dmc_config
         self.is_last_layer = layer_idx == config.num_hidden_layers - 1
         self.rotary = LlamaRotaryEmbedding(config)
 

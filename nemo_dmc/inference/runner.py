@@ -29,10 +29,11 @@ from nemo_dmc.kernels.references import RopeTables
 from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
 from nemo_dmc.kvcache.ops import rope_tables
 from nemo_dmc.kvcache.paged import CacheFullError, CacheLayout, PagedKVCache
-from nemo_dmc.megatron.attention import ZERO_OUT_MODE, DMCSelfAttention, megatron_rope
+from nemo_dmc.megatron.attention import MethodSelfAttention, megatron_rope
+from nemo_dmc.methods import DMCMethod, DMCPhase
 
 
-def _dmc_attentions(model: GPTModel) -> List[DMCSelfAttention]:
+def _dmc_attentions(model: GPTModel) -> List[MethodSelfAttention]:
     if not (model.pre_process and model.post_process):
         raise ValueError("inference needs the whole model on each rank "
                          "(pipeline_model_parallel_size must be 1)")
@@ -42,11 +43,12 @@ def _dmc_attentions(model: GPTModel) -> List[DMCSelfAttention]:
     attentions = []
     for i, layer in enumerate(model.decoder.layers):
         attn = layer.self_attention
-        if not isinstance(attn, DMCSelfAttention):
-            raise ValueError(f"layer {i} has {type(attn).__name__}, not DMCSelfAttention: build "
-                             "the model with a DMC config (nemo_dmc.megatron.model.build_model)")
-        if attn.dmc_mode == ZERO_OUT_MODE:
-            raise ValueError(f"layer {i} is in zero-out mode; inference needs DMC mode")
+        if not (isinstance(attn, MethodSelfAttention) and isinstance(attn.method, DMCMethod)):
+            raise ValueError(f"layer {i} does not run the dmc method: build the model with a "
+                             "DMCConfig (nemo_dmc.megatron.model.build_model)")
+        if attn.method.phase is not DMCPhase.DECIDE:
+            raise ValueError(f"layer {i} is in the {attn.method.phase.value} phase; inference "
+                             "needs the decide phase")
         if not isinstance(layer.cross_attention, IdentityOp):
             raise ValueError(f"layer {i} has cross-attention, which inference does not support")
         attentions.append(attn)
@@ -74,7 +76,8 @@ class DMCModelRunner:
 
     Args:
         model: a megatron GPTModel whose layers use
-            :class:`~nemo_dmc.megatron.attention.DMCSelfAttention` (put in eval mode here).
+            :class:`~nemo_dmc.megatron.attention.MethodSelfAttention` with the dmc method
+            (put in eval mode here).
         block_size, num_blocks, max_sequences, max_sequence_length: the cache layout.
         force_decision: ``"append"`` runs the same engine with DMC off (a vanilla cache),
             ``"merge"`` merges every token; ``None`` uses the model's decisions.
@@ -85,8 +88,8 @@ class DMCModelRunner:
                  force_decision: Optional[str] = None) -> None:
         self.model = model.eval()
         attentions = _dmc_attentions(model)
-        self.dmc: List[DMCConfig] = [replace(a.dmc_config, force_decision=force_decision)
-                                     if force_decision is not None else a.dmc_config
+        self.dmc: List[DMCConfig] = [replace(a.method.settings, force_decision=force_decision)
+                                     if force_decision is not None else a.method.settings
                                      for a in attentions]
         windows = {c.window for c in self.dmc}
         if len(windows) != 1:
@@ -231,7 +234,7 @@ class DMCModelRunner:
         logits, _ = self.model.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits.transpose(0, 1).float()
 
-    def _attention(self, layer: int, attn: DMCSelfAttention, x: Tensor, rows: Tensor,
+    def _attention(self, layer: int, attn: MethodSelfAttention, x: Tensor, rows: Tensor,
                    positions: Tensor, counts: Optional[Tensor],
                    step_info: Optional[Tuple[RopeTables, int]] = None) -> Tensor:
         query, key, value = attn.get_query_key_value_tensors(x)  # [c, b, heads, d]

@@ -1,2 +1,3 @@
-"""megatron-core integration: DMC attention modules, the layer-spec transform, model
-building, statistics across tensor-parallel ranks, and the CPU shims."""
+"""megatron-core integration: the KV-method attention modules, the layer-spec transform, model
+building, statistics and loss across tensor-parallel ranks, the stage schedule, and the CPU
+shims."""

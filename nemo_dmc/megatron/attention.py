@@ -1,10 +1,12 @@
-"""DMC self-attention and core-attention modules for megatron-core layer specs.
+"""Self-attention and core-attention modules of a KV-compression method, for megatron layer specs.
 
-``DMCSelfAttention`` replaces ``SelfAttention``: it computes decisions and partial
-accumulations from the pre-RoPE q/k/v (``nemo_dmc.core``), rotates queries and states at
-their own positions, and hands the per-key survival bias to ``DMCCoreAttention``, which
-replaces ``DotProductAttention`` (megatron's asserts ``attention_bias is None``).
-Tensors entering and leaving these modules use megatron's ``[seq, batch, heads, dim]``.
+``MethodSelfAttention`` replaces ``SelfAttention``: it builds its layer's method object
+(:mod:`nemo_dmc.methods`) from the settings in its spec params, lets the method turn the
+pre-RoPE q/k/v into what attention sees (DMC: decisions and partial accumulations), rotates
+queries and keys, and hands the per-key score bias to ``BiasedCoreAttention``, which
+replaces ``DotProductAttention`` (megatron's asserts ``attention_bias is None``); a method
+that simulates its own cache (eviction) attends itself. Tensors entering and leaving these
+modules use megatron's ``[seq, batch, heads, dim]``.
 """
 
 from __future__ import annotations
@@ -22,17 +24,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_dmc.core import (
-    DMCConfig,
-    Decisions,
-    RoPE,
-    dmc_states,
-    sample_logistic_noise,
-)
+from nemo_dmc.core import RoPE, sample_logistic_noise
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
-
-DMC_MODE = "dmc"
-ZERO_OUT_MODE = "zero_out"
+from nemo_dmc.methods import KVMethod, build_method
 
 
 def _to_bhsd(x: Tensor) -> Tensor:
@@ -59,8 +53,8 @@ def megatron_rope(freqs: Tensor, config: TransformerConfig) -> RoPE:
     return rope
 
 
-class DMCCoreAttention(MegatronModule):
-    """Causal softmax attention with the DMC per-key survival bias and GQA.
+class BiasedCoreAttention(MegatronModule):
+    """Causal softmax attention with a per-key score bias (DMC's survival bias) and GQA.
 
     ``attention_bias`` is the compact per-key bias ``[b, hk_local, s]`` from
     :class:`~nemo_dmc.core.Decisions` (``None``: plain causal attention).
@@ -72,7 +66,7 @@ class DMCCoreAttention(MegatronModule):
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("DMC attention does not support context parallelism "
+            raise ValueError("KV-method attention does not support context parallelism "
                              "(context_parallel_size must be 1)")
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
@@ -84,7 +78,7 @@ class DMCCoreAttention(MegatronModule):
                 attention_bias: Optional[Tensor] = None, packed_seq_params=None) -> Tensor:
         """q ``[s, b, hq, d]``, k/v ``[s, b, hk, d]`` -> ``[s, b, hq * d]``."""
         if packed_seq_params is not None:
-            raise ValueError("DMC attention does not support packed sequences (THD format)")
+            raise ValueError("KV-method attention does not support packed sequences (THD format)")
         s, b, hk = key.shape[0], key.shape[1], key.shape[2]
         if (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal:
             # Causality is built into the DMC bias; like Transformer Engine, a causal mask
@@ -113,33 +107,28 @@ def _check_heads_divide(config: TransformerConfig, pg_collection) -> None:
     for name, value in (("num_attention_heads", config.num_attention_heads),
                         ("num_query_groups", groups)):
         if value % tp:
-            raise ValueError(f"DMC attention: {name} ({value}) must be divisible by the "
+            raise ValueError(f"attention: {name} ({value}) must be divisible by the "
                              f"tensor-parallel size ({tp})")
 
 
-class DMCSelfAttention(SelfAttention):
-    """Self-attention whose keys/values are DMC states (see module docstring).
-
-    Runtime state set by the training loop (see ``nemo_dmc.megatron.stats``):
-    ``dmc_mode`` (``"dmc"`` or ``"zero_out"``) and ``zero_out_scale``. After each forward in
-    DMC mode, ``last_decisions`` holds this layer's :class:`~nemo_dmc.core.Decisions`.
-    """
+class MethodSelfAttention(SelfAttention):
+    """Self-attention whose keys/values go through a KV-compression method (see module
+    docstring); ``method`` is this layer's method object, built from ``method_settings``."""
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
                  layer_number: int, attn_mask_type: AttnMaskType = AttnMaskType.causal,
                  cp_comm_type: Optional[str] = None, pg_collection=None,
-                 dmc_config: Optional[DMCConfig] = None):
+                 method_settings=None):
         _check_heads_divide(config, pg_collection)
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
-        if config.recompute_granularity == "full":
-            raise ValueError("DMC needs each layer's decisions for its loss: use "
+        if method_settings is None:
+            raise ValueError("MethodSelfAttention needs method_settings in its spec params "
+                             "(nemo_dmc.megatron.spec.method_layer_spec)")
+        self.method: KVMethod = build_method(method_settings)
+        if self.method.trains_decisions and config.recompute_granularity == "full":
+            raise ValueError(f"{self.method.name} needs each layer's decisions for its loss: use "
                              "recompute_granularity='selective' (core_attn), not 'full'")
-        self.dmc_config = dmc_config or DMCConfig()
-        self.dmc_mode = DMC_MODE
-        self.zero_out_scale = 1.0
-        self.last_decisions: Optional[Decisions] = None
-        self.kv_policy = None  # an eviction baseline (nemo_dmc.baselines.eviction.kv_policy)
 
     def _training_noise(self, batch: int, seq: int, device: torch.device) -> Tensor:
         """Noise for this rank's KV heads, cut from one sample over all KV heads.
@@ -166,49 +155,41 @@ class DMCSelfAttention(SelfAttention):
         """``[s, b, hidden]`` -> ``([s, b, hidden], bias)`` like ``SelfAttention.forward``."""
         if inference_context is not None or inference_params is not None:
             raise ValueError("megatron inference contexts keep an uncompressed cache; generate "
-                             "with DMC's compressed cache through nemo_dmc.inference instead")
+                             "with the compressed cache through nemo_dmc.inference instead")
         if packed_seq_params is not None:
-            raise ValueError("DMC attention does not support packed sequences (THD format)")
+            raise ValueError("KV-method attention does not support packed sequences (THD format)")
         if isinstance(rotary_pos_emb, tuple):
             rotary_pos_emb = rotary_pos_emb[0]
 
         query, key, value = self.get_query_key_value_tensors(hidden_states)
-        if self.dmc_mode == ZERO_OUT_MODE:
-            query = torch.cat([query[..., :-1], query[..., -1:] * self.zero_out_scale], dim=-1)
-            key = torch.cat([key[..., :-1], key[..., -1:] * self.zero_out_scale], dim=-1)
-            state_bias = None
-            self.last_decisions = None
-        else:
-            noise = None
-            if self.training and self.dmc_config.force_decision is None:
-                noise = self._training_noise(key.shape[1], key.shape[0], key.device)
-            q, k, v, decisions = dmc_states(_to_bhsd(query), _to_bhsd(key), _to_bhsd(value),
-                                            self.dmc_config, self.training, noise,
-                                            accumulate=dispatch.partial_accumulate)
-            query, key, value = _to_sbhd(q), _to_sbhd(k), _to_sbhd(v)
-            state_bias = decisions.state_bias
-            self.last_decisions = decisions
-
+        s, b = key.shape[0], key.shape[1]
+        prepared = self.method.prepare(
+            _to_bhsd(query), _to_bhsd(key), _to_bhsd(value), training=self.training,
+            noise=lambda: self._training_noise(b, s, key.device),
+            accumulate=dispatch.partial_accumulate)
+        query, key, value = (_to_sbhd(prepared.query), _to_sbhd(prepared.key),
+                             _to_sbhd(prepared.value))
         query, key = self._rope(query, rotary_pos_emb), self._rope(key, rotary_pos_emb)
-        core_out = self._core_attention(query, key, value, attention_mask, state_bias)
+        if self.method.simulates_cache:
+            out = self.method.attend(_to_bhsd(query), _to_bhsd(key), _to_bhsd(value),
+                                     self.core_attention.softmax_scale)
+            core_out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        else:
+            core_out = self._core_attention(query, key, value, attention_mask, prepared.bias)
         return self.linear_proj(core_out)
 
     def _core_attention(self, query: Tensor, key: Tensor, value: Tensor,
-                        mask: Optional[Tensor], state_bias: Optional[Tensor]) -> Tensor:
+                        mask: Optional[Tensor], score_bias: Optional[Tensor]) -> Tensor:
         """Core attention, recomputed in backward under selective recompute.
 
         megatron's own checkpointed path closes over ``attention_bias``, which would cut its
         gradient; here the bias is an explicit checkpoint input.
         """
-        if self.kv_policy is not None:
-            from nemo_dmc.baselines.eviction import policy_core_attention
-
-            return policy_core_attention(self, query, key, value)
         if not (self.checkpoint_core_attention and self.training):
-            return self.core_attention(query, key, value, mask, attention_bias=state_bias)
+            return self.core_attention(query, key, value, mask, attention_bias=score_bias)
 
         def run(q: Tensor, k: Tensor, v: Tensor, m: Optional[Tensor], *bias: Tensor) -> Tensor:
             return self.core_attention(q, k, v, m, attention_bias=bias[0] if bias else None)
 
-        extra = () if state_bias is None else (state_bias,)
+        extra = () if score_bias is None else (score_bias,)
         return tensor_parallel.checkpoint(run, False, query, key, value, mask, *extra)

@@ -1,35 +1,37 @@
-"""The layer-spec transform that turns a GPT/Llama layer spec into its DMC version."""
+"""The layer-spec transform that puts a KV-compression method into a GPT/Llama layer spec."""
 
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.megatron.attention import DMCCoreAttention, DMCSelfAttention
+from nemo_dmc.megatron.attention import BiasedCoreAttention, MethodSelfAttention
 
 
-def dmc_layer_spec(base: ModuleSpec, dmc_config: Optional[DMCConfig] = None) -> ModuleSpec:
-    """Return a copy of ``base`` whose self-attention is DMC.
+def method_layer_spec(base: ModuleSpec, method_settings: Any) -> ModuleSpec:
+    """Return a copy of ``base`` whose self-attention runs the KV method of ``method_settings``
+    (a settings dataclass of :mod:`nemo_dmc.methods`, e.g. :class:`~nemo_dmc.core.DMCConfig`).
 
-    Swaps ``self_attention.module`` for :class:`DMCSelfAttention` (with ``dmc_config`` in
-    its params) and ``self_attention.submodules.core_attention`` for
-    :class:`DMCCoreAttention`; the QKV/output projections (local or Transformer Engine)
-    are kept as they are. ``base`` is not modified.
+    Swaps ``self_attention.module`` for :class:`MethodSelfAttention` (with the settings in
+    its params; each layer builds its own method object from them) and
+    ``self_attention.submodules.core_attention`` for :class:`BiasedCoreAttention`; the
+    QKV/output projections (local or Transformer Engine) are kept as they are. ``base`` is
+    not modified.
     """
     spec = copy.deepcopy(base)
     attention = getattr(spec.submodules, "self_attention", None)
     if not isinstance(attention, ModuleSpec) or not issubclass(attention.module, SelfAttention):
         found = getattr(attention, "module", attention)
-        raise ValueError(f"DMC needs a layer spec with a SelfAttention module, found {found!r}")
-    attention.module = DMCSelfAttention
+        raise ValueError(f"a KV method needs a layer spec with a SelfAttention module, "
+                         f"found {found!r}")
+    attention.module = MethodSelfAttention
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.causal,
-                        "dmc_config": dmc_config or DMCConfig()}
-    attention.submodules.core_attention = ModuleSpec(module=DMCCoreAttention)
+                        "method_settings": method_settings}
+    attention.submodules.core_attention = ModuleSpec(module=BiasedCoreAttention)
     return spec
 
 

@@ -1,16 +1,17 @@
-"""DMC statistics and loss of a megatron model, combined across tensor-parallel ranks.
+"""Statistics and loss of a megatron model's KV methods, combined across tensor-parallel ranks.
 
-Each :class:`~nemo_dmc.megatron.attention.DMCSelfAttention` keeps the decisions of its last
-forward (on that module: no global state); :func:`collect_dmc_stats` reads them (in layer
-order) after the forward pass. Each forward overwrites them, so with several micro-batches
-(gradient accumulation) collect the statistics, and add the loss, after each forward, as the
-trainer's and NeMo's loss functions do.
+Each :class:`~nemo_dmc.megatron.attention.MethodSelfAttention` leaves its layer's record on its
+method object (:attr:`nemo_dmc.methods.KVMethod.record`); the functions here read them (in
+layer order) after the forward pass. Each forward overwrites them, so with several
+micro-batches (gradient accumulation) collect the statistics, and add the loss, after each
+forward: :func:`method_loss` is the one place the compression loss is composed, for the own
+trainer and for NeMo's loss reduction alike.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +22,9 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
 )
 
-from nemo_dmc.core import Stage, compression_loss, realised_cr, target_cr, zero_out_scale
-from nemo_dmc.megatron.attention import DMC_MODE, ZERO_OUT_MODE, DMCSelfAttention
+from nemo_dmc.core import compression_loss, realised_cr
+from nemo_dmc.megatron.attention import MethodSelfAttention
+from nemo_dmc.methods import DMCRecord, KVMethod
 
 
 @dataclass
@@ -49,41 +51,36 @@ class DMCStats:
         return compression_loss(self.merge_fraction, target_cr)
 
 
-def dmc_attention_modules(model: nn.Module) -> Iterator[DMCSelfAttention]:
-    """The DMC self-attention modules of ``model`` in layer order."""
-    return (m for m in model.modules() if isinstance(m, DMCSelfAttention))
+@dataclass
+class MethodLoss:
+    """The compression term of one forward: ``weighted = loss_weight * loss`` is what the
+    training loss adds; ``loss`` (L_cr) is what gets logged."""
+
+    stats: DMCStats
+    loss: Tensor
+    weighted: Tensor
 
 
-def set_dmc_mode(model: nn.Module, mode: str, zero_out_scale: float = 1.0) -> None:
-    """Switch every DMC layer to ``"dmc"`` or to ``"zero_out"`` with the given q/k scale."""
-    if mode not in (DMC_MODE, ZERO_OUT_MODE):
-        raise ValueError(f"DMC mode must be {DMC_MODE!r} or {ZERO_OUT_MODE!r}, got {mode!r}")
-    for module in dmc_attention_modules(model):
-        module.dmc_mode = mode
-        module.zero_out_scale = zero_out_scale
+def method_attentions(model: nn.Module) -> List[MethodSelfAttention]:
+    """The KV-method self-attention modules of ``model`` in layer order."""
+    return [m for m in model.modules() if isinstance(m, MethodSelfAttention)]
 
 
-def apply_stage(model: nn.Module, stage: Stage | str, step: int, steps: int,
-                final_cr: float) -> Optional[float]:
-    """Put the DMC layers in ``stage``'s mode for optimizer step ``step`` (0-based) of
-    ``steps``; return that step's CR target (``None`` in pretraining and zero-out, which
-    train the LM only; pretraining runs plain attention, i.e. zero-out mode at scale 1)."""
-    stage = Stage(stage)
-    if stage is Stage.PRETRAIN:
-        set_dmc_mode(model, ZERO_OUT_MODE, 1.0)
-        return None
-    if stage is Stage.ZERO_OUT:
-        set_dmc_mode(model, ZERO_OUT_MODE, zero_out_scale(step, steps))
-        return None
-    set_dmc_mode(model, DMC_MODE)
-    return target_cr(stage, step + 1, steps, final_cr)
+def layer_methods(model: nn.Module) -> List[KVMethod]:
+    """The method object of every layer, in layer order (error if the model has none)."""
+    methods = [m.method for m in method_attentions(model)]
+    if not methods:
+        raise ValueError("the model has no KV-method attention layers: build it with "
+                         "nemo_dmc.megatron.model.build_model(model_config, <method settings>)")
+    return methods
 
 
 def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
     """Statistics of the model's last forward, or ``None`` if no layer took DMC decisions."""
-    decisions = [m.last_decisions for m in dmc_attention_modules(model)]
-    if not decisions or any(d is None for d in decisions):
+    records = [m.method.record for m in method_attentions(model)]
+    if not records or not all(isinstance(r, DMCRecord) for r in records):
         return None
+    decisions = [r.decisions for r in records]
     st_sum = torch.stack([d.straight_through.sum() for d in decisions])
     # Hard decisions summed over batch and sequence: [layers, local_kv_heads].
     head_merges = torch.stack([d.hard.sum(dim=(0, 2)) for d in decisions])
@@ -98,3 +95,26 @@ def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
     return DMCStats(merge_fraction=merge_fraction,
                     layer_cr=realised_cr(head_fraction.mean(dim=1)),
                     head_cr=realised_cr(head_fraction))
+
+
+def method_loss(model: nn.Module, target_cr: Optional[float]) -> Optional[MethodLoss]:
+    """The compression loss of the model's last forward against ``target_cr`` (``None``
+    without a target or without DMC decisions); weighted by the layers' ``loss_weight``."""
+    stats = collect_dmc_stats(model)
+    if stats is None or target_cr is None:
+        return None
+    loss = stats.loss(target_cr)
+    weight = method_attentions(model)[0].method.settings.loss_weight
+    return MethodLoss(stats=stats, loss=loss, weighted=weight * loss)
+
+
+def layer_slots(model: nn.Module) -> Tensor:
+    """``[batch, layers, kv_heads]`` slots each head held after the last forward (global KV
+    heads, gathered over tensor-parallel ranks; int64 on CPU)."""
+    records = [m.record for m in layer_methods(model)]
+    if any(r is None for r in records):
+        raise ValueError("no layer records: run a forward first")
+    slots = torch.stack([r.slots for r in records], dim=1)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        slots = gather_from_tensor_model_parallel_region(slots.contiguous())
+    return slots.round().long().cpu()

@@ -9,16 +9,15 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
-from nemo_dmc.core import Stage
-from nemo_dmc.megatron.stats import apply_stage, collect_dmc_stats
-from nemo_dmc.megatron.zero_out import zero_decision_projections
+from nemo_dmc.megatron.stages import apply_stage, finish_stage
+from nemo_dmc.megatron.stats import method_loss
 
 
 class DMCLossReduction(MaskedTokenLossReduction):
     """LM loss plus the one-sided compression loss of the stage's current target CR.
 
     ``loss_sum`` gets ``L_cr * num_tokens`` so that NeMo's per-token averaging yields
-    ``LM + dmc_loss_weight * L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
+    ``LM + dmc.loss_weight * L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
     """
 
     def __init__(self, model: "DMCGPTModel", validation_step: bool = False) -> None:
@@ -31,11 +30,9 @@ class DMCLossReduction(MaskedTokenLossReduction):
                 forward_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
         loss_sum, num_tokens, extra = super().forward(batch, forward_out)
         model = self._model()
-        stats = collect_dmc_stats(model)
-        target = model.stage_target_cr
-        if stats is not None and target is not None and not self.validation_step:
-            weight = model.config.dmc_loss_weight
-            loss_sum = loss_sum + weight * stats.loss(target) * num_tokens
+        term = None if self.validation_step else method_loss(model, model.stage_target_cr)
+        if term is not None:
+            loss_sum = loss_sum + term.weighted * num_tokens
         return loss_sum, num_tokens, extra
 
 
@@ -57,12 +54,11 @@ class DMCGPTModel(GPTModel):
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
         c = self.config
         self.stage_target_cr = apply_stage(self, c.dmc_stage, self._step, c.dmc_stage_steps,
-                                           c.dmc_target_cr)
+                                           c.dmc.target_cr)
         return super().training_step(batch, batch_idx)
 
     def on_train_end(self) -> None:
-        if Stage(self.config.dmc_stage) is Stage.ZERO_OUT:
-            zero_decision_projections(self)
+        finish_stage(self, self.config.dmc_stage)
 
     @property
     def training_loss_reduction(self) -> DMCLossReduction:

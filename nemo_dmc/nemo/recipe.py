@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Optional
+from typing import Any, Optional
 
 import nemo_run as run
 from nemo import lightning as nl
 from nemo.collections import llm
 
-from nemo_dmc.core import Stage
+from nemo_dmc.core import DMCConfig, Stage
 from nemo_dmc.nemo.config import DMCLlamaConfig
 from nemo_dmc.nemo.model import DMCGPTModel
 
@@ -25,20 +25,19 @@ _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_
                  "share_embeddings_and_output_weights", "init_method_std", "kv_channels")
 
 
-def dmc_recipe(base: str = "llama2_7b", stage: str = "retrofit", target_cr: float = 4.0,
-               steps: int = 6000, window: Optional[int] = 12, lr: float = 3e-5,
-               tensor_parallel_size: int = 4, restore_from: Optional[str] = None,
-               dir: Optional[str] = None, name: str = "dmc", num_nodes: int = 1,
-               num_gpus_per_node: int = 8) -> run.Partial:
+def dmc_recipe(base: str = "llama2_7b", stage: str = "retrofit", steps: int = 6000,
+               lr: float = 3e-5, tensor_parallel_size: int = 4,
+               restore_from: Optional[str] = None, dir: Optional[str] = None, name: str = "dmc",
+               num_nodes: int = 1, num_gpus_per_node: int = 8, **dmc: Any) -> run.Partial:
     """NeMo's ``llm.recipes.<base>.pretrain_recipe`` with the model made DMC.
 
+    ``dmc`` are :class:`~nemo_dmc.core.DMCConfig` fields (e.g. ``target_cr=4.0``, ``window``).
     Optimiser settings follow the DMC reference (Adam (0.9, 0.95), weight decay 0.1,
     clipping 1.0, cosine to lr/10); ``restore_from`` starts from the previous stage's
     NeMo checkpoint (e.g. the zero-out result for ``retrofit``).
     """
     Stage(stage)
-    if target_cr < 1:
-        raise ValueError(f"target_cr must be >= 1, got {target_cr}")
+    DMCConfig(**dmc)  # raises naming a bad setting (e.g. dmc.target_cr < 1)
     recipes = getattr(llm.recipes, base, None)
     if recipes is None or not hasattr(recipes, "pretrain_recipe"):
         raise ValueError(f"unknown NeMo recipe base {base!r} (e.g. llama2_7b, llama3_8b)")
@@ -48,7 +47,7 @@ def dmc_recipe(base: str = "llama2_7b", stage: str = "retrofit", target_cr: floa
     present = {f.name for f in fields(base_config.__fn_or_cls__)}
     shape = {k: getattr(base_config, k) for k in _SHAPE_FIELDS if k in present}
     recipe.model = run.Config(DMCGPTModel, config=run.Config(
-        DMCLlamaConfig, **shape, dmc_window=window, dmc_target_cr=target_cr,
+        DMCLlamaConfig, **shape, dmc=run.Config(DMCConfig, **dmc),
         dmc_stage=stage, dmc_stage_steps=steps))
     recipe.trainer.max_steps = steps
     recipe.trainer.strategy.tensor_model_parallel_size = tensor_parallel_size

@@ -25,7 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import Tensor, nn
 
 from nemo_dmc.core import realised_cr
-from nemo_dmc.megatron.stats import DMCStats, collect_dmc_stats
+from nemo_dmc.megatron.stats import DMCStats, collect_dmc_stats, method_loss
 from nemo_dmc.training.batches import Batch, MicroBatches
 from nemo_dmc.training.metrics import Validation
 
@@ -77,11 +77,11 @@ def noise_seed(key: str, position: int) -> int:
 
 def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
                batches: MicroBatches, mask: Tensor, consumed_samples: int,
-               target_cr: Optional[float], num_layers: int, noise_key: str,
-               loss_weight: float = 1.0) -> StepResult:
+               target_cr: Optional[float], num_layers: int, noise_key: str) -> StepResult:
     """One optimizer step from ``consumed_samples``; ``target_cr=None`` trains LM loss only.
 
-    The loss is ``LM + loss_weight * L_cr``; the logged ``dmc_loss`` is ``L_cr`` itself.
+    The loss is ``LM + dmc.loss_weight * L_cr`` (:func:`~nemo_dmc.megatron.stats.method_loss`);
+    the logged ``dmc_loss`` is ``L_cr`` itself.
     ``noise_key`` identifies the step (run seed, stage, step) for :func:`noise_seed`.
     """
     model.train()
@@ -95,11 +95,13 @@ def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: Optimi
         loss_sum, tokens = token_loss(model, batches.train(consumed_samples, micro), mask)
         loss = loss_sum / tokens.clamp_min(1.0)
         totals[0] += loss.detach().float().cpu()
-        stats = collect_dmc_stats(model)
-        if stats is not None and target_cr is not None:
-            dmc_loss = stats.loss(target_cr)
-            totals[1] += dmc_loss.detach().float().cpu()
-            loss = loss + loss_weight * dmc_loss
+        term = method_loss(model, target_cr)
+        if term is not None:
+            totals[1] += term.loss.detach().float().cpu()
+            loss = loss + term.weighted
+            stats = term.stats
+        else:
+            stats = collect_dmc_stats(model)
         fractions += _merge_fractions(stats, num_layers)
         (loss / n).backward()
     finalize_model_grads([model])

@@ -24,15 +24,13 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|megatr
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from nemo_dmc.evaluation.config import EvaluateConfig, register_schema  # noqa: E402
-from nemo_dmc.evaluation.runner import run  # noqa: E402
+from nemo_dmc.evaluate.config import EvaluateConfig, register_schema  # noqa: E402
+from nemo_dmc.evaluate.runner import run  # noqa: E402
 
 register_schema()
 
-__all__ = ["EvaluateConfig", "main", "run"]
 
-
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from nemo_dmc.data.datasets import CorruptDatasetError
 

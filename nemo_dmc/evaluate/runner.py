@@ -13,27 +13,24 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.evaluation.compression import (
+from nemo_dmc.evaluate.compression import (
     KV_DTYPES,
     CompressionTally,
     compression_report,
-    dmc_head_slots,
-    eviction_head_slots,
-    uniform_head_slots,
     write_heatmap,
 )
-from nemo_dmc.evaluation.config import EvaluateConfig
-from nemo_dmc.evaluation.data import (
+from nemo_dmc.evaluate.config import EvaluateConfig
+from nemo_dmc.evaluate.data import (
     data_tokenizer_path,
     heldout_batches,
     heldout_dataset,
     resolve_data,
 )
-from nemo_dmc.evaluation.passkey import PasskeyPrompt, passkey_accuracy, passkey_prompts
-from nemo_dmc.evaluation.perplexity import heldout_perplexity
-from nemo_dmc.evaluation.policy import cache_policy, eviction_ratio
+from nemo_dmc.evaluate.passkey import PasskeyPrompt, passkey_accuracy, passkey_prompts
+from nemo_dmc.evaluate.perplexity import heldout_perplexity
+from nemo_dmc.evaluate.policy import method_settings
 from nemo_dmc.kvcache.paged import CacheLayout
+from nemo_dmc.megatron.stats import layer_slots
 
 RESULTS_FILE = "results.json"
 HEATMAP_FILE = "head_cr_heatmap.png"
@@ -99,12 +96,14 @@ def run(cfg: EvaluateConfig) -> Dict[str, Any]:
 
 
 def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
     from nemo_dmc.data.tokenizer import load_tokenizer
-    from nemo_dmc.inference.loading import build_inference_model, find_tokenizer_path
+    from nemo_dmc.inference.loading import build_inference_model
 
     started = time.time()
-    dmc = DMCConfig(init_offset=cfg.dmc.init_offset, window=cfg.dmc.window)
-    model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, dmc, key="load")
+    model, model_cfg, dmc, resolved = build_inference_model(
+        cfg.load, cfg.model, cfg.dmc, key="load",
+        method=lambda dmc: method_settings(cfg.method, dmc, cfg.ratio, cfg.sinks))
     if cfg.seq_length is not None:
         model_cfg = replace(model_cfg, seq_length=cfg.seq_length)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
@@ -125,15 +124,7 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     tally = CompressionTally(layout)
 
     def count(batch: Dict[str, torch.Tensor]) -> None:
-        b, s = batch["tokens"].shape
-        if cfg.method == "dmc":
-            tally.add(dmc_head_slots(model), s, open_state=True)
-        else:
-            slots = eviction_head_slots(model) if cfg.method != "vanilla" else None
-            if slots is None:
-                ratio = eviction_ratio(model, cfg.method) or 1.0
-                slots = uniform_head_slots(b, s, model_cfg.num_layers, model_cfg.kv_heads, ratio)
-            tally.add(slots, s, open_state=False)
+        tally.add(layer_slots(model), batch["tokens"].shape[1], open_state=cfg.method == "dmc")
 
     # Passkey prompts first: a bad passkey.lengths fails before the perplexity pass.
     passkey: Dict[str, Any]
@@ -151,15 +142,14 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
                                   "needle, question and answer (give passkey.lengths=...)"}
     dataset = heldout_dataset(data, model_cfg, cfg.data.num_sequences)
     batches = heldout_batches(dataset, cfg.data.num_sequences, cfg.data.micro_batch_size, device)
-    with cache_policy(model, cfg.method, cfg.ratio, cfg.sinks):
-        ppl = heldout_perplexity(model, batches, after_forward=count)
-        if prompts:
-            report = passkey_accuracy(model, prompts, tokenizer.vocab_size,
-                                      cfg.data.micro_batch_size, device)
-            passkey = {**asdict(report), "lengths": lengths, "depths": list(cfg.passkey.depths),
-                       "samples": cfg.passkey.samples}
-            if dropped:
-                passkey["dropped_lengths"] = dropped
+    ppl = heldout_perplexity(model, batches, after_forward=count)
+    if prompts:
+        report = passkey_accuracy(model, prompts, tokenizer.vocab_size,
+                                  cfg.data.micro_batch_size, device)
+        passkey = {**asdict(report), "lengths": lengths, "depths": list(cfg.passkey.depths),
+                   "samples": cfg.passkey.samples}
+        if dropped:
+            passkey["dropped_lengths"] = dropped
 
     compression = compression_report(tally)
     out = output_dir(cfg)

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from nemo_dmc.data.datasets import get_batch
-from nemo_dmc.evaluation.config import HeldOutData
-from nemo_dmc.megatron.model import ModelConfig
+from nemo_dmc.evaluate.config import HeldOutData
+from nemo_dmc.core import ModelConfig
 from nemo_dmc.training.batches import Batch, RandomTokens
 from nemo_dmc.training.config import DATA_SOURCES, DataConfig, TrainConfig
 

@@ -10,14 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from nemo_dmc.megatron.model import ModelConfig
-from nemo_dmc.generate import DMCSettings
+from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.inference.config import ParallelSettings
+from nemo_dmc.methods import eviction_methods, method_names
 
-METHODS = ("dmc", "vanilla", "h2o", "tova", "streaming")
-"""Cache policies: DMC decisions, plain attention, and training-free eviction baselines."""
-
-EVICTION_METHODS = ("h2o", "tova", "streaming")
 KV_DTYPES = ("model", "fp32", "bf16", "fp16")
 
 
@@ -90,7 +86,7 @@ class EvaluateConfig:
     heatmap: bool = True
     seq_length: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
-    dmc: DMCSettings = field(default_factory=DMCSettings)
+    dmc: DMCConfig = field(default_factory=DMCConfig)
     data: HeldOutData = field(default_factory=HeldOutData)
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
     kv: KVSettings = field(default_factory=KVSettings)
@@ -102,14 +98,15 @@ class EvaluateConfig:
             raise ValueError("load: give the checkpoint to evaluate (load=<run or checkpoint>)")
         if self.seq_length is not None and self.seq_length < 1:
             raise ValueError(f"seq_length: must be >= 1 (or null), got {self.seq_length}")
-        if self.method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method in EVICTION_METHODS:
+        if self.method not in method_names():
+            raise ValueError(f"method: must be one of {', '.join(method_names())}, "
+                             f"got {self.method!r}")
+        if self.method in eviction_methods():
             if self.ratio is None or self.ratio < 1.0:
                 raise ValueError(f"ratio: method={self.method} needs a compression ratio >= 1 "
                                  f"(e.g. ratio=4), got {self.ratio}")
         elif self.ratio is not None:
-            raise ValueError(f"ratio: only the eviction methods ({', '.join(EVICTION_METHODS)}) "
+            raise ValueError(f"ratio: only the eviction methods ({', '.join(eviction_methods())}) "
                              f"take a ratio; method={self.method} sets its own")
         if self.sinks < 0:
             raise ValueError(f"sinks: must be >= 0, got {self.sinks}")

@@ -2,7 +2,8 @@
 
 A head's cache after ``s`` tokens holds one slot per append: ``s - merges`` slots under DMC's
 hard decisions (the first token always appends), ``s`` for plain attention, and what the
-eviction policy kept at the last position under eviction. Realised CR is tokens over slots, so the
+eviction policy kept at the last position under eviction (each layer's method records them:
+:func:`nemo_dmc.megatron.stats.layer_slots`). Realised CR is tokens over slots, so the
 overall, per-layer and per-head figures here equal ``1 / (1 - merge fraction)`` of
 :func:`nemo_dmc.megatron.stats.collect_dmc_stats`. Bytes follow the inference cache's
 conventions (:class:`~nemo_dmc.kvcache.paged.CacheLayout`,
@@ -16,49 +17,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-from torch import Tensor, nn
+from torch import Tensor
 
 from nemo_dmc.kvcache.paged import CacheLayout, MemoryReport
-from nemo_dmc.megatron.stats import dmc_attention_modules
 
 KV_DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                      "fp16": torch.float16}
-
-
-def dmc_head_slots(model: nn.Module) -> Tensor:
-    """``[batch, layers, kv_heads]`` slots each head holds after the last DMC forward
-    (global KV heads, gathered over tensor-parallel ranks)."""
-    decisions = [m.last_decisions for m in dmc_attention_modules(model)]
-    if not decisions or any(d is None for d in decisions):
-        raise ValueError("method: the last forward took no DMC decisions (not in DMC mode)")
-    seq = decisions[0].hard.shape[-1]
-    return _gather_heads(torch.stack([seq - d.hard.sum(-1) for d in decisions], dim=1))
-
-
-def eviction_head_slots(model: nn.Module) -> Optional[Tensor]:
-    """``[batch, layers, kv_heads]`` slots each head held after the last forward under an
-    eviction policy (``module.last_kept`` of ``nemo_dmc.baselines.eviction.kv_policy``), or
-    ``None`` if the layers did not record them."""
-    kept = [getattr(m, "last_kept", None) for m in dmc_attention_modules(model)]
-    if not kept or any(k is None for k in kept):
-        return None
-    return _gather_heads(torch.stack([k[..., -1] for k in kept], dim=1))
-
-
-def _gather_heads(slots: Tensor) -> Tensor:
-    """``[b, L, hk_local]`` -> ``[b, L, hk]`` over tensor-parallel ranks, as int64 on CPU."""
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        slots = gather_from_tensor_model_parallel_region(slots.contiguous())
-    return slots.round().long().cpu()
-
-
-def uniform_head_slots(batch: int, seq: int, layers: int, kv_heads: int,
-                       ratio: float = 1.0) -> Tensor:
-    """``[batch, layers, kv_heads]`` slots of a policy holding ``seq / ratio`` in every head."""
-    held = max(1, round(seq / ratio))
-    return torch.full((batch, layers, kv_heads), held, dtype=torch.long)
 
 
 @dataclass

@@ -11,9 +11,9 @@ by full forwards. Model arguments: ``load`` (required), ``tokenizer``, ``method`
 
 Needs the ``eval`` extra (``pip install -c constraints.txt -e ".[eval]"``). Command line::
 
-    python -m nemo_dmc.evaluation.lm_eval_adapter --model nemo_dmc \\
+    python -m nemo_dmc.evaluate.lm_eval_adapter --model nemo_dmc \\
         --model_args load=runs/dmc_tiny,method=dmc --tasks dmc_demo \\
-        --include_path nemo_dmc/evaluation/tasks
+        --include_path nemo_dmc/evaluate/tasks
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("the lm-eval adapter needs lm-evaluation-harness: install the `eval` "
                       "extra, pip install -c constraints.txt -e \".[eval]\"") from err
 
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.evaluation.config import EVICTION_METHODS, METHODS
-from nemo_dmc.evaluation.passkey import full_logits
-from nemo_dmc.evaluation.policy import cache_policy
+from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.methods import eviction_methods, method_names
+from nemo_dmc.evaluate.passkey import full_logits
+from nemo_dmc.evaluate.policy import method_settings
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 """The local demo tasks (``--include_path``): ``dmc_demo`` = choice + continue + rolling."""
@@ -51,17 +51,18 @@ class NemoDMCLM(TemplateLM):
                  tensor_model_parallel_size: int = 1, seed: int = 1234,
                  device: Optional[str] = None, **unused: Any) -> None:
         super().__init__()
+        from nemo_dmc.checkpoints.resolve import find_tokenizer_path
         from nemo_dmc.data.tokenizer import load_tokenizer
-        from nemo_dmc.inference.loading import build_inference_model, find_tokenizer_path
+        from nemo_dmc.inference.loading import build_inference_model
         from nemo_dmc.megatron import parallel
-        from nemo_dmc.megatron.model import ModelConfig
         from nemo_dmc.training.launch import local_rendezvous
 
-        if method not in METHODS:
-            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
-        if (method in EVICTION_METHODS) != (ratio is not None):
+        if method not in method_names():
+            raise ValueError(f"method: must be one of {', '.join(method_names())}, "
+                             f"got {method!r}")
+        if (method in eviction_methods()) != (ratio is not None):
             raise ValueError("ratio: give ratio=<float> with (and only with) the eviction "
-                             f"methods {', '.join(EVICTION_METHODS)}")
+                             f"methods {', '.join(eviction_methods())}")
         self.method, self.sinks = method, int(sinks)
         self.ratio = None if ratio is None else float(ratio)
         # A free port unless a launcher set one; the launcher variables are restored once the
@@ -70,7 +71,8 @@ class NemoDMCLM(TemplateLM):
             parallel.initialize(tensor_parallel_size=int(tensor_model_parallel_size),
                                 seed=int(seed))
         self.model, self.model_config, _, resolved = build_inference_model(
-            load, ModelConfig(), DMCConfig(), key="load")
+            load, ModelConfig(), DMCConfig(), key="load",
+            method=lambda dmc: method_settings(method, dmc, self.ratio, self.sinks))
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)
@@ -108,8 +110,7 @@ class NemoDMCLM(TemplateLM):
         longest = max(len(r) for r in rows)
         tokens = torch.tensor([r + [self.eot_token_id] * (longest - len(r)) for r in rows],
                               device=self.device)
-        with cache_policy(self.model, self.method, self.ratio, self.sinks):
-            return F.log_softmax(full_logits(self.model, tokens, self.tokenizer.vocab_size), -1)
+        return F.log_softmax(full_logits(self.model, tokens, self.tokenizer.vocab_size), -1)
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
@@ -178,14 +179,13 @@ class NemoDMCLM(TemplateLM):
         if self.method == "dmc":
             from nemo_dmc.inference import EngineConfig, SamplingParams, generate
 
-            with cache_policy(self.model, "dmc"):
-                [result] = generate(
-                    self.model, [prompt],
-                    SamplingParams(temperature=temperature, max_new_tokens=max_new,
-                                   stop_token_ids=(self.eot_token_id,), seed=self.seed),
-                    EngineConfig(max_batch_size=1, max_sequence_length=len(prompt) + max_new,
-                                 prefill_chunk_size=None, seed=self.seed),
-                    tokenizer=self.tokenizer)
+            [result] = generate(
+                self.model, [prompt],
+                SamplingParams(temperature=temperature, max_new_tokens=max_new,
+                               stop_token_ids=(self.eot_token_id,), seed=self.seed),
+                EngineConfig(max_batch_size=1, max_sequence_length=len(prompt) + max_new,
+                             prefill_chunk_size=None, seed=self.seed),
+                tokenizer=self.tokenizer)
             self.generation_cr.append(result.cache.compression_ratio)
             return result.text or ""
         tokens = list(prompt)  # plain attention / eviction: one full forward per token

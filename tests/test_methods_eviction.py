@@ -1,4 +1,4 @@
-"""KV-eviction baselines: the per-layer simulation equals decoding with an evicting cache."""
+"""Eviction methods: the per-layer simulation equals decoding with an evicting cache."""
 
 import math
 from dataclasses import dataclass, replace
@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from megatron_utils import TINY_GQA
-from nemo_dmc.baselines.eviction import (
-    EvictionPolicy,
-    evicted_attention,
-    kv_policy,
-    realised_ratio,
-)
 from nemo_dmc.core import DMCConfig
-from nemo_dmc.megatron.attention import DMC_MODE, ZERO_OUT_MODE
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
-from nemo_dmc.megatron.stats import dmc_attention_modules, set_dmc_mode
+from nemo_dmc.megatron.stats import layer_methods, layer_slots
+from nemo_dmc.methods import (
+    EvictionMethod,
+    EvictionRecord,
+    VanillaSettings,
+    evicted_attention,
+    method_class,
+)
 
 POLICIES = ("h2o", "tova", "streaming")
 
@@ -29,10 +29,27 @@ def _qkv(b=2, hq=4, hk=2, s=24, d=8, seed=0, dtype=torch.float64):
     return tuple(torch.randn(b, h, s, d, generator=g, dtype=dtype) for h in (hq, hk, hk))
 
 
-def _budget(policy: EvictionPolicy, n: int) -> int:
+def _settings(name: str, ratio: float, **kwargs):
+    """Settings of eviction method ``name`` (``sinks`` only where the policy has them)."""
+    cls = method_class(name).settings_class
+    if name != "streaming":
+        kwargs.pop("sinks", None)
+    return cls(ratio=ratio, **kwargs)
+
+
+def EvictionPolicy(name: str, ratio: float, **kwargs) -> EvictionMethod:
+    """One layer's eviction method object."""
+    return method_class(name)(_settings(name, ratio, **kwargs))
+
+
+def _budget(policy: EvictionMethod, n: int) -> int:
     """The budget rule, computed exactly (independently of the implementation)."""
-    floor = policy.min_slots or (policy.sinks + 1 if policy.name == "streaming" else 1)
-    return min(n, max(floor, math.ceil(Fraction(n) / Fraction(policy.ratio))))
+    settings = policy.settings
+    sinks = getattr(settings, "sinks", 0)
+    default = {"streaming": sinks + 1,
+               "h2o": 2 if getattr(settings, "heavy_fraction", 0) > 0 else 1}
+    floor = settings.min_slots or default.get(policy.name, 1)
+    return min(n, max(floor, math.ceil(Fraction(n) / Fraction(settings.ratio))))
 
 
 @dataclass
@@ -43,7 +60,7 @@ class Slot:
     mass: float = 0.0
 
 
-def _naive_decode(query, key, value, policy: EvictionPolicy):
+def _naive_decode(query, key, value, policy: EvictionMethod):
     """Token-by-token decoding with an explicit evicting cache: lists of slots per KV head."""
     b, hq, s, d = query.shape
     hk = key.shape[1]
@@ -78,10 +95,10 @@ def _naive_decode(query, key, value, policy: EvictionPolicy):
             for h, cache in enumerate(caches):
                 while len(cache) > budget:
                     if policy.name == "streaming":
-                        victim = min((sl for sl in cache if sl.pos >= policy.sinks),
+                        victim = min((sl for sl in cache if sl.pos >= policy.settings.sinks),
                                      key=lambda sl: sl.pos)
                     else:  # h2o: heavy hitters outside the protected recent window
-                        recent = budget - math.floor(policy.heavy_fraction * budget)
+                        recent = budget - math.floor(policy.settings.heavy_fraction * budget)
                         victim = min((sl for sl in cache if sl.pos <= t - recent),
                                      key=lambda sl: (sl.mass, sl.pos))
                     cache.remove(victim)
@@ -125,7 +142,7 @@ def test_budget_is_respected_after_every_token(name, ratio):
     out, kept = evicted_attention(q, k, _one_hot_values(2, 2, 40), policy)
     for t in range(40):
         assert (kept[..., t] == _budget(policy, t + 1)).all()
-        assert (kept[..., t] <= max(policy.floor, math.ceil((t + 1) / ratio))).all()
+        assert (kept[..., t] <= max(policy.settings.floor, math.ceil((t + 1) / ratio))).all()
         # Query t attends the slots kept after t-1 plus itself.
         attended = (out[..., t, :] > 0).sum(dim=-1)
         expected = kept[..., t - 1] + 1 if t else torch.ones_like(kept[..., 0])
@@ -158,7 +175,7 @@ def test_h2o_never_evicts_its_recent_window():
     policy = EvictionPolicy("h2o", 4.0)
     out, _ = evicted_attention(q, k, _one_hot_values(2, 2, s), policy)
     for t in range(1, s):
-        recent = policy.recent_window(_budget(policy, t))
+        recent = policy.settings.recent_window(_budget(policy, t))
         assert (out[..., t, t - recent + 1:t + 1] > 0).all()
 
 
@@ -184,7 +201,7 @@ def test_gqa_kv_head_scores_are_the_mean_over_its_query_group():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"name": "lru", "ratio": 2.0}, "name"),
+    ({"name": "lru", "ratio": 2.0}, "lru"),
     ({"name": "h2o", "ratio": 0.5}, "ratio"),
     ({"name": "h2o", "ratio": 2.0, "heavy_fraction": 1.0}, "heavy_fraction"),
     ({"name": "streaming", "ratio": 2.0, "sinks": 4, "min_slots": 4}, "min_slots"),
@@ -207,71 +224,61 @@ def _forward(model, seq=32, seed=0):
         return model(tokens, positions, causal_attention_mask(seq))
 
 
+def _model(settings, like=None):
+    """A model running ``settings``' method with the weights of ``like`` (if given)."""
+    model = build_model(CFG, settings).eval()
+    if like is not None:
+        model.load_state_dict(like.state_dict())
+    return model
+
+
 @pytest.fixture
-def dmc_model(megatron_tp1):
-    return build_model(CFG, DMCConfig()).eval()
+def plain_model(megatron_tp1):
+    return _model(VanillaSettings())
 
 
-def test_kv_policy_changes_outputs_and_restores_modes(dmc_model):
-    modules = list(dmc_attention_modules(dmc_model))
-    modules[1].dmc_mode, modules[1].zero_out_scale = ZERO_OUT_MODE, 0.25
-    set_dmc_mode_before = [(m.dmc_mode, m.zero_out_scale) for m in modules]
-    set_dmc_mode(dmc_model, ZERO_OUT_MODE, 1.0)
-    plain = _forward(dmc_model)
-    for m, (mode, scale) in zip(modules, set_dmc_mode_before):
-        m.dmc_mode, m.zero_out_scale = mode, scale
-
-    with kv_policy(dmc_model, None):
-        assert torch.equal(_forward(dmc_model), plain)
-    with kv_policy(dmc_model, EvictionPolicy("h2o", 1.0)):
-        torch.testing.assert_close(_forward(dmc_model), plain, rtol=1e-5, atol=1e-5)
-    with kv_policy(dmc_model, EvictionPolicy("tova", 4.0)):
-        assert all(m.dmc_mode == ZERO_OUT_MODE and m.zero_out_scale == 1.0 for m in modules)
-        evicted = _forward(dmc_model)
-        assert all(m.last_decisions is None for m in modules)
+def test_eviction_changes_outputs_only_when_it_evicts(plain_model):
+    plain = _forward(plain_model)
+    dmc = _model(DMCConfig(), like=plain_model)
+    assert not torch.allclose(_forward(dmc), plain, atol=1e-3)  # DMC decides, vanilla does not
+    full = _model(_settings("h2o", 1.0), like=plain_model)
+    torch.testing.assert_close(_forward(full), plain, rtol=1e-5, atol=1e-5)
+    tova = _model(_settings("tova", 4.0), like=plain_model)
+    evicted = _forward(tova)
     assert not torch.allclose(evicted, plain, atol=1e-3)
-    assert [(m.dmc_mode, m.zero_out_scale) for m in modules] == [(DMC_MODE, 1.0),
-                                                                  (ZERO_OUT_MODE, 0.25)]
-    assert all(m.kv_policy is None for m in modules)
-
-
-def test_kv_policy_restores_modes_when_the_forward_raises(dmc_model):
-    with pytest.raises(RuntimeError, match="boom"):
-        with kv_policy(dmc_model, EvictionPolicy("streaming", 2.0)):
-            raise RuntimeError("boom")
-    assert all(m.dmc_mode == DMC_MODE and m.kv_policy is None
-               for m in dmc_attention_modules(dmc_model))
+    assert all(isinstance(m.record, EvictionRecord) for m in layer_methods(tova))
 
 
 @pytest.mark.parametrize("name", POLICIES)
-def test_model_logits_equal_decoding_prefix_by_prefix(dmc_model, name):
+def test_model_logits_equal_decoding_prefix_by_prefix(plain_model, name):
     # Causality end to end: the logits at position t of the full forward equal the last
     # logits of a forward over the prefix [0, t], i.e. what decoding would produce.
-    with kv_policy(dmc_model, EvictionPolicy(name, 3.0, sinks=2)):
-        full = _forward(dmc_model, seq=20)
-        for t in (4, 11, 19):
-            prefix = _forward(dmc_model, seq=t + 1)
-            torch.testing.assert_close(prefix[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
+    model = _model(_settings(name, 3.0, sinks=2), like=plain_model)
+    full = _forward(model, seq=20)
+    for t in (4, 11, 19):
+        prefix = _forward(model, seq=t + 1)
+        torch.testing.assert_close(prefix[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ratio", [2.0, 4.0])
 @pytest.mark.parametrize("name", POLICIES)
-def test_realised_ratio_matches_the_requested_ratio(dmc_model, name, ratio):
-    with kv_policy(dmc_model, EvictionPolicy(name, ratio)):
-        _forward(dmc_model, seq=32)
-    kept = [m.last_kept for m in dmc_attention_modules(dmc_model)]
+def test_realised_ratio_matches_the_requested_ratio(plain_model, name, ratio):
+    model = _model(_settings(name, ratio), like=plain_model)
+    _forward(model, seq=32)
+    kept = [m.record.kept for m in layer_methods(model)]
     assert all(k.shape == (2, CFG.kv_heads, 32) for k in kept)
-    assert realised_ratio(dmc_model) == pytest.approx(ratio)
+    slots = layer_slots(model)
+    assert slots.shape == (2, CFG.num_layers, CFG.kv_heads)
+    assert 32 / slots.float().mean().item() == pytest.approx(ratio)
 
 
-def test_realised_ratio_needs_a_forward_under_a_policy(dmc_model):
-    with kv_policy(dmc_model, None):
-        _forward(dmc_model)
-    with pytest.raises(ValueError, match="kv_policy"):
-        realised_ratio(dmc_model)
+def test_layer_slots_need_a_forward(plain_model):
+    with pytest.raises(ValueError, match="forward"):
+        layer_slots(plain_model)
+    _forward(plain_model)
+    assert (layer_slots(plain_model) == 32).all()  # plain attention keeps every token
 
 
-def test_kv_policy_rejects_a_model_without_dmc_layers(megatron_tp1):
-    with pytest.raises(ValueError, match="DMCSelfAttention"):
-        with kv_policy(build_model(CFG, dmc=None), EvictionPolicy("tova", 2.0)):
-            pass
+def test_a_model_without_method_layers_is_rejected_by_name(megatron_tp1):
+    with pytest.raises(ValueError, match="KV-method attention"):
+        layer_methods(build_model(CFG, method=None))

@@ -1,0 +1,46 @@
+"""KV-compression methods behind one seam (:mod:`.base`); a method is one file here.
+
+Registered: ``vanilla`` (plain attention), ``dmc`` (Dynamic Memory Compression), and the
+training-free eviction policies ``h2o``, ``tova``, ``streaming`` (:mod:`.eviction`).
+"""
+
+from nemo_dmc.methods.base import (
+    KVMethod,
+    LayerRecord,
+    Prepared,
+    build_method,
+    method_class,
+    method_names,
+    method_of,
+    register,
+    settings_from_dict,
+    settings_to_dict,
+)
+from nemo_dmc.methods.vanilla import VanillaMethod, VanillaSettings
+from nemo_dmc.methods.dmc import DMCMethod, DMCPhase, DMCRecord
+from nemo_dmc.methods.eviction import (
+    EvictionMethod,
+    EvictionRecord,
+    EvictionSettings,
+    evicted_attention,
+)
+from nemo_dmc.methods.h2o import H2OMethod, H2OSettings
+from nemo_dmc.methods.tova import TOVAMethod, TOVASettings
+from nemo_dmc.methods.streaming import StreamingMethod, StreamingSettings
+
+
+
+def eviction_methods() -> tuple[str, ...]:
+    """Names of the registered eviction methods (they take a ``ratio``)."""
+    return tuple(n for n in method_names() if issubclass(method_class(n), EvictionMethod))
+
+
+__all__ = [
+    "DMCMethod", "DMCPhase", "DMCRecord", "EvictionMethod",
+    "EvictionRecord", "EvictionSettings", "H2OMethod", "H2OSettings", "KVMethod",
+    "LayerRecord", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
+    "TOVASettings", "VanillaMethod", "VanillaSettings", "build_method", "evicted_attention",
+    "eviction_methods",
+    "method_class", "method_names", "method_of", "register", "settings_from_dict",
+    "settings_to_dict",
+]

@@ -1,0 +1,76 @@
+"""``dmc``: Dynamic Memory Compression (merge a token's key/value into the head's last slot
+or append a new one; see ``nemo_dmc.core`` for the math and :class:`~nemo_dmc.core.DMCConfig`
+for the settings).
+
+Training runs in one of three phases, set per step by the stage schedule
+(``nemo_dmc.megatron.stages``): ``plain`` (the model as it was: channel D-1 used as is, no
+decisions; pretraining and the continued-training baseline), ``zero_out`` (channel D-1 of q
+and k scaled towards 0), and ``decide`` (DMC proper; the default, and what evaluation and
+inference use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from nemo_dmc.core import DMCConfig, Decisions, dmc_states
+from nemo_dmc.core.attention import Accumulate
+from nemo_dmc.methods.base import KVMethod, LayerRecord, Noise, Prepared, register
+
+
+class DMCPhase(str, Enum):
+    """What a DMC layer computes (see module docstring)."""
+
+    PLAIN = "plain"
+    ZERO_OUT = "zero_out"
+    DECIDE = "decide"
+
+
+@dataclass
+class DMCRecord(LayerRecord):
+    """A DMC layer's forward: its :class:`~nemo_dmc.core.Decisions` (``[b, hk, s]`` each)."""
+
+    decisions: Decisions
+
+
+@register
+class DMCMethod(KVMethod):
+    """Dynamic Memory Compression (Nawrot et al. 2024)."""
+
+    name = "dmc"
+    settings_class = DMCConfig
+    trains_decisions = True
+
+    def __init__(self, settings: DMCConfig | None = None) -> None:
+        super().__init__(settings)
+        self.phase = DMCPhase.DECIDE
+        self.zero_out_scale = 1.0
+
+    def set_phase(self, phase: DMCPhase | str, zero_out_scale: float = 1.0) -> None:
+        """Switch the phase (``zero_out_scale`` multiplies channel D-1 in ``zero_out``)."""
+        self.phase = DMCPhase(phase)
+        self.zero_out_scale = zero_out_scale if self.phase is DMCPhase.ZERO_OUT else 1.0
+
+    def prepare(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
+                noise: Noise, accumulate: Accumulate) -> Prepared:
+        if self.phase is not DMCPhase.DECIDE:
+            if self.phase is DMCPhase.ZERO_OUT:
+                query, key = _scale_decision_channel(query, key, self.zero_out_scale)
+            return super().prepare(query, key, value, training=training, noise=noise,
+                                   accumulate=accumulate)
+        sampled = noise() if training and self.settings.force_decision is None else None
+        query, key, value, decisions = dmc_states(query, key, value, self.settings, training,
+                                                  sampled, accumulate=accumulate)
+        slots = decisions.hard.shape[-1] - decisions.hard.sum(dim=-1)
+        self.record = DMCRecord(slots=slots, decisions=decisions)
+        return Prepared(query, key, value, decisions.state_bias)
+
+
+def _scale_decision_channel(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``q`` and ``k`` with channel D-1 multiplied by ``scale`` (the zero-out decay)."""
+    return (torch.cat([query[..., :-1], query[..., -1:] * scale], dim=-1),
+            torch.cat([key[..., :-1], key[..., -1:] * scale], dim=-1))
