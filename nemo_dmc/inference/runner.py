@@ -10,6 +10,13 @@ partial accumulations of the whole chunk (continuing each head's open run), atte
 cached slots of earlier chunks plus the chunk's own states, and commits only the surviving
 states. Decode runs one token per sequence: an incremental open-slot update, then
 attention over each head's own slots.
+
+Why not megatron's own ``TransformerLayer.forward`` with an inference context: megatron's
+contexts (``StaticInferenceContext``, ``DynamicInferenceContext``) give each request one block
+table shared by all heads and cache keys uncompressed, while DMC needs per-(layer, KV head)
+lengths, block tables and open-run state; and ``SelfAttention`` would hand the cache update to
+``_adjust_key_value_for_inference``. Walking the layer's own submodules keeps the weights and
+the TP split exactly the model's; moving onto a layer-level hook is open work (issue 11).
 """
 
 from __future__ import annotations
