@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from megatron.core import dist_checkpointing
+from nemo_dmc.checkpoints.safe_load import load_common_state
 
 STAGES = ("pretrain", "zero_out", "retrofit", "finetune")
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -68,7 +68,7 @@ def latest_in_run(path: Path) -> Optional[Path]:
 
 def read_progress(path: Path) -> Progress:
     """The :class:`Progress` stored in a checkpoint (common state only, no tensors read)."""
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = load_common_state(path)
     if "progress" not in common:
         raise ValueError(f"{path} is not a checkpoint of this trainer (no 'progress' entry)")
     return Progress(**common["progress"])

@@ -19,6 +19,7 @@ from megatron.core import dist_checkpointing
 from torch import nn
 
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
+from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
 from nemo_dmc.core import ModelConfig
 
 MODEL_CONFIG_FILE = "model_config.yaml"
@@ -78,7 +79,6 @@ def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
         raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} "
                                 "(metadata.json missing)")
     bare = getattr(model, "module", model)
-    loaded = dist_checkpointing.load({"model": bare.sharded_state_dict(prefix="module.")},
-                                     str(source))
+    loaded = load_dist_checkpoint({"model": bare.sharded_state_dict(prefix="module.")}, source)
     bare.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
     return source

@@ -16,6 +16,7 @@ from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT, cpu_overrides, load_context_model
 from nemo_dmc.checkpoints.resolve import ResolvedCheckpoint
 from nemo_dmc.checkpoints.run_dir import read_progress
+from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
 from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.nemo.config import dmc_llama_config, llama_config
 from nemo_dmc.nemo.model import DMCGPTModel
@@ -68,7 +69,7 @@ def load_nemo_model(path: Path) -> GPTModel:
         raise FileNotFoundError(f"{path} is not a NeMo 2 checkpoint (context/ and weights/)")
     model = load_context_model(path)
     model.configure_model()
-    loaded = dist_checkpointing.load(model.module.sharded_state_dict(prefix="module."),
-                                     str(path / "weights"))
+    loaded = load_dist_checkpoint(model.module.sharded_state_dict(prefix="module."),
+                                  path / "weights")
     model.module.load_state_dict({k.removeprefix("module."): v for k, v in loaded.items()})
     return model

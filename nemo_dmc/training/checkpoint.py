@@ -28,6 +28,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.checkpoints.run_dir import Progress, list_checkpoints, read_progress, step_dir_name
+from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
 
 
 def _rng_objects(progress: Progress, include_common: bool, include_tracker: bool) -> Dict[str, Any]:
@@ -109,7 +110,7 @@ def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: Megat
     same_tp = saved.tensor_parallel_size == now.tensor_parallel_size
     request = _training_state(model, optimizer, is_loading=True)
     request.update(_rng_objects(now, include_common=same_dp, include_tracker=same_dp and same_tp))
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = load_dist_checkpoint(request, path)
     _load_model_state(model, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
