@@ -16,13 +16,15 @@ exactly by asking for samples from its saved "consumed samples" position (:func:
 (megatron shuffles all requested epochs together), so a run may change its length.
 
 Every ``.bin``/``.idx`` pair is checked before megatron opens it (:func:`check_indexed_dataset`):
-a missing, truncated or inconsistent file raises an error that names it, instead of megatron's
-bare ``AssertionError`` or ``ValueError`` from numpy.
+a missing, truncated or inconsistent file raises an error that names it and the fix, instead of
+megatron's bare ``AssertionError`` or ``ValueError`` from numpy (and the ``IndexedDataset.__del__``
+error a half-opened dataset prints after it).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sysconfig
 import tempfile
@@ -44,10 +46,16 @@ Blend = tuple[list[str], list[float] | None]
 
 SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence and document counts
+_REMAKE = "re-create it with python -m nemo_dmc.data.preprocess"
 
 
 class CorruptDatasetError(ValueError):
-    """A ``.bin``/``.idx`` file is truncated or inconsistent; the message names the file."""
+    """A ``.bin``/``.idx`` file is truncated or inconsistent; the message names the file and
+    how to re-create it."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; {_REMAKE}")
+        self.problem = problem
 
 
 # -- megatron's C++ helpers ------------------------------------------------------------------
@@ -132,36 +140,54 @@ def indexed_dataset_files(prefix: str | Path) -> tuple[Path, Path]:
     return paths
 
 
+def _check_index_header(idx_path: Path) -> None:
+    """The ``.idx`` header is megatron's (magic, version 1, a known dtype code) and the file
+    has exactly the bytes its sequence and document counts imply."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    size = idx_path.stat().st_size
+    with idx_path.open("rb") as stream:
+        header = stream.read(_INDEX_HEADER_BYTES)
+    if len(header) < _INDEX_HEADER_BYTES:
+        raise CorruptDatasetError(f"{idx_path}: truncated index ({size} bytes, shorter than "
+                                  f"its {_INDEX_HEADER_BYTES}-byte header)")
+    magic, (version, code, sequences, documents) = header[:9], struct.unpack("<QBQQ", header[9:])
+    if magic != _INDEX_HEADER or version != 1:
+        raise CorruptDatasetError(f"{idx_path}: not a megatron index (bad header or version)")
+    try:
+        DType.dtype_from_code(code)
+    except ValueError as err:
+        raise CorruptDatasetError(f"{idx_path}: unknown token dtype code {code}") from err
+    expected = _INDEX_HEADER_BYTES + 12 * sequences + 8 * documents
+    if size != expected:
+        raise CorruptDatasetError(f"{idx_path}: {size} bytes, but its header implies {expected} "
+                                  "(truncated or trailing data)")
+
+
 def check_indexed_dataset(prefix: str | Path) -> IndexedDatasetInfo:
     """Validate ``prefix.idx`` and ``prefix.bin``.
 
-    Checks the header, that the index file has exactly the size its counts imply, that the
-    sequence pointers are consistent with the lengths, and that ``.bin`` has exactly the bytes
-    the index points to.
+    Checks the header, that the index file has exactly the size its counts imply (before
+    megatron reads it), that the sequence pointers are consistent with the lengths, and that
+    ``.bin`` has exactly the bytes the index points to.
 
     Raises:
         FileNotFoundError: If either file is missing (naming it).
         CorruptDatasetError: If either file is truncated or inconsistent (naming it).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import _IndexReader
 
     prefix = str(prefix)
     idx_path, bin_path = indexed_dataset_files(prefix)
-    # megatron reports a bad index as AssertionError, ValueError (numpy) or struct.error
+    _check_index_header(idx_path)
+    # megatron's index reader alone (no .bin mmap; its cleanup tolerates a failed read)
     try:
-        dataset = IndexedDataset(prefix, multimodal=False, mmap=True)
-    except Exception as err:
-        raise CorruptDatasetError(f"{idx_path}: corrupt or truncated index ({err})") from err
-    index = dataset.index
+        index = _IndexReader(str(idx_path), multimodal=False)
+    except (AssertionError, ValueError, IndexError) as err:
+        raise CorruptDatasetError(f"{idx_path}: corrupt index ({err})") from err
     lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
     pointers = np.asarray(index.sequence_pointers, dtype=np.int64)
     documents = np.asarray(index.document_indices, dtype=np.int64)
-    expected_idx_size = _INDEX_HEADER_BYTES + 12 * index.sequence_count + 8 * index.document_count
-    if idx_path.stat().st_size != expected_idx_size:
-        raise CorruptDatasetError(
-            f"{idx_path}: {idx_path.stat().st_size} bytes, but its header implies "
-            f"{expected_idx_size} (truncated or trailing data)"
-        )
     byte_lengths = lengths * index.dtype_size
     if (
         (lengths < 0).any()

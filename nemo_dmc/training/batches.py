@@ -80,7 +80,7 @@ def prepare_pydocs(cfg: TrainConfig) -> Tuple[Path, List[str], List[str]]:
     return tokenizer_path, *prefixes
 
 
-def _on_rank0(fn: Callable[[TrainConfig], T], cfg: TrainConfig) -> T:
+def on_rank0(fn: Callable[[TrainConfig], T], cfg: TrainConfig) -> T:
     """``fn(cfg)`` computed on global rank 0 and shared with every rank; an exception on
     rank 0 is raised on every rank."""
     outcome: List[object] = [None]
@@ -105,7 +105,28 @@ class Splits:
 
 
 def build_splits(cfg: TrainConfig, train_samples: int, valid_samples: int) -> Splits:
-    """Datasets of ``data.source`` (collective: call on every rank after process groups)."""
+    """Datasets of ``data.source`` (collective: call on every rank after process groups).
+    A missing or damaged ``.bin``/``.idx`` is a :class:`ConfigError` naming the file."""
+    from nemo_dmc.data.datasets import CorruptDatasetError
+
+    try:
+        return _build_splits(cfg, train_samples, valid_samples)
+    except (CorruptDatasetError, FileNotFoundError) as err:
+        if cfg.data.source == "pydocs":
+            problem = getattr(err, "problem", str(err))
+            raise ConfigError("data.cache_dir", f"{problem}: the data cache is damaged; delete "
+                              f"{cfg.data.cache_dir} to prepare it again") from err
+        key = "data.valid_prefixes" if _names_prefix(cfg.data.valid_prefixes, str(err)) \
+            else "data.train_prefixes"
+        raise ConfigError(key, str(err)) from err
+
+
+def _names_prefix(blend: List[str], message: str) -> bool:
+    """Whether ``message`` names a file of one of the prefixes of ``blend``."""
+    return any(f"{prefix}." in message for prefix in blend)
+
+
+def _build_splits(cfg: TrainConfig, train_samples: int, valid_samples: int) -> Splits:
     data = cfg.data
     if data.source == "random":
         vocab = cfg.model.vocab_size
@@ -115,7 +136,7 @@ def build_splits(cfg: TrainConfig, train_samples: int, valid_samples: int) -> Sp
     from nemo_dmc.data.tokenizer import load_tokenizer
 
     if data.source == "pydocs":
-        tokenizer_path, train_prefixes, valid_prefixes = _on_rank0(prepare_pydocs, cfg)
+        tokenizer_path, train_prefixes, valid_prefixes = on_rank0(prepare_pydocs, cfg)
     else:
         tokenizer_path = Path(data.tokenizer)
         train_prefixes, valid_prefixes = list(data.train_prefixes), list(data.valid_prefixes)

@@ -27,7 +27,14 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
-from nemo_dmc.checkpoints.run_dir import Progress, list_checkpoints, read_progress, step_dir_name
+from nemo_dmc.checkpoints.run_dir import (
+    DamagedCheckpointError,
+    Progress,
+    checkpoint_damage,
+    list_checkpoints,
+    read_progress,
+    step_dir_name,
+)
 from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
 
 
@@ -100,8 +107,13 @@ def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: Megat
     """Restore model, optimizer, scheduler and RNG from ``path``; return its progress.
 
     RNG states are restored when the data-parallel size matches the checkpoint's (the
-    model-parallel tracker only when the tensor-parallel size matches too).
+    model-parallel tracker only when the tensor-parallel size matches too). A checkpoint
+    with a missing or truncated file raises :class:`DamagedCheckpointError` naming it,
+    before anything is loaded.
     """
+    problem = checkpoint_damage(path)
+    if problem is not None:
+        raise DamagedCheckpointError(problem)
     saved = read_progress(path)
     now = Progress(**{**asdict(saved),
                       "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),

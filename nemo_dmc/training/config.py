@@ -9,9 +9,12 @@ then checks value ranges and cross-field constraints before any compute, raising
 from __future__ import annotations
 
 import re
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import OmegaConf
 
 from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT, nemo_checkpoint_settings
 from nemo_dmc.checkpoints.weights import MODEL_CONFIG_FILE, read_model_config
@@ -163,6 +166,8 @@ class CheckpointConfig:
     dir: ``null`` = ``<run_dir>/checkpoints``. save_interval: ``null`` = only at stage end.
     pretrained: base weights for the first stage when the run holds no earlier stage (a
         checkpoint of this trainer, or a NeMo 2 checkpoint directory with ``weights/``).
+    allow_config_change: continue a run whose recorded ``run_config.yaml`` differs in a
+        setting that changes the model or the data order (:func:`resume_changes`).
     """
 
     dir: Optional[str] = None
@@ -170,6 +175,7 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: bool = True
     pretrained: Optional[str] = None
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -235,6 +241,9 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
     _require(cfg.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
     _require(cfg.precision != "bf16" or cuda_available, "precision",
              "bf16 needs a CUDA device; use 'fp32' or 'auto' on CPU")
+    _validate_writable("run_dir", Path(cfg.run_dir))
+    if cfg.checkpoint.dir is not None:
+        _validate_writable("checkpoint.dir", Path(cfg.checkpoint.dir))
     _validate_parallel(cfg, world_size)
     try:  # megatron's TransformerConfig of the model: shapes, TP, sequence parallel
         transformer_config(cfg.model, cfg.parallel.tensor_model_parallel_size,
@@ -254,6 +263,53 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
     if cfg.checkpoint.pretrained is not None:
         _validate_pretrained(cfg.model, Path(cfg.checkpoint.pretrained))
     _validate_stages(cfg)
+
+
+def _validate_writable(key: str, path: Path) -> None:
+    """``path`` is a directory this process may write into, or can be created as one."""
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    _require(existing.is_dir(), key, f"{key}: {path} cannot be created: {existing} is a file, "
+             f"not a directory; choose another {key}")
+    _require(os.access(existing, os.W_OK | os.X_OK), key,
+             f"{key}: {path} is not writable ({existing} does not allow this user to write); "
+             f"choose another {key} or fix its permissions")
+
+
+# Settings a run may not change when it continues from its checkpoints: they change the model
+# or the order of its samples (the stage lengths, optimizer and logging may change).
+RESUME_KEYS = ("seed", "data.source", "data.tokenizer", "data.train_prefixes",
+               "data.valid_prefixes", "data.split", "data.max_documents", "data.seed",
+               "data.global_batch_size")
+RESUME_EXEMPT = ("model.pretrain_tokens",)  # sizes the token budget only
+
+
+def _resume_key(key: str) -> bool:
+    if key in RESUME_EXEMPT:
+        return False
+    dmc_method = key.startswith("dmc.") and key[4:] in {f.name for f in fields(DMCConfig)}
+    return key in RESUME_KEYS or key.startswith("model.") or dmc_method
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_changes(recorded: Any, cfg: TrainConfig) -> List[Tuple[str, Any, Any]]:
+    """``(key, recorded value, new value)`` of every setting that changes the model or the
+    data order (seed, ``model.*``, data sources/split/seed/global batch, ``dmc.*`` method
+    settings) and differs between a run's recorded config and ``cfg``. Keys the recorded
+    config predates are not compared."""
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(recorded), resolve=True))
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    return [(key, old[key], new[key]) for key in sorted(old)
+            if key in new and _resume_key(key) and old[key] != new[key]]
 
 
 def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:

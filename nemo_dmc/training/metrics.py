@@ -1,13 +1,16 @@
 """Run logging on rank 0: TensorBoard scalars, ``metrics.jsonl``, a tqdm bar, stage summaries.
 
 Scalars are tagged ``<stage>/<split>/<name>`` against the stage's step; ``metrics.jsonl``
-holds one JSON object per logged step (``{"stage", "split", "step", ...scalars}``).
+holds one JSON object per logged step (``{"stage", "split", "step", ...scalars}``). When a
+stage starts from a step (a resume), its records after that step, which the run is about to
+log again, are removed first (atomically), so each step has one record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -63,15 +66,18 @@ class RunLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._path = run_dir / "metrics.jsonl"
+        self._jsonl = self._path.open("a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def start_stage(self, stage: str, steps: int, first_step: int, message: str) -> None:
+        """Begin ``stage`` at ``first_step`` of ``steps`` (after :meth:`truncate`)."""
         if not self.enabled:
             return
+        self.truncate(stage, first_step, steps)
         tqdm.write(message)
         if self.cfg.progress_bar:
             self._bar = tqdm(total=steps, initial=first_step, desc=stage, unit="step",
@@ -92,6 +98,37 @@ class RunLogger:
                 self._writer.add_scalar(f"{stage}/{split}/{name}", value, step)
             for layer, cr in enumerate(layer_cr or []):
                 self._writer.add_scalar(f"{stage}/{split}/layer_cr/{layer}", cr, step)
+
+    def truncate(self, stage: str, first_step: int, steps: int) -> None:
+        """Drop the records ``stage`` logs again when it starts from ``first_step``: those
+        after it, and for a finished stage (``first_step == steps``) its final validation.
+        The file is rewritten beside itself and renamed into place; a torn last line (a
+        kill mid-write) is dropped too."""
+        def replayed(line: str) -> bool:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                return False  # not ours to judge
+            if not isinstance(record, dict) or record.get("stage") != stage:
+                return False
+            step = record.get("step", 0)
+            return step > first_step or (step == first_step == steps
+                                         and record.get("split") == "valid")
+
+        text = self._path.read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        torn = bool(lines) and not lines[-1].endswith("\n")
+        kept = [line for line in lines[:-1 if torn else None] if not replayed(line)]
+        if len(kept) == len(lines):
+            return
+        self._jsonl.close()
+        tmp = self._path.with_name(f".{self._path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as out:
+            out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._path)
+        self._jsonl = self._path.open("a", encoding="utf-8")
 
     def advance(self, postfix: Dict[str, float]) -> None:
         if self._bar is not None:

@@ -5,6 +5,11 @@ otherwise it starts from the weights the previous stage ended with (in memory, o
 stage's final checkpoint in the run; an unfinished one is an error), else from
 ``checkpoint.pretrained``, else from a random init (said in the log). The data position
 carries over between stages, so no stage re-reads samples.
+
+One training at a time holds the run directory (:mod:`~nemo_dmc.training.run_lock`); a run
+with checkpoints continues only with the settings it recorded in ``run_config.yaml`` that
+shape the model and the data order (``checkpoint.allow_config_change`` overrides). A damaged
+checkpoint (missing or truncated file) is skipped for the previous intact one, saying so.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,19 +30,26 @@ from omegaconf import OmegaConf
 
 from nemo_dmc.checkpoints.atomic import is_rank0
 from nemo_dmc.checkpoints.run_config import RUN_CONFIG_FILE
-from nemo_dmc.checkpoints.run_dir import Progress, latest_checkpoint, read_progress
+from nemo_dmc.checkpoints.run_dir import (
+    STAGES,
+    Progress,
+    latest_intact_checkpoint,
+    list_checkpoints,
+    read_progress,
+)
 from nemo_dmc.checkpoints.weights import load_weights_checkpoint
 from nemo_dmc.core import Stage, target_cr
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.stages import apply_stage, finish_stage, validation_phase
-from nemo_dmc.training.batches import MicroBatches, build_splits
+from nemo_dmc.training.batches import MicroBatches, build_splits, on_rank0
 from nemo_dmc.training.checkpoint import load_checkpoint, save_checkpoint
 from nemo_dmc.training.config import (
     STAGE_ORDER,
     ConfigError,
     TrainConfig,
+    resume_changes,
     use_bf16,
     validate_config,
 )
@@ -46,6 +58,9 @@ from nemo_dmc.training.loop import StepResult, train_step, validate
 from nemo_dmc.training.metrics import RunLogger, StageSummary, Validation
 from nemo_dmc.training.optim import build_optimizer, build_scheduler
 from nemo_dmc.training.plan import StagePlan, plan_stages
+from nemo_dmc.training.run_lock import RunLock, acquire_run_lock
+
+ResumePoints = Dict[Stage, Optional[Path]]
 
 
 @dataclass
@@ -58,6 +73,27 @@ class Session:
     mask: torch.Tensor
     logger: RunLogger
     bf16: bool
+    resumes: ResumePoints
+
+
+def _note(message: str) -> None:
+    if is_rank0():
+        print(message, flush=True)
+
+
+def intact_latest(stage_dir: Path) -> Optional[Path]:
+    """The newest intact checkpoint of a stage (``None`` if it has none); newer damaged ones
+    are skipped, saying so. Raises :class:`ConfigError` if none of its checkpoints is intact."""
+    path, damaged = latest_intact_checkpoint(stage_dir)
+    if damaged and path is None:
+        problems = "; ".join(problem for _, problem in damaged)
+        raise ConfigError("checkpoint.resume", f"no intact checkpoint in {stage_dir} ({problems});"
+                          f" copy the damaged files again, or move {stage_dir} away to train "
+                          "the stage from its start")
+    for bad, problem in damaged:
+        _note(f"[{stage_dir.name}] skipping the damaged checkpoint {bad.name} ({problem}); "
+              f"using the previous intact one, {path.name}")
+    return path
 
 
 def initial_weights(cfg: TrainConfig, first: Stage) -> Optional[Path]:
@@ -67,7 +103,7 @@ def initial_weights(cfg: TrainConfig, first: Stage) -> Optional[Path]:
     index = STAGE_ORDER.index(first)
     if index > 0:
         previous = STAGE_ORDER[index - 1]
-        latest = latest_checkpoint(cfg.checkpoint_dir / previous.value)
+        latest = intact_latest(cfg.checkpoint_dir / previous.value)
         if latest is not None:
             done = read_progress(latest)
             if not done.complete:
@@ -89,16 +125,19 @@ def _consumed_after(path: Optional[Path]) -> int:
 
 
 def resume_point(cfg: TrainConfig, stage: Stage) -> Optional[Path]:
-    """The checkpoint a stage resumes from (its latest in the run), if ``checkpoint.resume``."""
-    return latest_checkpoint(cfg.checkpoint_dir / stage.value) if cfg.checkpoint.resume else None
+    """The checkpoint a stage resumes from (its latest intact one in the run), if
+    ``checkpoint.resume``."""
+    return intact_latest(cfg.checkpoint_dir / stage.value) if cfg.checkpoint.resume else None
 
 
-def samples_to_read(cfg: TrainConfig, plans: List[StagePlan], start_samples: int) -> int:
+def samples_to_read(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
+                    resumes: ResumePoints) -> int:
     """Train samples the selected stages read, counting from sample 0: each stage resumes
-    from its own checkpoint if it has one, else continues where the previous one ended."""
+    from its own checkpoint (``resumes``) if it has one, else continues where the previous
+    one ended."""
     end = consumed = start_samples
     for plan in plans:
-        latest = resume_point(cfg, plan.stage)
+        latest = resumes[plan.stage]
         done = read_progress(latest) if latest is not None else None
         if done is not None:
             consumed = done.consumed_samples
@@ -112,11 +151,54 @@ def run(cfg: TrainConfig) -> List[StageSummary]:
     world_size = export_rendezvous_env()
     validate_config(cfg, world_size, torch.cuda.is_available())
     parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.seed)
+    held: List[RunLock] = []
+
+    def claim(config: TrainConfig) -> None:  # rank 0; its errors are raised on every rank
+        held.append(acquire_run_lock(Path(config.run_dir)))
+        check_recorded_config(config)
+        write_run_config(config)
+
     try:
-        write_run_config(cfg)
+        on_rank0(claim, cfg)
         return _run_stages(cfg)
     finally:
+        for lock in held:
+            lock.release()
         parallel.shutdown()
+
+
+def check_recorded_config(cfg: TrainConfig) -> None:
+    """A run directory holding checkpoints continues only with the settings its
+    ``run_config.yaml`` records for the model and the data order
+    (:func:`~nemo_dmc.training.config.resume_changes`), unless
+    ``checkpoint.allow_config_change``; raises :class:`ConfigError` naming every change."""
+    path = Path(cfg.run_dir) / RUN_CONFIG_FILE
+    has_checkpoints = any(list_checkpoints(cfg.checkpoint_dir / stage) for stage in STAGES)
+    if not path.is_file() or not has_checkpoints:
+        return
+    allowed = cfg.checkpoint.allow_config_change
+    try:
+        recorded = OmegaConf.load(path)
+    except Exception as err:  # any YAML or OmegaConf error: the file is not a config
+        if allowed:
+            return
+        raise ConfigError("checkpoint.allow_config_change",
+                          f"cannot read {path} ({err}), the config of the checkpoints in "
+                          f"{cfg.checkpoint_dir}; restore it, or pass "
+                          "checkpoint.allow_config_change=true to continue with this "
+                          "command's settings") from err
+    changes = resume_changes(recorded, cfg)
+    if not changes:
+        return
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+    if allowed:
+        _note(f"[run] continuing {cfg.run_dir} with changed settings "
+              f"(checkpoint.allow_config_change=true): {listed}")
+        return
+    raise ConfigError(changes[0][0], f"{cfg.run_dir} holds checkpoints of a run recorded in "
+                      f"{path} with other settings: {listed}. Resuming would mix them: use the "
+                      "recorded values, another run_dir, or checkpoint.allow_config_change=true "
+                      "to continue anyway")
 
 
 def write_run_config(cfg: TrainConfig) -> None:
@@ -131,7 +213,8 @@ def write_run_config(cfg: TrainConfig) -> None:
     os.replace(tmp, path)
 
 
-def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int) -> Session:
+def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
+                   resumes: ResumePoints) -> Session:
     cuda = torch.cuda.is_available()
     bf16 = use_bf16(cfg, cuda)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -144,24 +227,24 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int)
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer and cuda)
     ddp = DistributedDataParallel(model.config, ddp_config, model)
     dp_size = parallel_state.get_data_parallel_world_size()
-    train_samples = samples_to_read(cfg, plans, start_samples)
+    train_samples = samples_to_read(cfg, plans, start_samples, resumes)
     valid_samples = cfg.validation.batches * cfg.data.micro_batch_size * dp_size
     splits = build_splits(cfg, train_samples, valid_samples)
     batches = MicroBatches(splits, cfg.data.micro_batch_size, cfg.data.global_batch_size,
                            parallel_state.get_data_parallel_rank(), dp_size, device)
     logger = RunLogger(Path(cfg.run_dir), cfg.logging, enabled=dist.get_rank() == 0)
     return Session(cfg, ddp, batches, causal_attention_mask(cfg.model.seq_length, device),
-                   logger, bf16)
+                   logger, bf16, resumes)
 
 
 def _run_stages(cfg: TrainConfig) -> List[StageSummary]:
     plans = plan_stages(cfg)
     first = plans[0].stage
-    resumes = resume_point(cfg, first) is not None
-    weights = None if resumes else initial_weights(cfg, first)
+    resumes = {plan.stage: resume_point(cfg, plan.stage) for plan in plans}
+    weights = None if resumes[first] else initial_weights(cfg, first)
     consumed = _consumed_after(weights)
-    session = _build_session(cfg, plans, consumed)
-    if not resumes and weights is None:
+    session = _build_session(cfg, plans, consumed, resumes)
+    if not resumes[first] and weights is None:
         session.logger.note(f"[{first.value}] starting from a random init (no checkpoint."
                             f"pretrained and no earlier stage in {cfg.checkpoint_dir})")
     summaries = []
@@ -180,7 +263,7 @@ def _start_stage(session: Session, plan: StagePlan, weights: Optional[Path], con
     """Optimizer and schedule of the stage, resumed from its checkpoint if it has one
     (else after loading ``weights``); returns them with the start step and sample."""
     model, logger, name = session.model, session.logger, plan.stage.value
-    resume = resume_point(session.cfg, plan.stage)
+    resume = session.resumes[plan.stage]
     if resume is None and weights is not None:
         logger.note(f"[{name}] initial weights from {load_weights_checkpoint(model, weights)}")
     optimizer = build_optimizer(model, session.cfg.optim, plan, session.bf16)
