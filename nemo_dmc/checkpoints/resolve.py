@@ -29,7 +29,11 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from nemo_dmc.checkpoints.layout import match_layout
-from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT, nemo_checkpoint_settings
+from nemo_dmc.checkpoints.nemo_context import (
+    NEMO_CONTEXT,
+    UntrustedContextError,
+    nemo_checkpoint_settings,
+)
 from nemo_dmc.checkpoints.run_config import (
     dmc_config_from_run,
     find_run_config,
@@ -95,6 +99,8 @@ def resolve_checkpoint(checkpoint: str | Path, key: str = "checkpoint") -> Resol
     if (path / NEMO_CONTEXT).is_dir() and (path / "weights" / "metadata.json").is_file():
         try:
             model, dmc = nemo_checkpoint_settings(path) or (None, None)
+        except UntrustedContextError as err:
+            raise UntrustedContextError(f"{key}: {err}") from err
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from err
         return ResolvedCheckpoint("trainer", path, find_run_config(path), model, key=key,
