@@ -6,6 +6,9 @@
 
 Exports are DMC models when the checkpoint comes from a nemo-dmc training run (which records
 the DMC settings), plain Llama otherwise; ``--format dmc|plain`` overrides.
+
+``--output`` must be a new or empty folder (``--overwrite`` replaces an existing one, old
+contents kept until the new output is complete), and may not equal or contain the input.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+OVERWRITE_HELP = "replace an existing, non-empty --output"
 
 
 def _import_hf(args: argparse.Namespace) -> int:
@@ -119,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     imp = sub.add_parser("import-hf", help="Hugging Face directory or GGUF file -> weights checkpoint")
     imp.add_argument("--input", required=True, type=Path)
     imp.add_argument("--output", required=True, type=Path)
+    imp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     imp.set_defaults(func=_import_hf)
     for name, func, text in (("export-nemo", _export_nemo, "checkpoint -> NeMo 2 directory"),
                              ("export-hf", _export_hf, "checkpoint -> HF safetensors dir")):
@@ -126,14 +132,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exp.add_argument("--input", required=True, type=Path)
         exp.add_argument("--output", required=True, type=Path)
         exp.add_argument("--format", choices=("auto", "dmc", "plain"), default="auto")
+        exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         if name == "export-hf":
             exp.add_argument("--tokenizer", type=Path, default=None,
                              help="HF dir, tokenizer.json or .gguf (default: the run's)")
         exp.set_defaults(func=func)
     args = parser.parse_args(argv)
+    from nemo_dmc.checkpoints.atomic import check_output
+
     try:
+        check_output(args.output, (args.input, getattr(args, "tokenizer", None)), args.overwrite)
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -119,10 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="trainer run/stage/step_N directory or weights checkpoint")
     parser.add_argument("--dst", required=True, type=Path, help="output weights checkpoint")
     parser.add_argument("--groups", required=True, type=int, help="KV groups after pooling")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing, non-empty --dst")
     args = parser.parse_args(argv)
+    from nemo_dmc.checkpoints.atomic import check_output
+
     try:
+        check_output(args.dst, (args.src,), args.overwrite, flag="--dst")
         out, source, pooled = convert(args.src, args.dst, args.groups)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[gqa] {source.kv_heads} -> {pooled.kv_heads} KV groups "
