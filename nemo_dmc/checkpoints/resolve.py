@@ -5,8 +5,9 @@ Accepted ``checkpoint`` paths:
 * a training run directory (``<run>/checkpoints/<stage>/step_N``: the latest checkpoint of the
   last stage that has one), a stage directory, or one ``step_N`` directory — loaded with
   :func:`nemo_dmc.checkpoints.weights.load_weights_checkpoint`; the run's ``run_config.yaml``
-  (written by the trainer into run_dir) or Hydra's ``.hydra/config.yaml``, if found above the
-  checkpoint, supplies ``model``, ``dmc`` and the tokenizer;
+  (written by the trainer into run_dir) or Hydra's ``.hydra/config.yaml``, found only in that
+  ``<run>`` (:func:`~nemo_dmc.checkpoints.run_config.find_run_config`), supplies ``model``,
+  ``dmc`` and the tokenizer;
 * a NeMo 2 directory (``context/`` + ``weights/``, same loader); its context supplies
   ``model`` and, for a DMC model, ``dmc`` (the shape needs ``nemo`` installed; without it
   the ``model`` settings given are used);

@@ -1,5 +1,6 @@
 """A training run's recorded config: the trainer's ``run_config.yaml`` in its run_dir, else
-Hydra's ``.hydra/config.yaml`` (when run_dir is Hydra's output), and the settings read from it."""
+Hydra's ``.hydra/config.yaml`` (when run_dir is Hydra's output), and the settings read from it.
+A checkpoint finds it only where the trainer's layout puts it (:func:`find_run_config`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from nemo_dmc.checkpoints.run_dir import STAGES, list_checkpoints
 from nemo_dmc.core import DMCConfig, ModelConfig
 
 # The resolved config of a run, written into its run_dir (checkpoints find it there).
@@ -17,13 +19,31 @@ RUN_CONFIG_FILE = "run_config.yaml"
 RUN_CONFIGS = (Path(RUN_CONFIG_FILE), Path(".hydra") / "config.yaml")
 
 
+def run_dir_of(path: Path) -> Optional[Path]:
+    """The run directory of ``path`` by the trainer's layout, ``<run>`` for
+    ``<run>/checkpoints``, ``<run>/checkpoints/<stage>`` and ``<run>/checkpoints/<stage>/step_N``;
+    ``None`` for any other path."""
+    if path.name == "checkpoints":
+        return path.parent
+    if path.name in STAGES and path.parent.name == "checkpoints":
+        return path.parent.parent
+    stage = path.parent
+    if (stage.name in STAGES and stage.parent.name == "checkpoints"
+            and path in (found for _, found in list_checkpoints(stage))):
+        return stage.parent.parent
+    return None
+
+
 def find_run_config(path: Path) -> Optional[Any]:
-    """The config of the run ``path`` belongs to (:data:`RUN_CONFIGS` in ``path`` or up to
-    four directories above), or ``None``."""
-    for parent in [path, *path.parents][:5]:
+    """The config of the run ``path`` belongs to: :data:`RUN_CONFIGS` in ``path`` itself or in
+    its run directory (:func:`run_dir_of`), never in other folders above it (a checkpoint
+    copied into another run's tree must not pick up that run's shape or tokenizer); ``None``
+    if neither has one."""
+    path = Path(path)
+    for folder in dict.fromkeys(p for p in (path, run_dir_of(path)) if p is not None):
         for name in RUN_CONFIGS:
-            if (parent / name).is_file():
-                return OmegaConf.load(parent / name)
+            if (folder / name).is_file():
+                return OmegaConf.load(folder / name)
     return None
 
 

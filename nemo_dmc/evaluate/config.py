@@ -20,7 +20,8 @@ KV_DTYPES = ("model", "fp32", "bf16", "fp16")
 @dataclass
 class HeldOutData:
     """Held-out text (``data.*``). ``null`` keys take the checkpoint's training-run value,
-    else the trainer's default (the built-in pydocs corpus).
+    else the trainer's default (the built-in pydocs corpus); ``cache_dir`` (written to) is
+    never taken from the run: ``null`` = the trainer's default, ``data_cache/pydocs``.
 
     source: ``pydocs``, ``indexed`` (``valid_prefixes`` + tokenizer) or ``random``.
     num_sequences: held-out sequences of ``model.seq_length`` tokens to score.

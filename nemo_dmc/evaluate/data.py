@@ -1,8 +1,9 @@
 """The held-out split an evaluation scores: the training run's ``valid`` split by default.
 
-Settings left ``null`` in ``data.*`` come from the checkpoint's training run, else from the
-trainer's defaults (the built-in pydocs corpus), so ``evaluate`` reads the same held-out
-samples the trainer validated on (sample ``i`` of a split is always the same).
+Settings left ``null`` in ``data.*`` (except ``cache_dir``, which evaluation writes to) come
+from the checkpoint's training run, else from the trainer's defaults (the built-in pydocs
+corpus), so ``evaluate`` reads the same held-out samples the trainer validated on (sample ``i``
+of a split is always the same).
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ from nemo_dmc.training.config import DATA_SOURCES, DataConfig, TrainConfig
 def resolve_data(settings: HeldOutData, run_config: Optional[Any],
                  tokenizer: Optional[str] = None) -> DataConfig:
     """The trainer's :class:`DataConfig` for the held-out split: its defaults, overlaid by the
-    run's ``data`` (if recorded), overlaid by the non-null ``data.*`` settings."""
+    run's ``data`` (if recorded), overlaid by the non-null ``data.*`` settings.
+
+    ``cache_dir`` (where the pydocs corpus is prepared, i.e. written) is never the run's: a
+    downloaded run config must not choose where evaluation writes. It is ``data.cache_dir``,
+    else the trainer's default."""
     values = asdict(DataConfig())
     known = set(values)
     if run_config is not None and "data" in run_config:
         from omegaconf import OmegaConf
 
         recorded = OmegaConf.to_container(run_config.data, resolve=True)
-        values.update({k: v for k, v in recorded.items() if k in known})
+        values.update({k: v for k, v in recorded.items() if k in known - {"cache_dir"}})
     for f in fields(HeldOutData):
         value = getattr(settings, f.name)
         if f.name in known and value is not None:
