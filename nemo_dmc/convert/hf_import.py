@@ -9,10 +9,12 @@ needed; transformers undoes llama.cpp's permutation when it reads a GGUF file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -160,20 +162,152 @@ def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
     return out
 
 
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
+
+
+def _safetensors_problem(file: Path) -> str:
+    """Why safetensors could not read ``file``: truncated (shorter than its header says) or
+    not a safetensors file at all."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or size < 8 + length <= 8 + _MAX_HEADER:
+            return f"{file} is truncated ({size} bytes, its header is incomplete)"
+        header = handle.read(length) if length <= _MAX_HEADER else b""
+    try:
+        expected = 8 + length + max((int(entry["data_offsets"][1]) for key, entry
+                                     in json.loads(header).items() if key != "__metadata__"),
+                                    default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"{file} is not a safetensors file (its header is not valid)"
+    if size < expected:
+        return f"{file} is truncated ({size} of {expected} bytes)"
+    return f"{file} is not a valid safetensors file"
+
+
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except SafetensorError as err:
+        raise ValueError(f"{_safetensors_problem(file)}: download or copy it again "
+                         f"(safetensors: {err})") from None
+
+
+def _read_index(folder: Path) -> Optional[dict[str, str]]:
+    """The tensor -> file map of ``model.safetensors.index.json`` in ``folder``, or ``None``.
+    Every file it names must be a plain file name present in ``folder``."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = set(weight_map.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        weight_map = None
+    if weight_map is None or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{index} is not a safetensors index (a JSON weight_map of tensor "
+                         "names to shard files): fix or remove it")
+    for name in sorted(names):
+        if Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{index} names {name!r}, not a file in {folder}: fix the index")
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: {index} maps tensors to it "
+                                    "(download the missing shard)")
+    return weight_map
+
+
+def load_safetensors_dir(folder: Path, progress: ProgressFn = silent) -> dict[str, Tensor]:
+    """Every tensor of a HF safetensors folder.
+
+    With ``model.safetensors.index.json``, exactly the shards it names are read, each tensor
+    must come from the shard the index gives, and every indexed tensor must be found; without
+    one, every ``*.safetensors`` file is read. A tensor name in two files is refused.
+
+    Raises:
+        FileNotFoundError: no shards, or a shard the index names is missing.
+        ValueError: a truncated or corrupt shard, a tensor in two files, or a shard that
+            disagrees with the index (names both files, or the index and the shard).
+    """
+    weight_map = _read_index(folder)
+    if weight_map is None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    else:
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        ignored = sorted(set(folder.glob("*.safetensors")) - set(files))
+        if ignored:
+            progress(f"ignoring {', '.join(f.name for f in ignored)} (not in {INDEX_FILE})")
+    state: dict[str, Tensor] = {}
+    source: dict[str, Path] = {}
+    for i, file in enumerate(files):
+        for name, tensor in _load_safetensors(file).items():
+            if name in source:
+                raise ValueError(f"tensor {name!r} is in both {source[name]} and {file}: remove "
+                                 "the stale file (or add a model.safetensors.index.json)")
+            if weight_map is not None and weight_map.get(name) != file.name:
+                where = (f"maps it to {weight_map[name]}" if name in weight_map
+                         else "does not list it")
+                raise ValueError(f"tensor {name!r} is in {file}, but {folder / INDEX_FILE} "
+                                 f"{where}: the shards and the index disagree")
+            state[name], source[name] = tensor, file
+        progress(f"read shard {i + 1}/{len(files)} {file.name}")
+    missing = sorted(set(weight_map or ()) - set(state))
+    if missing:
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise ValueError(f"{folder / INDEX_FILE} lists tensors no shard holds: "
+                         f"{', '.join(missing[:8])}{more}")
+    return state
+
+
+def _check_gguf(path: Path) -> None:
+    """Read ``path``'s GGUF header and tensor table, so that a truncated or corrupt file stops
+    with a message saying so (rather than an error from deep inside the loader)."""
+    from gguf import GGUFReader
+
+    class _Truncated(Exception):
+        pass
+
+    class _CheckedReader(GGUFReader):  # every read of the GGUF reader goes through _get
+        def _get(self, offset, dtype, count=1, override_order=None):  # type: ignore[override]
+            end = int(offset) + int(np.dtype(dtype).itemsize) * int(count)
+            if end > len(self.data):
+                raise _Truncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    size = path.stat().st_size
+    try:
+        if size == 0:
+            raise _Truncated(4)
+        _CheckedReader(path)
+    except _Truncated as cut:
+        raise ValueError(f"{path} is truncated ({size} bytes, its contents need at least "
+                         f"{cut.args[0]}): download or copy it again") from None
+    except (ValueError, KeyError, IndexError, OverflowError) as err:
+        raise ValueError(f"{path} is not a valid GGUF file ({err}): check that it is the "
+                         "model's .gguf, or download it again") from None
+
+
 def load_hf_checkpoint(path: str | Path, progress: ProgressFn = silent) -> HFCheckpoint:
-    """Load a HF checkpoint directory (config.json + safetensors) or a ``.gguf`` file."""
+    """Load a HF checkpoint directory (config.json + safetensors, see
+    :func:`load_safetensors_dir`) or a ``.gguf`` file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".gguf":
         from transformers import AutoModelForCausalLM
 
+        _check_gguf(path)
         progress(f"reading {path.name} with transformers' GGUF loader")
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                   dtype=torch.float32)
         state = {k: v.detach() for k, v in hf.state_dict().items()}
         return HFCheckpoint(hf.config, model_config_from_hf(hf.config), state)
-    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     import nemo_dmc.hf  # noqa: F401  (registers model_type dmc_llama)
@@ -181,11 +315,5 @@ def load_hf_checkpoint(path: str | Path, progress: ProgressFn = silent) -> HFChe
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a directory with config.json")
     cfg = AutoConfig.from_pretrained(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state: dict[str, Tensor] = {}
-    for i, file in enumerate(files):
-        state.update(load_file(file))
-        progress(f"read shard {i + 1}/{len(files)} {file.name}")
+    state = load_safetensors_dir(path, progress)
     return HFCheckpoint(cfg, model_config_from_hf(cfg), state)
