@@ -91,6 +91,8 @@ def test_evicted_slots_free_their_blocks(megatron_tp1, name, chunk):
         budget = settings.budget(n)
         assert (runner.cache.lengths[row] == budget).all()
         assert runner.cache.num_used_blocks == layers * heads * math.ceil(budget / block)
+        grows = math.ceil(settings.budget(n + 1) / block) - math.ceil(budget / block)
+        assert runner.blocks_needed_for_next_token(torch.tensor([row])) == layers * heads * grows
         if n < 32:
             runner.decode([row], torch.tensor([tokens[n]]))
     assert runner.cache.num_used_blocks < layers * heads * 32 // block // 2
@@ -171,3 +173,15 @@ def test_vanilla_generation_equals_megatrons_own_attention(megatron_tp1, shape):
 def test_force_decision_is_rejected_for_methods_other_than_dmc(megatron_tp1):
     with pytest.raises(ValueError, match="engine.force_decision"):
         InferenceEngine(_model("h2o"), EngineConfig(force_decision="append"))
+
+
+@pytest.mark.parametrize("name", EVICTION)
+def test_a_pool_of_exactly_the_budgets_blocks_is_enough(megatron_tp1, name):
+    model = _model(name)
+    prompt, new = _prompts([6])[0], 18
+    blocks = TINY_GQA.num_layers * TINY_GQA.kv_heads * math.ceil(_settings(name).budget(24) / 2)
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=1, max_sequence_length=24,
+                                                 block_size=2, num_blocks=blocks,
+                                                 prefill_chunk_size=4), vocab_size=VOCAB)
+    (result,) = engine.generate([prompt], SamplingParams(max_new_tokens=new))
+    assert result.tokens == _greedy_reference(model, prompt, new) and engine.preemptions == 0

@@ -4,8 +4,8 @@ attention, or an eviction method: each layer's cache policy comes from its KV me
 Each :meth:`InferenceEngine.step` first admits waiting requests into free cache rows (their
 prompts prefilled together, in parallel chunks) and then decodes one token for every running
 sequence. Sequences join and leave between steps; a finished sequence's blocks return to
-the pool at once (an eviction head also returns its last block as soon as eviction empties
-it, so its blocks stay bounded by its budget). When the pool cannot give the next decode step the blocks it may need,
+the pool at once (an eviction head never takes more blocks than its budget of slots needs).
+When the pool cannot give the next decode step the blocks it may need,
 the most recently admitted sequence is preempted (its blocks freed; later it is re-admitted
 and its prompt plus generated tokens are prefilled again); after a preemption or a prompt
 that did not fit, admission pauses until a sequence finishes. A prompt that cannot fit
@@ -219,7 +219,7 @@ class InferenceEngine:
     def _decode(self, finished: List[GenerationResult]) -> None:
         while self._running:
             rows = torch.tensor([s.row for s in self._running], device=self._device)
-            needed = self.cache.blocks_needed_for_next_token(rows)
+            needed = self.runner.blocks_needed_for_next_token(rows)
             if not tp_any(needed > self.cache.num_free_blocks, self._device):
                 break
             if len(self._running) == 1:

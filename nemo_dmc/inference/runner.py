@@ -185,7 +185,7 @@ class DMCModelRunner:
         """Feed one token per row; returns ``[b, vocab]`` logits.
 
         Raises :class:`CacheFullError` if the pool ran out of blocks (the rows' state is
-        then undefined: release them); check ``cache.blocks_needed_for_next_token`` first.
+        then undefined: release them); check :meth:`blocks_needed_for_next_token` first.
         """
         row_ids = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
         with torch.inference_mode():  # cheaper per-op dispatch than no_grad alone
@@ -193,6 +193,13 @@ class DMCModelRunner:
             self._raise_if_overflow("decode")
             logits = self._logits(hidden)[:, 0]
         return logits.clone()  # a normal tensor, which callers may modify in place
+
+    def blocks_needed_for_next_token(self, rows: Tensor) -> int:
+        """Blocks one more decode token per row may take from the pool (each layer's policy
+        says: DMC and plain attention heads whose last block is full; eviction heads only
+        while under their budget)."""
+        return sum(policy.blocks_for_next_token(LayerCacheView(self.cache, layer, rows))
+                   for layer, policy in enumerate(self.policies))
 
     def _raise_if_overflow(self, step: str) -> None:
         """Raise :class:`CacheFullError` (clearing ``cache.overflow``) if ``step`` ran out of

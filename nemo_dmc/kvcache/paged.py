@@ -9,11 +9,12 @@ value; the open (last) slot is rewritten as tokens merge into it, while its runn
 Eviction heads keep, beside each slot, its token position and accumulated attention mass
 (:attr:`PagedKVCache.slot_positions` / :attr:`PagedKVCache.slot_mass`, shaped like the pool's
 slot index). Keys are rotated at their own position, so the slot order inside a head does not
-matter to attention: :meth:`PagedKVCache.evict_slots` moves a head's last slot into the
-evicted one and returns a trailing block that became empty to the pool at once.
+matter to attention: the newest token takes the evicted slot's place
+(:meth:`PagedKVCache.overwrite_slots`) and appends only while the head is under its budget,
+so an eviction head never holds more than ``ceil(budget / block_size)`` blocks.
 
 Blocks are taken from the pool when a head's last block fills and returned when a row is
-released (or, for eviction heads, when their last block empties). An allocation the pool cannot satisfy never writes anything: it sets
+released. An allocation the pool cannot satisfy never writes anything: it sets
 :attr:`PagedKVCache.overflow` (the caller rolls the affected rows back, see
 :class:`~nemo_dmc.inference.engine.InferenceEngine`), or raises :class:`CacheFullError`.
 """
@@ -321,33 +322,25 @@ class PagedKVCache:
         self.lengths[rows, layer] = new
         return True
 
-    def evict_slots(self, rows: Tensor, layer: int, victims: Tensor, evict: Tensor) -> None:
-        """Drop slot ``victims[b, h]`` of each head where ``evict[b, h]`` (both ``[b, hk]``):
-        the head's last slot moves into its place, and a last block left empty goes back to
-        the pool."""
-        b_idx, h_idx = evict.nonzero(as_tuple=True)
+    def overwrite_slots(self, rows: Tensor, layer: int, slots: Tensor, where: Tensor,
+                        keys: Tensor, values: Tensor, positions: Optional[Tensor] = None,
+                        mass: Optional[Tensor] = None) -> None:
+        """Overwrite slot ``slots[b, h]`` of each head where ``where[b, h]`` (both ``[b, hk]``)
+        with ``keys``/``values`` ``[b, hk, d]``, ``positions [b]`` and ``mass [b, hk]``
+        (an evicted slot taken by the newest token; lengths and blocks unchanged)."""
+        b_idx, h_idx = where.nonzero(as_tuple=True)
         if b_idx.numel() == 0:
             return
+        s = slots[b_idx, h_idx]
         bs = self.layout.block_size
-        row = rows[b_idx]
-        last = self.lengths[row, layer, h_idx] - 1
-        victim = victims[b_idx, h_idx]
-        tables = self.block_tables[row, layer, h_idx]  # [k, m]
-        src = tables.gather(1, (last // bs).unsqueeze(1)).squeeze(1), last % bs
-        dst = tables.gather(1, (victim // bs).unsqueeze(1)).squeeze(1), victim % bs
-        pools = [self.key_pool, self.value_pool]
+        block = self.block_tables[rows[b_idx], layer, h_idx, s // bs]
+        offset = s % bs
+        self.key_pool[block, offset] = keys[b_idx, h_idx].to(self.layout.dtype)
+        self.value_pool[block, offset] = values[b_idx, h_idx].to(self.layout.dtype)
         if self.layout.slot_scores:
-            pools += [self.slot_positions, self.slot_mass]
-        for pool in pools:
-            pool[dst] = pool[src]
-        self.lengths[row, layer, h_idx] = last
-        empty = last % bs == 0
-        freed = src[0][empty]
-        n = freed.numel()
-        if n:
-            self.block_tables[row[empty], layer, h_idx[empty], (last // bs)[empty]] = -1
-            self._free_blocks[self._num_free:self._num_free + n] = freed
-            self._num_free += n
+            if positions is not None:
+                self.slot_positions[block, offset] = positions[b_idx]
+            self.slot_mass[block, offset] = 0.0 if mass is None else mass[b_idx, h_idx].float()
 
     def _commit_one(self, rows: Tensor, layer: int, keys: Tensor, values: Tensor,
                     merge: Tensor) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nemo_dmc.core import DMCConfig, RoPE
@@ -66,6 +67,10 @@ class CachePolicy:
                positions: Tensor, rope: Optional[RoPE], scale: float,
                step: DecodeStep) -> Tensor:
         raise NotImplementedError
+
+    def blocks_for_next_token(self, view: LayerCacheView) -> int:
+        """Blocks the next decode token of the view's rows may take from the pool."""
+        return view.blocks_for_next_token()
 
 
 class DMCPolicy(CachePolicy):
@@ -120,10 +125,12 @@ class VanillaPolicy(CachePolicy):
 
 class EvictionPolicy(CachePolicy):
     """Plain attention through an eviction method's cache, exactly as
-    :func:`~nemo_dmc.methods.eviction.evicted_attention` simulates it: insert, attend, then
-    evict the slot :func:`~nemo_dmc.methods.eviction.choose_victims` picks while a head holds
-    more than ``budget(tokens)`` slots. Blocks are taken as heads grow and returned as they
-    shrink, so a head holds ``ceil(budget(n) / block_size)`` blocks after ``n`` tokens.
+    :func:`~nemo_dmc.methods.eviction.evicted_attention` simulates it: the new token joins
+    the head's slots, the query attends to them all, and while that is more than
+    ``budget(tokens)`` slots the one :func:`~nemo_dmc.methods.eviction.choose_victims` picks
+    (the method's own ``scores``) is dropped; the new token then takes the dropped slot's
+    place, or a new slot if the head was under budget. A head thus holds ``ceil(budget(n) /
+    block_size)`` blocks after ``n`` tokens, never more.
 
     Prefill of rows that cache nothing yet runs the parallel simulator and keeps its final
     slots; a chunk continuing cached rows goes token by token through the decode step.
@@ -153,40 +160,51 @@ class EvictionPolicy(CachePolicy):
         return self._step(view, query[:, :, 0], key[:, :, 0], value[:, :, 0], positions[:, 0],
                           scale).unsqueeze(2)
 
+    def blocks_for_next_token(self, view):
+        tokens = view.cache.positions[view.rows] + 1
+        return view.blocks_for_next_token(view.lengths < self._budgets(tokens).unsqueeze(1))
+
+    def _budgets(self, tokens: Tensor) -> Tensor:
+        """``[b]`` slots a head may hold after ``tokens [b]`` tokens."""
+        budget = self.method.settings.budget
+        return torch.tensor([budget(n) for n in tokens.tolist()], dtype=torch.int64,
+                            device=tokens.device)
+
     def _step(self, view: LayerCacheView, query: Tensor, key: Tensor, value: Tensor,
               positions: Tensor, scale: float) -> Tensor:
         """One token per row: rotated ``query [b, hq, d]``, ``key``/``value`` ``[b, hk, d]``
         at ``positions [b]`` -> ``[b, hq, d]``."""
         b, hq, d = query.shape
         hk = key.shape[1]
-        keep = torch.ones(b, hk, 1, dtype=torch.bool, device=key.device)
-        if not view.append(key.unsqueeze(2), value.unsqueeze(2), keep, positions.view(b, 1)):
-            return torch.zeros_like(query)  # pool exhausted: cache.overflow is set
         cache = view.cache
-        block, offset, valid = view.slot_index()
+        block, offset, valid = view.slot_index()  # the head's cached slots, t of them
+        t = valid.shape[-1]
+        key, value = key.to(cache.layout.dtype), value.to(cache.layout.dtype)  # as stored
         dtype = torch.promote_types(query.dtype, torch.float32)
-        keys, values = cache.key_pool[block, offset].to(dtype), cache.value_pool[block, offset]
+        keys = torch.cat([cache.key_pool[block, offset], key.unsqueeze(2)], dim=2)
+        values = torch.cat([cache.value_pool[block, offset], value.unsqueeze(2)], dim=2)
+        live = F.pad(valid, (0, 1), value=True)  # candidate t: the new token
         q = query.to(dtype).view(b, hk, hq // hk, d) * scale
-        logits = torch.einsum("bkgd,bktd->bkgt", q, keys)
-        probs = logits.masked_fill(~valid.unsqueeze(2), float("-inf")).softmax(dim=-1)
+        logits = torch.einsum("bkgd,bktd->bkgt", q, keys.to(dtype))
+        probs = logits.masked_fill(~live.unsqueeze(2), float("-inf")).softmax(dim=-1)
         out = torch.einsum("bkgt,bktd->bkgd", probs, values.to(dtype))
-        mass = cache.slot_mass[block, offset].to(dtype)
+        mass = F.pad(cache.slot_mass[block, offset].to(dtype), (0, 1))
         if self.method.accumulates_mass:
             mass = mass + probs.mean(dim=2)
-            cache.slot_mass[block[valid], offset[valid]] = mass[valid].float()
-        slot_positions = cache.slot_positions[block, offset].masked_fill(~valid, -1)
+            cache.slot_mass[block[valid], offset[valid]] = mass[..., :t][valid].float()
+        slot_positions = torch.cat([cache.slot_positions[block, offset].masked_fill(~valid, -1),
+                                    positions.view(b, 1, 1).expand(b, hk, 1)], dim=-1)
         lengths = view.lengths
-        budgets = torch.tensor([self.method.settings.budget(n) for n in (positions + 1).tolist()],
-                               device=lengths.device)
-        for budget in budgets.unique().tolist():
+        budgets = self._budgets(positions + 1)
+        evict = lengths + 1 > budgets.unsqueeze(1)
+        victims = torch.full_like(lengths, t)
+        for budget in budgets[evict.any(dim=1)].unique().tolist():
             rows = budgets == budget
-            evict = rows.unsqueeze(1) & (lengths > budget)
-            if not bool(evict.any()):
-                continue
-            victims = torch.zeros_like(lengths)
-            victims[rows] = choose_victims(self.method, probs[rows], mass[rows], valid[rows],
+            victims[rows] = choose_victims(self.method, probs[rows], mass[rows], live[rows],
                                            slot_positions[rows], budget).squeeze(-1)
-            view.evict(victims, evict)
+        view.append(key.unsqueeze(2), value.unsqueeze(2), (~evict).unsqueeze(-1),
+                    positions.view(b, 1), mass[..., t:])
+        view.overwrite(victims, evict & (victims < t), key, value, positions, mass[..., t])
         return out.reshape(b, hq, d).to(query.dtype)
 
 

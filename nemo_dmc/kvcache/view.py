@@ -59,6 +59,14 @@ class LayerCacheView:
         """:meth:`PagedKVCache.append_slots` for these rows (False: pool exhausted)."""
         return self.cache.append_slots(self.rows, self.layer, keys, values, keep, positions, mass)
 
-    def evict(self, victims: Tensor, evict: Tensor) -> None:
-        """:meth:`PagedKVCache.evict_slots` for these rows."""
-        self.cache.evict_slots(self.rows, self.layer, victims, evict)
+    def overwrite(self, slots: Tensor, where: Tensor, keys: Tensor, values: Tensor,
+                  positions: Optional[Tensor] = None, mass: Optional[Tensor] = None) -> None:
+        """:meth:`PagedKVCache.overwrite_slots` for these rows."""
+        self.cache.overwrite_slots(self.rows, self.layer, slots, where, keys, values, positions,
+                                   mass)
+
+    def blocks_for_next_token(self, grows: Optional[Tensor] = None) -> int:
+        """Blocks one more token per row may take: heads whose last block is full (and,
+        given ``grows [b, hk]``, that take a new slot)."""
+        full = self.lengths % self.layout.block_size == 0
+        return int((full if grows is None else full & grows).sum())
