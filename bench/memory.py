@@ -1,15 +1,18 @@
-"""KV memory of DMC vs the same engine with DMC off, and the largest batch that fits a fixed
-KV budget.
+"""KV memory of DMC and the eviction methods vs the same engine with DMC off, and the
+largest batch that fits a fixed KV budget.
 
-1. KV bytes: the same prompts (real chunked prefill) in engines with DMC at each ratio and
-   with DMC off; allocated pool bytes (slots rounded up to whole blocks) and, separately,
-   the per-sequence open-run state (fp32 sums / window ring) kept beside the pool.
+1. KV bytes: the same prompts (real chunked prefill) in engines with DMC at each ratio, with
+   each eviction method (``--evict``, same base weights, plain attention) at the same ratio,
+   and with DMC off; allocated pool bytes (slots rounded up to whole blocks) and, separately,
+   what is kept beside the pool: DMC's per-sequence open-run state (fp32 sums / window ring),
+   eviction's per-slot position and mass (12 bytes a slot of the whole pool).
    Target: DMC bytes <= 1.1 / r x DMC-off bytes at realised ratio r.
 2. Largest batch: a pool sized for ``--budget-seqs`` uncompressed sequences of ``--tokens``
    tokens; sequences of that length are prefilled one after another until one no longer
    fits. Target: >= 0.9 r x the DMC-off count.
 
 Usage: python bench/memory.py [--tokens 2048] [--batch 4] [--budget-seqs 4] [--block 16]
+                              [--evict h2o tova streaming]
 """
 
 from __future__ import annotations
@@ -20,9 +23,19 @@ from typing import Dict, List
 import torch
 
 from bench_model import BENCH_SHAPE, build_bench_models, machine_line
+from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import DMCModelRunner
 from nemo_dmc.kvcache import MemoryReport
 from nemo_dmc.megatron import parallel
+from nemo_dmc.megatron.model import build_model
+from nemo_dmc.methods import settings_for
+
+
+def eviction_model(base, name: str, ratio: float):
+    """The bench model's base weights running eviction method ``name`` at ``ratio``."""
+    model = build_model(BENCH_SHAPE, settings_for(name, DMCConfig(), ratio)).eval()
+    model.load_state_dict(base.state_dict())
+    return model
 
 
 def _runner(model, force, blocks: int, rows: int, tokens: int, block: int) -> DMCModelRunner:
@@ -30,14 +43,17 @@ def _runner(model, force, blocks: int, rows: int, tokens: int, block: int) -> DM
                           max_sequence_length=tokens, force_decision=force)
 
 
-def kv_bytes(model, force, prompts: List[List[int]], block: int, chunk: int) -> MemoryReport:
+def kv_bytes(model, force, prompts: List[List[int]], block: int, chunk: int):
+    """``(memory report, bytes kept beside the pool for eviction)`` after the prompts."""
     tokens = len(prompts[0])
     heads = BENCH_SHAPE.num_layers * BENCH_SHAPE.kv_heads
     runner = _runner(model, force, len(prompts) * heads * (tokens // block + 1), len(prompts),
                      tokens, block)
     rows = [runner.cache.acquire_row() for _ in prompts]
     runner.prefill(rows, prompts, chunk_size=chunk)
-    return runner.cache.memory()
+    layout = runner.cache.layout
+    report = runner.cache.memory()
+    return report, report.allocated // layout.slot_bytes * layout.slot_score_bytes
 
 
 def largest_batch(model, force, budget_blocks: int, tokens: int, block: int, chunk: int,
@@ -70,6 +86,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--evict", nargs="*", default=["h2o", "tova", "streaming"],
+                        help="eviction methods measured beside DMC at the same ratios")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -82,20 +100,22 @@ def main() -> None:
 
     prompts = torch.randint(0, s.vocab_size, (args.batch, args.tokens),
                             generator=torch.Generator().manual_seed(1)).tolist()
-    off = kv_bytes(models.dmc[args.ratios[0]], "append", prompts, args.block, args.chunk)
+    off, _ = kv_bytes(models.dmc[args.ratios[0]], "append", prompts, args.block, args.chunk)
     print(f"\nKV bytes, {args.batch} sequences: DMC off allocates {off.allocated / 2**20:.2f} MiB "
           f"(logical {off.logical / 2**20:.2f} MiB)")
-    print("| target CR | realised r | allocated MiB | / DMC off | target 1.1/r | "
-          "+ open state MiB | (allocated + open) / DMC off | block waste |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | target CR | realised r | allocated MiB | / DMC off | target 1.1/r | "
+          "+ beside the pool MiB | (allocated + beside) / DMC off | block waste |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cr in args.ratios:
-        rep = kv_bytes(models.dmc[cr], None, prompts, args.block, args.chunk)
-        r = rep.compression_ratio
-        print(f"| {cr:g} | {r:.2f} | {rep.allocated / 2**20:.3f} | "
-              f"{rep.allocated / off.allocated:.3f} | {1.1 / r:.3f} | "
-              f"{rep.open_state / 2**20:.3f} | "
-              f"{(rep.allocated + rep.open_state) / off.allocated:.3f} | "
-              f"{rep.waste / rep.allocated:.1%} |", flush=True)
+        runs = [("dmc", models.dmc[cr])] + [(name, eviction_model(models.vanilla, name, cr))
+                                            for name in args.evict]
+        for name, model in runs:
+            rep, scores = kv_bytes(model, None, prompts, args.block, args.chunk)
+            r, beside = rep.compression_ratio, rep.open_state + scores
+            print(f"| {name} | {cr:g} | {r:.2f} | {rep.allocated / 2**20:.3f} | "
+                  f"{rep.allocated / off.allocated:.3f} | {1.1 / r:.3f} | "
+                  f"{beside / 2**20:.3f} | {(rep.allocated + beside) / off.allocated:.3f} | "
+                  f"{rep.waste / rep.allocated:.1%} |", flush=True)
 
     heads = s.num_layers * s.kv_heads
     budget = args.budget_seqs * heads * -(-args.tokens // args.block)
@@ -105,15 +125,19 @@ def main() -> None:
                             args.chunk, rows)
     print(f"\nLargest batch of {args.tokens}-token sequences in {budget} blocks "
           f"({budget * block_bytes / 2**20:.1f} MiB): DMC off fits {vanilla['count']}")
-    print("| target CR | realised r | sequences | / DMC off | target 0.9 r | "
-          "sequences if open state counts against the budget |\n|---|---|---|---|---|---|")
+    print("| method | target CR | realised r | sequences | / DMC off | target 0.9 r | "
+          "sequences if open state counts against the budget |\n|---|---|---|---|---|---|---|")
     for cr in args.ratios:
-        res = largest_batch(models.dmc[cr], None, budget, args.tokens, args.block, args.chunk, rows)
-        r = res["report"].compression_ratio
-        per_seq = res["report"].allocated / res["count"] + res["open_state_per_seq"]
-        with_open = int(budget * block_bytes // per_seq)
-        print(f"| {cr:g} | {r:.2f} | {res['count']} | {res['count'] / vanilla['count']:.2f} | "
-              f"{0.9 * r:.2f} | {with_open} ({with_open / vanilla['count']:.2f}x) |", flush=True)
+        runs = [("dmc", models.dmc[cr])] + [(name, eviction_model(models.vanilla, name, cr))
+                                            for name in args.evict]
+        for name, model in runs:
+            res = largest_batch(model, None, budget, args.tokens, args.block, args.chunk, rows)
+            r = res["report"].compression_ratio
+            per_seq = res["report"].allocated / res["count"] + res["open_state_per_seq"]
+            with_open = int(budget * block_bytes // per_seq)
+            print(f"| {name} | {cr:g} | {r:.2f} | {res['count']} | "
+                  f"{res['count'] / vanilla['count']:.2f} | {0.9 * r:.2f} | "
+                  f"{with_open} ({with_open / vanilla['count']:.2f}x) |", flush=True)
     parallel.shutdown()
 
 

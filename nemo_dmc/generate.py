@@ -1,6 +1,7 @@
-"""``python -m nemo_dmc.generate``: text generation with DMC's compressed KV cache (Hydra,
-``conf/generate.yaml``). Prints each completion with its achieved compression ratio and KV
-memory.
+"""``python -m nemo_dmc.generate``: text generation with DMC's compressed KV cache, or with
+the same model under another KV method (``method=vanilla|h2o|tova|streaming ratio=<r>``)
+(Hydra, ``conf/generate.yaml``). Prints each completion with its achieved compression ratio
+and KV memory.
 
 Examples::
 
@@ -8,6 +9,7 @@ Examples::
     python -m nemo_dmc.generate load=ckpt/smollm2 tokenizer=path/model.gguf \\
         sampling.temperature=0.7 sampling.top_p=0.9 sampling.max_new_tokens=128
     python -m nemo_dmc.generate load=runs/dmc_tiny engine.force_decision=append  # DMC off
+    python -m nemo_dmc.generate load=runs/dmc_tiny method=h2o ratio=4  # evicting cache
     torchrun --nproc-per-node 2 -m nemo_dmc.generate parallel.tensor_model_parallel_size=2 ...
 """
 
@@ -33,6 +35,7 @@ from nemo_dmc.inference.config import (  # noqa: E402
 )
 from nemo_dmc.inference.engine import GenerationResult  # noqa: E402
 from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
+from nemo_dmc.methods import settings_for  # noqa: E402
 
 
 @dataclass
@@ -44,6 +47,10 @@ class GenerateConfig:
         weights). (Not ``checkpoint``: that name is a config group of the trainer in ``conf/``.)
     tokenizer: HF directory, ``tokenizer.json`` or ``.gguf`` (``null``: the run's tokenizer).
     prompts: text prompts; prompt_token_ids: token-id prompts instead (no tokenizer needed).
+    method: the KV method the model runs: ``dmc`` (the checkpoint's DMC settings),
+        ``vanilla`` (plain attention, channel D-1 used as is) or an eviction method (``h2o``,
+        ``tova``, ``streaming``) at compression ``ratio``, keeping ``sinks`` first tokens
+        (streaming).
     """
 
     load: Optional[str] = None
@@ -51,6 +58,9 @@ class GenerateConfig:
     prompts: List[str] = field(default_factory=list)
     prompt_token_ids: Optional[List[List[int]]] = None
     seed: int = 1234
+    method: str = "dmc"
+    ratio: Optional[float] = None
+    sinks: int = 4
     model: ModelConfig = field(default_factory=ModelConfig)
     dmc: DMCConfig = field(default_factory=DMCConfig)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
@@ -97,14 +107,16 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
 
     if cfg.prompt_token_ids is None and not cfg.prompts:
         raise ValueError("prompts: give at least one prompt (or prompt_token_ids)")
+    settings_for(cfg.method, cfg.dmc, cfg.ratio, cfg.sinks)  # bad method/ratio: fail early
     params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                             top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
                             stop_token_ids=tuple(cfg.sampling.stop_token_ids),
                             seed=cfg.sampling.seed)
     parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
     try:
-        model, model_cfg, dmc, resolved = build_inference_model(cfg.load, cfg.model, cfg.dmc,
-                                                                key="load")
+        model, model_cfg, dmc, resolved = build_inference_model(
+            cfg.load, cfg.model, cfg.dmc, key="load",
+            method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks))
         path = find_tokenizer_path(cfg.tokenizer, resolved)
         tokenizer = load_tokenizer(path) if path is not None else None
         if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
@@ -122,9 +134,14 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
         rank0 = dist.get_rank() == 0
         if rank0:
             source = resolved.path if resolved is not None else "random initialisation"
+            if cfg.method == "dmc":
+                method = (f"DMC window {dmc.window}, decisions "
+                          f"{cfg.engine.force_decision or 'learned'}")
+            else:
+                method = f"method {cfg.method}" + (f" at ratio {cfg.ratio:g}"
+                                                   if cfg.method != "vanilla" else "")
             print(f"model: {model_cfg.num_layers} layers, {model_cfg.num_attention_heads} heads / "
-                  f"{model_cfg.kv_heads} KV, weights {source}; DMC window {dmc.window}, "
-                  f"decisions {cfg.engine.force_decision or 'learned'}; tokenizer {path}",
+                  f"{model_cfg.kv_heads} KV, weights {source}; {method}; tokenizer {path}",
                   flush=True)
         results = generate(model, prompts, params, cfg.engine, tokenizer=tokenizer,
                            vocab_size=tokenizer.vocab_size if tokenizer else model_cfg.vocab_size)

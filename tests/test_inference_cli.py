@@ -17,13 +17,14 @@ from nemo_dmc.training.launch import free_port
 from megatron_utils import TINY_GQA
 from nemo_dmc.checkpoints.weights import save_weights_checkpoint
 from nemo_dmc.core import DMCConfig
-from nemo_dmc.data.tokenizer import train_bpe_tokenizer
+from nemo_dmc.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from nemo_dmc.generate import GenerateConfig, run
 from nemo_dmc.inference.config import EngineConfig, SamplingSettings
 from nemo_dmc.inference.loading import build_inference_model
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all
+from nemo_dmc.methods import settings_for
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = replace(TINY_GQA, vocab_size=384)
@@ -75,14 +76,14 @@ def test_weights_checkpoint_and_state_dict_file_load(megatron_tp1, tmp_path):
     assert _same_weights(loaded, state)
 
 
-def _greedy_tokens(model, prompt, new_tokens):
-    """Greedy continuation by full-sequence forwards (no cache)."""
+def _greedy_tokens(model, prompt, new_tokens, vocab=None):
+    """Greedy continuation by full-sequence forwards (no cache), below ``vocab``."""
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(new_tokens):
             s = len(tokens)
             logits = model(torch.tensor([tokens]), torch.arange(s)[None], causal_attention_mask(s))
-            tokens.append(int(logits[0, -1].argmax()))
+            tokens.append(int(logits[0, -1, :vocab].argmax()))
     return tokens[len(prompt):]
 
 
@@ -143,3 +144,28 @@ def test_generate_command_reports_a_full_cache_as_a_one_line_error(tmp_path):
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
     assert "does not fit the KV cache (engine.num_blocks=1" in errors[0]
     assert list(tmp_path.iterdir()) == []  # Hydra writes no outputs
+
+
+@pytest.mark.parametrize("method", ["vanilla", "h2o", "tova", "streaming"])
+def test_generate_cli_runs_the_chosen_kv_method(megatron_tp1, tmp_path, capsys, method):
+    _trainer_run(tmp_path / "run", stages=(("finetune", 2),))
+    prompt = [5, 17, 200, 9, 100, 3, 250, 8]
+    model, *_ = build_inference_model(tmp_path / "run", TINY_GQA, DMCConfig(),
+                                      method=lambda dmc: settings_for(method, dmc, 2.0, 1))
+    vocab = load_tokenizer(tmp_path / "run" / "tokenizer").vocab_size  # generate samples below it
+    expected = _greedy_tokens(model, prompt, 6, vocab)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=[
+            f"load={tmp_path / 'run'}", f"prompt_token_ids=[{prompt}]", f"method={method}",
+            "ratio=2", "sinks=1", "sampling.max_new_tokens=6", "sampling.stop_at_eod=false",
+            "engine.max_sequence_length=32", "engine.block_size=2"])
+    results = run(OmegaConf.to_object(cfg))
+    assert f"method {method}" in capsys.readouterr().out
+    assert results[0].tokens == expected
+    assert (results[0].cache.compression_ratio == 1.0) == (method == "vanilla")
+
+
+def test_an_eviction_method_without_a_ratio_is_an_error_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(ValueError, match="^ratio: "):
+        run(GenerateConfig(method="h2o", prompt_token_ids=[[1, 2]]))

@@ -282,3 +282,16 @@ def test_layer_slots_need_a_forward(plain_model):
 def test_a_model_without_method_layers_is_rejected_by_name(megatron_tp1):
     with pytest.raises(ValueError, match="KV-method attention"):
         layer_methods(build_model(CFG, method=None))
+
+
+def test_victims_are_the_lowest_score_with_ties_to_the_oldest_position_in_any_slot_order():
+    from nemo_dmc.methods.eviction import choose_victims
+
+    policy = EvictionPolicy("tova", 2.0)
+    probs = torch.tensor([0.25, 0.25, 0.3, 0.2, 0.2]).view(1, 1, 1, 5)
+    positions = torch.tensor([7, 3, 9, 8, 5]).view(1, 1, 5)  # slots in no particular order
+    live = torch.ones(1, 1, 5, dtype=torch.bool)
+    mass = torch.zeros(1, 1, 5)
+    assert choose_victims(policy, probs, mass, live, positions, 4).item() == 4  # 0.2 at pos 5
+    probs[..., 3:] = 0.5
+    assert choose_victims(policy, probs, mass, live, positions, 4).item() == 1  # 0.25 at pos 3

@@ -11,7 +11,7 @@ import torch
 from megatron_utils import TINY_GQA
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.evaluate.config import EvaluateConfig
-from nemo_dmc.evaluate.policy import method_settings
+from nemo_dmc.methods import settings_for
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.stats import layer_slots
@@ -79,7 +79,7 @@ def _forward(model):
 def test_a_new_method_is_one_class_plus_its_registration(megatron_tp1, registered):
     assert "oldest_first" in method_names()
     EvaluateConfig(load="x", method="oldest_first", ratio=4.0)  # evaluation knows it
-    settings = method_settings("oldest_first", DMCConfig(), ratio=4.0)
+    settings = settings_for("oldest_first", DMCConfig(), ratio=4.0)
     assert settings == OldestFirstSettings(ratio=4.0)
     model = build_model(CFG, settings).eval()
     streaming = build_model(CFG, StreamingSettings(ratio=4.0, sinks=0, min_slots=1)).eval()

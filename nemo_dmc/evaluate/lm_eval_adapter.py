@@ -35,7 +35,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.methods import eviction_methods, method_names
 from nemo_dmc.evaluate.passkey import full_logits
-from nemo_dmc.evaluate.policy import method_settings
+from nemo_dmc.methods import settings_for
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 """The local demo tasks (``--include_path``): ``dmc_demo`` = choice + continue + rolling."""
@@ -72,7 +72,7 @@ class NemoDMCLM(TemplateLM):
                                 seed=int(seed))
         self.model, self.model_config, _, resolved = build_inference_model(
             load, ModelConfig(), DMCConfig(), key="load",
-            method=lambda dmc: method_settings(method, dmc, self.ratio, self.sinks))
+            method=lambda dmc: settings_for(method, dmc, self.ratio, self.sinks))
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)

@@ -28,7 +28,7 @@ from nemo_dmc.evaluate.data import (
 )
 from nemo_dmc.evaluate.passkey import PasskeyPrompt, passkey_accuracy, passkey_prompts
 from nemo_dmc.evaluate.perplexity import heldout_perplexity
-from nemo_dmc.evaluate.policy import method_settings
+from nemo_dmc.methods import settings_for
 from nemo_dmc.kvcache.paged import CacheLayout
 from nemo_dmc.megatron.stats import layer_slots
 
@@ -103,7 +103,7 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     started = time.time()
     model, model_cfg, dmc, resolved = build_inference_model(
         cfg.load, cfg.model, cfg.dmc, key="load",
-        method=lambda dmc: method_settings(cfg.method, dmc, cfg.ratio, cfg.sinks))
+        method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks))
     if cfg.seq_length is not None:
         model_cfg = replace(model_cfg, seq_length=cfg.seq_length)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \

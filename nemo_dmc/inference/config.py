@@ -21,8 +21,8 @@ class EngineConfig:
         blocks or as MiB of keys and values (at most one of them; neither = enough for
         ``max_batch_size`` uncompressed sequences of ``max_sequence_length``).
     prefill_chunk_size: prompt tokens per sequence per forward (``null``: whole prompts).
-    force_decision: ``"append"`` = DMC off (a vanilla cache in the same engine),
-        ``"merge"``, or ``null`` for the model's own decisions.
+    force_decision: dmc models only: ``"append"`` = DMC off (a vanilla cache in the same
+        engine), ``"merge"``, or ``null`` for the model's own decisions.
     seed: base seed of the per-request sampling generators.
     """
 

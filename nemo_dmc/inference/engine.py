@@ -1,9 +1,11 @@
-"""Batched generation with continuous batching over the paged DMC cache.
+"""Batched generation with continuous batching over the paged per-head KV cache (DMC, plain
+attention, or an eviction method: each layer's cache policy comes from its KV method).
 
 Each :meth:`InferenceEngine.step` first admits waiting requests into free cache rows (their
 prompts prefilled together, in parallel chunks) and then decodes one token for every running
 sequence. Sequences join and leave between steps; a finished sequence's blocks return to
-the pool at once. When the pool cannot give the next decode step the blocks it may need,
+the pool at once (an eviction head never takes more blocks than its budget of slots needs).
+When the pool cannot give the next decode step the blocks it may need,
 the most recently admitted sequence is preempted (its blocks freed; later it is re-admitted
 and its prompt plus generated tokens are prefilled again); after a preemption or a prompt
 that did not fit, admission pauses until a sequence finishes. A prompt that cannot fit
@@ -76,10 +78,10 @@ class _Sequence:
 
 
 class InferenceEngine:
-    """Generation with a DMC ``GPTModel`` over a paged, per-head compressed KV cache.
+    """Generation with a KV-method ``GPTModel`` over a paged, per-head KV cache.
 
     Args:
-        model: megatron GPTModel with DMC attention (see :class:`DMCModelRunner`).
+        model: megatron GPTModel with KV-method attention (see :class:`DMCModelRunner`).
         config: cache and scheduling settings.
         vocab_size: real vocabulary (the model's embedding may be padded); tokens are
             sampled below it. ``None``: the whole padded vocabulary.
@@ -217,7 +219,7 @@ class InferenceEngine:
     def _decode(self, finished: List[GenerationResult]) -> None:
         while self._running:
             rows = torch.tensor([s.row for s in self._running], device=self._device)
-            needed = self.cache.blocks_needed_for_next_token(rows)
+            needed = self.runner.blocks_needed_for_next_token(rows)
             if not tp_any(needed > self.cache.num_free_blocks, self._device):
                 break
             if len(self._running) == 1:

@@ -1,15 +1,19 @@
-"""Running a megatron-core DMC ``GPTModel`` over a :class:`PagedKVCache`.
+"""Running a megatron-core ``GPTModel`` with KV-method attention over a :class:`PagedKVCache`.
 
-The runner walks the model's own modules (embedding, then per layer: input norm, DMC
+Each layer's attention goes through the cache policy of the layer's method object
+(:func:`nemo_dmc.kvcache.policies.policy_for`: DMC, plain attention, or any eviction method),
+acting on that layer's :class:`~nemo_dmc.kvcache.view.LayerCacheView`.
+
+The runner walks the model's own modules (embedding, then per layer: input norm,
 self-attention against the cache, bias-dropout-add, pre-MLP norm, MLP, add; final norm,
 output layer with logits gathered over tensor-parallel ranks), so the weights and the
 per-rank head split are exactly those of the model. Each rank caches its own KV heads.
 
-Prefill runs a chunk of tokens in parallel: one forward computes hard decisions and the
-partial accumulations of the whole chunk (continuing each head's open run), attends to the
+Prefill runs a chunk of tokens in parallel (DMC: one forward computes hard decisions and the
+partial accumulations of the whole chunk, continuing each head's open run, attends to the
 cached slots of earlier chunks plus the chunk's own states, and commits only the surviving
-states. Decode runs one token per sequence: an incremental open-slot update, then
-attention over each head's own slots.
+states). Decode runs one token per sequence (DMC: an incremental open-slot update, then
+attention over each head's own slots).
 
 Why not megatron's own ``TransformerLayer.forward`` with an inference context: megatron's
 contexts (``StaticInferenceContext``, ``DynamicInferenceContext``) give each request one block
@@ -21,8 +25,7 @@ the TP split exactly the model's; moving onto a layer-level hook is open work (i
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,16 +34,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.identity_op import IdentityOp
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig
-from nemo_dmc.kernels.references import RopeTables
-from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
 from nemo_dmc.kvcache.ops import rope_tables
 from nemo_dmc.kvcache.paged import CacheFullError, CacheLayout, PagedKVCache
+from nemo_dmc.kvcache.policies import CachePolicy, DecodeStep, DMCPolicy, policy_for
+from nemo_dmc.kvcache.view import LayerCacheView
 from nemo_dmc.megatron.attention import MethodSelfAttention, megatron_rope
-from nemo_dmc.methods import DMCMethod, DMCPhase
 
 
-def _dmc_attentions(model: GPTModel) -> List[MethodSelfAttention]:
+def _method_attentions(model: GPTModel) -> List[MethodSelfAttention]:
     if not (model.pre_process and model.post_process):
         raise ValueError("inference needs the whole model on each rank "
                          "(pipeline_model_parallel_size must be 1)")
@@ -50,12 +51,9 @@ def _dmc_attentions(model: GPTModel) -> List[MethodSelfAttention]:
     attentions = []
     for i, layer in enumerate(model.decoder.layers):
         attn = layer.self_attention
-        if not (isinstance(attn, MethodSelfAttention) and isinstance(attn.method, DMCMethod)):
-            raise ValueError(f"layer {i} does not run the dmc method: build the model with a "
-                             "DMCConfig (nemo_dmc.megatron.model.build_model)")
-        if attn.method.phase is not DMCPhase.DECIDE:
-            raise ValueError(f"layer {i} is in the {attn.method.phase.value} phase; inference "
-                             "needs the decide phase")
+        if not isinstance(attn, MethodSelfAttention):
+            raise ValueError(f"layer {i} has no KV-method attention: build the model with "
+                             "method settings (nemo_dmc.megatron.model.build_model)")
         if not isinstance(layer.cross_attention, IdentityOp):
             raise ValueError(f"layer {i} has cross-attention, which inference does not support")
         attentions.append(attn)
@@ -79,27 +77,30 @@ def tp_any(flag: bool, device: torch.device) -> bool:
 
 
 class DMCModelRunner:
-    """Prefill and decode of rows of a :class:`PagedKVCache` with a DMC ``GPTModel``.
+    """Prefill and decode of rows of a :class:`PagedKVCache` with a ``GPTModel`` whose layers
+    run a KV method with a cache policy (``dmc``, ``vanilla``, or an eviction method).
 
     Args:
         model: a megatron GPTModel whose layers use
-            :class:`~nemo_dmc.megatron.attention.MethodSelfAttention` with the dmc method
-            (put in eval mode here).
+            :class:`~nemo_dmc.megatron.attention.MethodSelfAttention` (put in eval mode here).
         block_size, num_blocks, max_sequences, max_sequence_length: the cache layout.
-        force_decision: ``"append"`` runs the same engine with DMC off (a vanilla cache),
-            ``"merge"`` merges every token; ``None`` uses the model's decisions.
+        force_decision: dmc only: ``"append"`` runs the same engine with DMC off (a vanilla
+            cache), ``"merge"`` merges every token; ``None`` uses the model's decisions.
     """
 
     def __init__(self, model: GPTModel, *, block_size: int, num_blocks: int,
                  max_sequences: int, max_sequence_length: int,
                  force_decision: Optional[str] = None) -> None:
         self.model = model.eval()
-        attentions = _dmc_attentions(model)
-        self.dmc: List[DMCConfig] = [replace(a.method.settings, force_decision=force_decision)
-                                     if force_decision is not None else a.method.settings
-                                     for a in attentions]
-        windows = {c.window for c in self.dmc}
-        if len(windows) != 1:
+        attentions = _method_attentions(model)
+        self.policies: List[CachePolicy] = []
+        for i, attn in enumerate(attentions):
+            try:
+                self.policies.append(policy_for(attn.method, force_decision))
+            except ValueError as err:
+                raise ValueError(f"layer {i}: {err}") from None
+        windows = {p.window for p in self.policies if isinstance(p, DMCPolicy)}
+        if len(windows) > 1:
             raise ValueError("all layers must share one dmc.window, got "
                              f"{sorted(windows, key=str)}")
         first = attentions[0]
@@ -107,12 +108,14 @@ class DMCModelRunner:
         self.kv_heads = first.num_query_groups_per_partition
         self.head_dim = first.hidden_size_per_attention_head
         self.scale = first.core_attention.softmax_scale
-        self.window = windows.pop()
+        self.window = windows.pop() if windows else None
         self.cache = PagedKVCache(CacheLayout(
             num_layers=len(attentions), kv_heads=self.kv_heads, head_dim=self.head_dim,
             window=self.window, block_size=block_size, num_blocks=num_blocks,
             max_sequences=max_sequences, max_sequence_length=max_sequence_length,
-            dtype=model.config.params_dtype), device=self.device)
+            dtype=model.config.params_dtype,
+            open_runs=any(p.open_runs for p in self.policies),
+            slot_scores=any(p.slot_scores for p in self.policies)), device=self.device)
         freqs = model.rotary_pos_emb(max_sequence_length)
         self._rope = megatron_rope(freqs, model.config)
         probe = torch.tensor([0, 1, max_sequence_length - 1], device=self.device)
@@ -182,7 +185,7 @@ class DMCModelRunner:
         """Feed one token per row; returns ``[b, vocab]`` logits.
 
         Raises :class:`CacheFullError` if the pool ran out of blocks (the rows' state is
-        then undefined: release them); check ``cache.blocks_needed_for_next_token`` first.
+        then undefined: release them); check :meth:`blocks_needed_for_next_token` first.
         """
         row_ids = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
         with torch.inference_mode():  # cheaper per-op dispatch than no_grad alone
@@ -190,6 +193,13 @@ class DMCModelRunner:
             self._raise_if_overflow("decode")
             logits = self._logits(hidden)[:, 0]
         return logits.clone()  # a normal tensor, which callers may modify in place
+
+    def blocks_needed_for_next_token(self, rows: Tensor) -> int:
+        """Blocks one more decode token per row may take from the pool (each layer's policy
+        says: DMC and plain attention heads whose last block is full; eviction heads only
+        while under their budget)."""
+        return sum(policy.blocks_for_next_token(LayerCacheView(self.cache, layer, rows))
+                   for layer, policy in enumerate(self.policies))
 
     def _raise_if_overflow(self, step: str) -> None:
         """Raise :class:`CacheFullError` (clearing ``cache.overflow``) if ``step`` ran out of
@@ -216,15 +226,15 @@ class DMCModelRunner:
         positions = starts.unsqueeze(1) + torch.arange(tokens.shape[1], device=tokens.device)
         positions = positions.clamp_max(limit - 1)  # padding of short rows in a chunk
         hidden = self.model.embedding(input_ids=tokens, position_ids=positions)
-        step_info = None  # decode: RoPE of this step's positions (all layers) and a length bound
+        step = None  # decode: RoPE of this step's positions (all layers) and a length bound
         if counts is None:
-            rope = rope_tables(self._rope, positions[:, 0], self.head_dim, hidden.dtype)
-            step_info = (rope, last + 1)  # a head holds at most one slot per token
+            tables = rope_tables(self._rope, positions[:, 0], self.head_dim, hidden.dtype)
+            step = DecodeStep(tables, last + 1)  # a head holds at most one slot per token
         for layer_number, layer in enumerate(self.model.decoder.layers):
             residual = hidden
             x = layer.input_layernorm(hidden)
             attn_out = self._attention(layer_number, layer.self_attention, x, rows, positions,
-                                       counts, step_info)
+                                       counts, step)
             hidden = layer.self_attn_bda(False, layer.config.bias_dropout_fusion)(
                 attn_out, residual, layer.hidden_dropout)
             residual = hidden
@@ -243,14 +253,15 @@ class DMCModelRunner:
 
     def _attention(self, layer: int, attn: MethodSelfAttention, x: Tensor, rows: Tensor,
                    positions: Tensor, counts: Optional[Tensor],
-                   step_info: Optional[Tuple[RopeTables, int]] = None) -> Tensor:
+                   step: Optional[DecodeStep] = None) -> Tensor:
         query, key, value = attn.get_query_key_value_tensors(x)  # [c, b, heads, d]
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        view = LayerCacheView(self.cache, layer, rows)
+        policy = self.policies[layer]
         if counts is None:
-            out = decode_attention(self.cache, layer, rows, query, key, value, positions,
-                                   self.dmc[layer], self._rope, self.scale, *step_info)
+            out = policy.decode(view, query, key, value, positions, self._rope, self.scale, step)
         else:
-            out = prefill_attention(self.cache, layer, rows, query, key, value, positions,
-                                    counts, self.dmc[layer], self._rope, self.scale)
+            out = policy.prefill(view, query, key, value, positions, counts, self._rope,
+                                 self.scale)
         c, b = out.shape[2], out.shape[0]
         return attn.linear_proj(out.permute(2, 0, 1, 3).reshape(c, b, -1))

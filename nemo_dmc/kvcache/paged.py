@@ -1,10 +1,17 @@
-"""The per-head paged DMC KV cache: one block pool per model, a block table per
-(sequence, layer, KV head), and each head's open-slot state.
+"""The per-head paged KV cache: one block pool per model, a block table per
+(sequence, layer, KV head), each DMC head's open-slot state, and what eviction scores slots by.
 
 Sequences occupy *rows* (``0 .. max_sequences-1``); a row's heads grow independently. Closed
 slots hold their final key (already rotated at the position of their newest token) and
 value; the open (last) slot is rewritten as tokens merge into it, while its running sums
 (and the window ring) stay in >= fp32 beside the pool so a merge can continue at any step.
+
+Eviction heads keep, beside each slot, its token position and accumulated attention mass
+(:attr:`PagedKVCache.slot_positions` / :attr:`PagedKVCache.slot_mass`, shaped like the pool's
+slot index). Keys are rotated at their own position, so the slot order inside a head does not
+matter to attention: the newest token takes the evicted slot's place
+(:meth:`PagedKVCache.overwrite_slots`) and appends only while the head is under its budget,
+so an eviction head never holds more than ``ceil(budget / block_size)`` blocks.
 
 Blocks are taken from the pool when a head's last block fills and returned when a row is
 released. An allocation the pool cannot satisfy never writes anything: it sets
@@ -36,7 +43,11 @@ _CONFIG_KEYS = {"block_size": "engine.block_size", "num_blocks": "engine.num_blo
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Shape of a :class:`PagedKVCache` (KV heads are those of this tensor-parallel rank)."""
+    """Shape of a :class:`PagedKVCache` (KV heads are those of this tensor-parallel rank).
+
+    open_runs: keep DMC's open-run state (some layer runs DMC); slot_scores: keep each slot's
+    position and attention mass (some layer evicts).
+    """
 
     num_layers: int
     kv_heads: int
@@ -47,6 +58,8 @@ class CacheLayout:
     max_sequences: int
     max_sequence_length: int
     dtype: torch.dtype = torch.float32
+    open_runs: bool = True
+    slot_scores: bool = False
 
     def __post_init__(self) -> None:
         for field_, key in _CONFIG_KEYS.items():
@@ -65,8 +78,16 @@ class CacheLayout:
         return 2 * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     @property
+    def slot_score_bytes(self) -> int:
+        """Bytes kept beside each pool slot for eviction (position and mass; 0 without)."""
+        return 8 + 4 if self.slot_scores else 0
+
+    @property
     def open_state_bytes_per_sequence(self) -> int:
-        """Open-run state (>= fp32 sums or rings, ring pointer) of one sequence."""
+        """Open-run state (>= fp32 sums or rings, ring pointer) of one sequence (0 without
+        DMC layers)."""
+        if not self.open_runs:
+            return 0
         entries = run_entries(self.window) * (2 * self.head_dim + 1)
         element = torch.empty((), dtype=acc_dtype(self.dtype)).element_size()
         return self.num_layers * self.kv_heads * (entries * element + 8)
@@ -110,7 +131,8 @@ class PagedKVCache:
     ``key_pool``/``value_pool`` ``[num_blocks, block_size, head_dim]``;
     ``block_tables`` ``[rows, L, hk, m]`` (-1 = none); ``lengths`` ``[rows, L, hk]`` slots;
     ``open_runs`` ``[rows, L, hk, r, 2*head_dim + 1]``; ``ring_next`` ``[rows, L, hk]``;
-    ``positions`` ``[rows]`` tokens cached per row.
+    ``positions`` ``[rows]`` tokens cached per row; with ``layout.slot_scores``,
+    ``slot_positions`` (int64) and ``slot_mass`` (fp32) ``[num_blocks, block_size]``.
     """
 
     def __init__(self, layout: CacheLayout, device: torch.device | str = "cpu") -> None:
@@ -122,8 +144,12 @@ class PagedKVCache:
         self.block_tables = torch.full((rows, L, hk, layout.blocks_per_head), -1,
                                        dtype=torch.int64, device=device)
         self.lengths = torch.zeros(rows, L, hk, dtype=torch.int64, device=device)
-        self.open_runs = torch.zeros(rows, L, hk, run_entries(layout.window), 2 * d + 1,
+        entries = run_entries(layout.window) if layout.open_runs else 0
+        self.open_runs = torch.zeros(rows, L, hk, entries, 2 * d + 1,
                                      dtype=acc_dtype(layout.dtype), device=device)
+        scored = (layout.num_blocks, layout.block_size) if layout.slot_scores else (0, 0)
+        self.slot_positions = torch.zeros(scored, dtype=torch.int64, device=device)
+        self.slot_mass = torch.zeros(scored, dtype=torch.float32, device=device)
         self.ring_next = torch.zeros(rows, L, hk, dtype=torch.int64, device=device)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
         self._free_blocks = torch.arange(layout.num_blocks - 1, -1, -1, dtype=torch.int64,
@@ -257,6 +283,64 @@ class PagedKVCache:
         self.value_pool[block, offset] = values[b_idx, h_idx, i_idx].to(self.layout.dtype)
         self.lengths[rows, layer] = new
         return True
+
+    def append_slots(self, rows: Tensor, layer: int, keys: Tensor, values: Tensor,
+                     keep: Tensor, positions: Optional[Tensor] = None,
+                     mass: Optional[Tensor] = None) -> bool:
+        """Append the kept entries of a chunk after each head's slots, in chunk order.
+
+        Args:
+            rows: ``[b]``; keys, values: ``[b, hk, c, d]`` (keys rotated); keep: ``[b, hk, c]``
+                bool; positions: ``[b, c]`` or ``[b, hk, c]`` token positions and mass:
+                ``[b, hk, c]`` attention mass (both kept only with ``layout.slot_scores``;
+                mass defaults to 0).
+
+        Returns:
+            False (and sets :attr:`overflow`, writing nothing) if the pool ran out of blocks.
+        """
+        if self.overflow:
+            return False
+        old = self.lengths[rows, layer]
+        new = old + keep.sum(dim=-1)
+        if not self._allocate(rows, layer, old, new):
+            self.overflow = True
+            return False
+        slot = old.unsqueeze(-1) + torch.cumsum(keep.long(), dim=-1) - 1
+        b_idx, h_idx, i_idx = keep.nonzero(as_tuple=True)
+        s = slot[b_idx, h_idx, i_idx]
+        bs = self.layout.block_size
+        block = self.block_tables[rows[b_idx], layer, h_idx, s // bs]
+        offset = s % bs
+        self.key_pool[block, offset] = keys[b_idx, h_idx, i_idx].to(self.layout.dtype)
+        self.value_pool[block, offset] = values[b_idx, h_idx, i_idx].to(self.layout.dtype)
+        if self.layout.slot_scores:
+            if positions is not None:
+                positions = positions if positions.dim() == 3 else positions.unsqueeze(1)
+                self.slot_positions[block, offset] = positions.expand_as(keep)[b_idx, h_idx, i_idx]
+            self.slot_mass[block, offset] = (0.0 if mass is None
+                                             else mass[b_idx, h_idx, i_idx].float())
+        self.lengths[rows, layer] = new
+        return True
+
+    def overwrite_slots(self, rows: Tensor, layer: int, slots: Tensor, where: Tensor,
+                        keys: Tensor, values: Tensor, positions: Optional[Tensor] = None,
+                        mass: Optional[Tensor] = None) -> None:
+        """Overwrite slot ``slots[b, h]`` of each head where ``where[b, h]`` (both ``[b, hk]``)
+        with ``keys``/``values`` ``[b, hk, d]``, ``positions [b]`` and ``mass [b, hk]``
+        (an evicted slot taken by the newest token; lengths and blocks unchanged)."""
+        b_idx, h_idx = where.nonzero(as_tuple=True)
+        if b_idx.numel() == 0:
+            return
+        s = slots[b_idx, h_idx]
+        bs = self.layout.block_size
+        block = self.block_tables[rows[b_idx], layer, h_idx, s // bs]
+        offset = s % bs
+        self.key_pool[block, offset] = keys[b_idx, h_idx].to(self.layout.dtype)
+        self.value_pool[block, offset] = values[b_idx, h_idx].to(self.layout.dtype)
+        if self.layout.slot_scores:
+            if positions is not None:
+                self.slot_positions[block, offset] = positions[b_idx]
+            self.slot_mass[block, offset] = 0.0 if mass is None else mass[b_idx, h_idx].float()
 
     def _commit_one(self, rows: Tensor, layer: int, keys: Tensor, values: Tensor,
                     merge: Tensor) -> bool:

@@ -22,12 +22,14 @@ from nemo_dmc.methods.eviction import (
     EvictionMethod,
     EvictionRecord,
     EvictionSettings,
+    EvictionState,
     evicted_attention,
+    simulate_eviction,
 )
 from nemo_dmc.methods.h2o import H2OMethod, H2OSettings
 from nemo_dmc.methods.tova import TOVAMethod, TOVASettings
 from nemo_dmc.methods.streaming import StreamingMethod, StreamingSettings
-
+from nemo_dmc.methods.settings import settings_for
 
 
 def eviction_methods() -> tuple[str, ...]:
@@ -37,10 +39,10 @@ def eviction_methods() -> tuple[str, ...]:
 
 __all__ = [
     "DMCMethod", "DMCPhase", "DMCRecord", "EvictionMethod",
-    "EvictionRecord", "EvictionSettings", "H2OMethod", "H2OSettings", "KVMethod",
+    "EvictionRecord", "EvictionSettings", "EvictionState", "H2OMethod", "H2OSettings", "KVMethod",
     "LayerRecord", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
     "TOVASettings", "VanillaMethod", "VanillaSettings", "build_method", "evicted_attention",
     "eviction_methods",
     "method_class", "method_names", "method_of", "register", "settings_from_dict",
-    "settings_to_dict",
+    "settings_for", "settings_to_dict", "simulate_eviction",
 ]

@@ -91,9 +91,34 @@ class EvictionMethod(KVMethod):
 
         probs: ``[b, hk, group, n]`` the current query heads' attention weights; mass:
         ``[b, hk, n]`` attention accumulated so far (when ``accumulates_mass``); live:
-        ``[b, hk, n]`` which positions are cached; positions: ``[n]``; budget: slots to keep.
+        ``[b, hk, n]`` which candidates are cached; positions: each candidate's absolute
+        position, ``[n]`` in the simulator (candidate i is position i) or ``[b, hk, n]`` in
+        the paged cache (slots in any order, the same order in every KV head of a layer while
+        they hold the same positions; -1 where not live); the current token is always the
+        newest live candidate. budget: slots to keep.
         """
         raise NotImplementedError
+
+
+def choose_victims(policy: EvictionMethod, probs: Tensor, mass: Tensor, live: Tensor,
+                   positions: Tensor, budget: int) -> Tensor:
+    """``[b, hk, 1]`` index of the candidate each KV head drops: ``policy``'s lowest score
+    among the evictable ones, ties to the oldest position (arguments as
+    :meth:`EvictionMethod.scores`)."""
+    score, evictable = policy.scores(probs, mass, live, positions, budget)
+    score = score.masked_fill(~evictable, float("inf"))
+    lowest = score == score.amin(dim=-1, keepdim=True)
+    oldest = torch.where(lowest, positions.expand_as(lowest), torch.iinfo(torch.int64).max)
+    return oldest.argmin(dim=-1, keepdim=True)
+
+
+@dataclass
+class EvictionState:
+    """The simulated cache after each sequence's last real token (all ``[b, hk, s]``):
+    ``cached`` positions and their accumulated attention ``mass``."""
+
+    cached: Tensor
+    mass: Tensor
 
 
 def evicted_attention(query: Tensor, key: Tensor, value: Tensor, policy: EvictionMethod,
@@ -109,6 +134,15 @@ def evicted_attention(query: Tensor, key: Tensor, value: Tensor, policy: Evictio
         ``(output [b, hq, s, d_v], kept [b, hk, s])``: kept[..., t] is the number of slots held
         after token t. Computed in at least fp32, returned in ``query.dtype``.
     """
+    out, kept, _ = simulate_eviction(query, key, value, policy, scale)
+    return out, kept
+
+
+def simulate_eviction(query: Tensor, key: Tensor, value: Tensor, policy: EvictionMethod,
+                      scale: Optional[float] = None, counts: Optional[Tensor] = None
+                      ) -> tuple[Tensor, Tensor, EvictionState]:
+    """:func:`evicted_attention`, also returning the :class:`EvictionState` after each
+    sequence's ``counts[b]`` first tokens (default: all ``s``; later tokens are padding)."""
     b, hq, s, d = query.shape
     hk = key.shape[1]
     if hq % hk:
@@ -122,6 +156,9 @@ def evicted_attention(query: Tensor, key: Tensor, value: Tensor, policy: Evictio
     positions = torch.arange(s, device=key.device)
     cached = torch.zeros(b, hk, s, dtype=torch.bool, device=key.device)
     mass = torch.zeros(b, hk, s, dtype=dtype, device=key.device)
+    last = (torch.full((b,), s - 1, device=key.device) if counts is None
+            else counts.to(key.device) - 1).view(b, 1, 1)
+    state = EvictionState(cached.clone(), mass.clone())
     outputs, kept = [], []
     for t in range(s):
         n = t + 1
@@ -135,9 +172,12 @@ def evicted_attention(query: Tensor, key: Tensor, value: Tensor, policy: Evictio
         if policy.accumulates_mass:
             mass[..., :n] += probs.mean(dim=2)
         if held > budget:
-            score, evictable = policy.scores(probs, mass[..., :n], live, positions[:n], budget)
-            victim = score.masked_fill(~evictable, float("inf")).argmin(dim=-1, keepdim=True)
+            victim = choose_victims(policy, probs, mass[..., :n], live, positions[:n], budget)
             cached.scatter_(-1, victim, False)
         kept.append(cached.sum(dim=-1))
+        if counts is not None or t == s - 1:
+            now = last == t
+            state.cached = torch.where(now, cached, state.cached)
+            state.mass = torch.where(now, mass, state.mass)
     out = torch.stack(outputs, dim=3).reshape(b, hq, s, value.shape[-1])
-    return out.to(query.dtype), torch.stack(kept, dim=-1)
+    return out.to(query.dtype), torch.stack(kept, dim=-1), state

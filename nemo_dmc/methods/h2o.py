@@ -56,5 +56,5 @@ class H2OMethod(EvictionMethod):
 
     def scores(self, probs: Tensor, mass: Tensor, live: Tensor, positions: Tensor,
                budget: int) -> Tuple[Tensor, Tensor]:
-        n = positions.shape[0]
-        return mass, live & (positions < n - self.settings.recent_window(budget))
+        tokens = positions.amax(dim=-1, keepdim=True) + 1  # the current token is the newest
+        return mass, live & (positions < tokens - self.settings.recent_window(budget))
