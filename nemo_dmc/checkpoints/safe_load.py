@@ -67,8 +67,7 @@ def _fix(path: Path) -> str:
 def _reason(err: Exception) -> str:
     """The line of a weights-only load error that names the refused global (else its first)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
-    return next((line for line in lines if "global" in line.lower() and "GLOBAL" in line),
-                lines[0])
+    return next((line for line in lines if "GLOBAL" in line), lines[0])
 
 
 class MetadataUnpickler(pickle.Unpickler):
