@@ -95,6 +95,26 @@ def format_result(result: GenerationResult, prompt: str) -> str:
     ])
 
 
+def length_warnings(prompt_lengths: List[int], max_new_tokens: int, trained_length: int,
+                    engine_limit: int) -> List[str]:
+    """Warnings for prompts whose generation goes past the model's trained sequence length
+    (RoPE positions it never saw) or is cut at ``engine.max_sequence_length``."""
+    warnings_ = []
+    for i, n in enumerate(prompt_lengths):
+        end = n + max_new_tokens - 1  # positions fed to the model (the last token is not)
+        if end > trained_length:
+            warnings_.append(
+                f"warning: prompt {i} ({n} tokens) + sampling.max_new_tokens={max_new_tokens} "
+                f"goes past the model's trained sequence length (model.seq_length="
+                f"{trained_length}): positions beyond it were never trained, quality may drop")
+        if end > engine_limit:
+            warnings_.append(
+                f"warning: prompt {i} ({n} tokens) stops after {max(0, engine_limit - n + 1)} new "
+                f"tokens at engine.max_sequence_length={engine_limit}, not "
+                f"sampling.max_new_tokens={max_new_tokens}: raise engine.max_sequence_length")
+    return warnings_
+
+
 def run(cfg: GenerateConfig) -> List[GenerationResult]:
     """Build the model (and tokenizer), generate, print on rank 0, return the results."""
     import torch.distributed as dist
@@ -133,6 +153,11 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
             params.stop_token_ids = tuple(params.stop_token_ids) + (tokenizer.eod_id,)
         rank0 = dist.get_rank() == 0
         if rank0:
+            lengths = [len(p) if not isinstance(p, str) else len(tokenizer.encode(p))
+                       for p in prompts]
+            for line in length_warnings(lengths, params.max_new_tokens, model_cfg.seq_length,
+                                        cfg.engine.max_sequence_length):
+                print(line, file=sys.stderr, flush=True)
             source = resolved.path if resolved is not None else "random initialisation"
             if cfg.method == "dmc":
                 method = (f"DMC window {dmc.window}, decisions "

@@ -18,7 +18,7 @@ from megatron_utils import TINY_GQA
 from nemo_dmc.checkpoints.weights import save_weights_checkpoint
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from nemo_dmc.generate import GenerateConfig, run
+from nemo_dmc.generate import GenerateConfig, length_warnings, run
 from nemo_dmc.inference.config import EngineConfig, SamplingSettings
 from nemo_dmc.inference.loading import build_inference_model
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
@@ -169,3 +169,24 @@ def test_an_eviction_method_without_a_ratio_is_an_error_naming_the_key(tmp_path,
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(ValueError, match="^ratio: "):
         run(GenerateConfig(method="h2o", prompt_token_ids=[[1, 2]]))
+
+
+def test_length_warnings_name_the_trained_length_and_the_engine_cap():
+    assert length_warnings([10], 6, trained_length=32, engine_limit=64) == []
+    past, capped = length_warnings([30], 6, trained_length=32, engine_limit=33)
+    assert "model.seq_length=32" in past and "never trained" in past
+    assert "stops after 4 new tokens at engine.max_sequence_length=33" in capped
+
+
+def test_generate_warns_when_generation_passes_the_trained_length(megatron_tp1, tmp_path, capsys):
+    _trainer_run(tmp_path / "run", stages=(("finetune", 2),))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=[
+            f"load={tmp_path / 'run'}", f"prompt_token_ids=[{list(range(1, SHAPE.seq_length))}]",
+            "sampling.max_new_tokens=4", "sampling.stop_at_eod=false",
+            f"engine.max_sequence_length={SHAPE.seq_length + 1}"])
+    (result,) = run(OmegaConf.to_object(cfg))
+    err = capsys.readouterr().err
+    assert f"model.seq_length={SHAPE.seq_length}" in err
+    assert f"stops after 3 new tokens at engine.max_sequence_length={SHAPE.seq_length + 1}" in err
+    assert len(result.tokens) == 3 and result.finish_reason == "length"

@@ -357,3 +357,38 @@ def test_kv_memory_budget_sets_the_pool_size(megatron_tp1):
     engine = InferenceEngine(_model(), EngineConfig(block_size=4, kv_memory_mb=1.0))
     block_bytes = 4 * 2 * TINY_GQA.head_dim * 4
     assert engine.cache.layout.num_blocks == 2 ** 20 // block_bytes
+
+
+def test_a_sequence_outgrowing_the_pool_alone_finishes_with_its_tokens_and_the_engine_goes_on(
+        megatron_tp1):
+    model = _model()
+    # 8 (layer, KV head) caches with blocks of 2: a 4-token prompt takes 8 blocks, and 16
+    # blocks are exhausted long before 24 new tokens (the random decisions merge about half)
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=1, max_sequence_length=64,
+                                                 block_size=2, num_blocks=16), vocab_size=VOCAB)
+    prompt = _prompts([4], seed=3)[0]
+    (full,) = engine.generate([prompt], SamplingParams(max_new_tokens=24))
+    assert full.finish_reason == "cache_full" and 0 < len(full.tokens) < 24
+    assert full.tokens == _greedy_reference(model, prompt, len(full.tokens))
+    assert engine.cache.num_free_blocks == 16 and not engine.has_unfinished
+    (again,) = engine.generate([prompt], SamplingParams(max_new_tokens=2))  # still usable
+    assert again.finish_reason == "length" and again.tokens == full.tokens[:2]
+
+
+def test_cancel_frees_a_running_or_waiting_request_and_returns_its_tokens(megatron_tp1):
+    model = _model()
+    engine = InferenceEngine(model, EngineConfig(max_batch_size=1, max_sequence_length=32,
+                                                 block_size=2), vocab_size=VOCAB)
+    first, second = _prompts([5, 6], seed=4)
+    running = engine.add_request(first, SamplingParams(max_new_tokens=10))
+    waiting = engine.add_request(second, SamplingParams(max_new_tokens=10))
+    engine.step()
+    engine.step()  # one row: the first runs, the second waits
+    free_before = engine.cache.num_free_blocks
+    stopped = engine.cancel(running)
+    assert stopped.finish_reason == "cancelled" and 0 < len(stopped.tokens) < 10
+    assert stopped.tokens == _greedy_reference(model, first, len(stopped.tokens))
+    assert engine.cache.num_free_blocks > free_before and engine.cancel(running) is None
+    queued = engine.cancel(waiting)
+    assert queued.finish_reason == "cancelled" and queued.tokens == []
+    assert not engine.has_unfinished and engine.cache.num_free_rows == 1

@@ -55,7 +55,9 @@ class CacheStats:
 @dataclass
 class GenerationResult:
     """One finished request. ``finish_reason`` is ``"stop"`` (a stop token, kept as the
-    last token) or ``"length"`` (max_new_tokens or engine.max_sequence_length)."""
+    last token), ``"length"`` (max_new_tokens or engine.max_sequence_length),
+    ``"cache_full"`` (the sequence alone outgrew the KV pool: its tokens so far) or
+    ``"cancelled"`` (:meth:`InferenceEngine.cancel`)."""
 
     request_id: int
     prompt_tokens: List[int]
@@ -144,6 +146,19 @@ class InferenceEngine:
     def num_running(self) -> int:
         return len(self._running)
 
+    def cancel(self, request_id: int) -> Optional[GenerationResult]:
+        """Stop a waiting or running request now, freeing its blocks; returns its result
+        (finish_reason ``"cancelled"``, the tokens generated so far), or ``None`` if the
+        request is unknown or already finished."""
+        for seq in self._waiting:
+            if seq.request_id == request_id:
+                self._waiting.remove(seq)
+                return self._finish(seq, "cancelled")
+        for seq in self._running:
+            if seq.request_id == request_id:
+                return self._finish(seq, "cancelled")
+        return None
+
     def step(self) -> List[GenerationResult]:
         """Admit waiting requests, then decode one token for each running sequence."""
         self.steps += 1
@@ -222,13 +237,9 @@ class InferenceEngine:
             needed = self.runner.blocks_needed_for_next_token(rows)
             if not tp_any(needed > self.cache.num_free_blocks, self._device):
                 break
-            if len(self._running) == 1:
-                seq = self._running[0]
-                raise CacheFullError(
-                    f"a single sequence at {int(self.cache.positions[seq.row])} tokens may need "
-                    f"{needed} more blocks but {self.cache.num_free_blocks} of "
-                    f"engine.num_blocks={self.cache.layout.num_blocks} are free: raise "
-                    "engine.num_blocks or engine.kv_memory_mb")
+            if len(self._running) == 1:  # alone and out of blocks: finish it as it stands
+                finished.append(self._finish(self._running[0], "cache_full"))
+                break
             self._preempt(self._running.pop())
         if not self._running:
             return
@@ -265,15 +276,20 @@ class InferenceEngine:
                 finished.append(self._finish(seq, reason))
 
     def _finish(self, seq: _Sequence, reason: str) -> GenerationResult:
-        lengths = self.cache.head_lengths(seq.row)
-        if tp_size() > 1:
-            parts = [torch.empty_like(lengths) for _ in range(tp_size())]
-            dist.all_gather(parts, lengths, group=parallel_state.get_tensor_model_parallel_group())
-            lengths = torch.cat(parts, dim=1)
-        stats = CacheStats(tokens=int(self.cache.positions[seq.row]), head_lengths=lengths,
-                           memory=self._tp_sum_report(self.cache.memory([seq.row])))
-        self.cache.release_row(seq.row)
-        self._running.remove(seq)
+        if seq.row is None:  # never admitted, or preempted (cancelled while waiting)
+            stats = CacheStats(tokens=0, head_lengths=torch.zeros(0, 0, dtype=torch.int64),
+                               memory=MemoryReport(0, 0, 0, 0, 0, 0))
+        else:
+            lengths = self.cache.head_lengths(seq.row)
+            if tp_size() > 1:
+                parts = [torch.empty_like(lengths) for _ in range(tp_size())]
+                dist.all_gather(parts, lengths,
+                                group=parallel_state.get_tensor_model_parallel_group())
+                lengths = torch.cat(parts, dim=1)
+            stats = CacheStats(tokens=int(self.cache.positions[seq.row]), head_lengths=lengths,
+                               memory=self._tp_sum_report(self.cache.memory([seq.row])))
+            self.cache.release_row(seq.row)
+            self._running.remove(seq)
         self._admission_paused = False
         return GenerationResult(seq.request_id, seq.prompt, seq.generated, reason, stats,
                                 seq.preemptions)
