@@ -144,6 +144,11 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
                              f"the model's vocab_size {model_cfg.vocab_size}")
         if cfg.prompt_token_ids is not None:
             prompts = [list(p) for p in cfg.prompt_token_ids]
+            vocab = tokenizer.vocab_size if tokenizer is not None else model_cfg.vocab_size
+            bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab})
+            if bad:
+                raise ValueError(f"prompt_token_ids: token id(s) {bad[:8]} outside the "
+                                 f"vocabulary (0..{vocab - 1})")
         elif tokenizer is None:
             raise ValueError("tokenizer: text prompts need a tokenizer (none given and none "
                              "recorded by the run of `load`); or use prompt_token_ids")

@@ -190,3 +190,14 @@ def test_generate_warns_when_generation_passes_the_trained_length(megatron_tp1, 
     assert f"model.seq_length={SHAPE.seq_length}" in err
     assert f"stops after 3 new tokens at engine.max_sequence_length={SHAPE.seq_length + 1}" in err
     assert len(result.tokens) == 3 and result.finish_reason == "length"
+
+
+def test_prompt_token_ids_outside_the_vocabulary_are_an_error_naming_the_key(megatron_tp1,
+                                                                              tmp_path):
+    _trainer_run(tmp_path / "run", stages=(("finetune", 2),))
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=[f"load={tmp_path / 'run'}",
+                                             "prompt_token_ids=[[1,2,300,-1]]"])
+    with pytest.raises(ValueError, match=r"prompt_token_ids: token id\(s\) \[-1, 300\] outside "
+                                         r"the vocabulary \(0..299\)"):
+        run(OmegaConf.to_object(cfg))
