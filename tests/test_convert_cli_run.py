@@ -42,3 +42,21 @@ def test_export_hf_of_a_training_run_is_dmc_with_its_tokenizer_and_logits(tmp_pa
     with torch.no_grad():
         logits = hf(ids, use_cache=False).logits
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_export_hf_method_writes_the_chosen_kv_method(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    parallel.initialize(tensor_parallel_size=1, seed=0)
+    try:
+        _trainer_run(run, window=5)
+    finally:
+        parallel.shutdown()
+    out = tmp_path / "hf"
+    assert convert_main(["export-hf", "--input", str(run), "--output", str(out),
+                         "--method", "streaming", "--ratio", "3", "--sinks", "2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["kv_method"] == {"name": "streaming", "ratio": 3.0, "min_slots": None,
+                                   "sinks": 2}
+    assert convert_main(["export-hf", "--input", str(run), "--output", str(tmp_path / "bad"),
+                         "--method", "h2o"]) == 2  # an eviction method needs --ratio

@@ -46,7 +46,7 @@ def test_hf_dmc_model_logits_equal_megatron_dmc_model_in_eval(megatron_tp1, tmp_
     seed_all(2)
     dmc = replace(DMC, decision_scale=scale)
     model = build_model(TINY_GQA, dmc)
-    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=dmc)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", method=dmc)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert isinstance(hf, DMCLlamaForCausalLM) and hf.config.dmc_config.window == 4
     assert hf.config.dmc_config.decision_scale == scale
@@ -77,7 +77,7 @@ def test_dmc_with_all_append_equals_stock_llama_with_zeroed_channel(megatron_tp1
     zero_decision_projections(vanilla)
     state = gather_full_state(vanilla)
     save_hf_checkpoint(state, TINY_GQA, tmp_path / "plain")
-    save_hf_checkpoint(state, TINY_GQA, tmp_path / "dmc", dmc=DMCConfig())  # offset 5: appends
+    save_hf_checkpoint(state, TINY_GQA, tmp_path / "dmc", method=DMCConfig())  # offset 5: appends
     ids = _ids()
     with torch.no_grad():
         plain = LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval()(ids).logits
@@ -88,7 +88,7 @@ def test_dmc_with_all_append_equals_stock_llama_with_zeroed_channel(megatron_tp1
 def _dmc_export(tmp_path, seed=6):
     seed_all(seed)
     model = build_model(TINY_GQA, DMC)
-    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", dmc=DMC)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", method=DMC)
     return model, DMCLlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
 
 
@@ -116,3 +116,27 @@ def test_hf_generate_creates_its_cache(megatron_tp1, tmp_path):
     ids = _ids(seq=5)
     with torch.no_grad():
         assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 8)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "h2o", "tova", "streaming"])
+def test_hf_export_of_another_kv_method_runs_it_in_forward_and_generate(megatron_tp1, tmp_path,
+                                                                        method):
+    from nemo_dmc.inference import EngineConfig, SamplingParams, generate
+    from nemo_dmc.methods import settings_for
+
+    seed_all(7)
+    settings = settings_for(method, DMCConfig(), ratio=2.0, sinks=1)
+    model = build_model(TINY_GQA, settings)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", method=settings)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.method_settings == settings
+    ids = _ids(seq=9)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, use_cache=False).logits, _megatron_logits(model, ids),
+                                   atol=2e-5, rtol=1e-5)
+        cached = hf.generate(ids, max_new_tokens=8, do_sample=False)
+        recomputed = hf.generate(ids, use_cache=False, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, recomputed)
+    engine = generate(model, [row.tolist() for row in ids], SamplingParams(max_new_tokens=8),
+                      EngineConfig(max_batch_size=2), vocab_size=TINY_GQA.vocab_size)
+    assert [row.tolist() for row in cached[:, 9:]] == [list(r.tokens) for r in engine]

@@ -102,14 +102,21 @@ def _export_hf(args: argparse.Namespace) -> int:
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
         model, shape, dmc, resolved = _load_for_export(args)
+        method = dmc
+        if args.method is not None:  # a KV method other than the checkpoint's own
+            from nemo_dmc.core import DMCConfig
+            from nemo_dmc.methods import settings_for
+
+            method = settings_for(args.method, dmc or DMCConfig(), args.ratio, args.sinks)
+            print(f"[convert] exporting with the {args.method} KV method: {method}", flush=True)
         tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
         if tokenizer is not None:
             print(f"[convert] tokenizer from {tokenizer_path}", flush=True)
         special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
         progress(f"loaded {args.input}")
-        out = save_hf_checkpoint(gather_full_state(model), shape, args.output, dmc=dmc, tokenizer=tokenizer,
-                                 special_tokens=special, progress=progress)
+        out = save_hf_checkpoint(gather_full_state(model), shape, args.output, method=method,
+                                 tokenizer=tokenizer, special_tokens=special, progress=progress)
         progress("saved")
     finally:
         parallel.shutdown()
@@ -136,6 +143,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name == "export-hf":
             exp.add_argument("--tokenizer", type=Path, default=None,
                              help="HF dir, tokenizer.json or .gguf (default: the run's)")
+            exp.add_argument("--method", default=None,
+                             help="KV method of the export (dmc, vanilla, h2o, tova, streaming; "
+                                  "default: the checkpoint's own, see --format)")
+            exp.add_argument("--ratio", type=float, default=None,
+                             help="compression ratio of an eviction --method")
+            exp.add_argument("--sinks", type=int, default=4,
+                             help="attention sinks of --method streaming")
         exp.set_defaults(func=func)
     args = parser.parse_args(argv)
     from nemo_dmc.checkpoints.atomic import check_output

@@ -17,7 +17,7 @@ from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.checkpoints.layout import to_local_names
 from nemo_dmc.checkpoints.weights import SPECIAL_TOKEN_KEYS
 from nemo_dmc.convert.progress import ProgressFn, silent
-from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.core import ModelConfig
 from nemo_dmc.methods import settings_to_dict
 
 
@@ -64,10 +64,11 @@ def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:
 
 
 def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
-                 dmc: Optional[DMCConfig] = None,
+                 method: Any = None,
                  special_tokens: Optional[dict[str, Any]] = None):
-    """A transformers config with our model's shape: ``LlamaConfig``, or with ``dmc`` the
-    DMC-aware ``DMCLlamaHFConfig`` (``model_type: dmc_llama``) carrying the DMC settings.
+    """A transformers config with our model's shape: ``LlamaConfig``, or with ``method`` (a KV
+    method's settings, e.g. :class:`~nemo_dmc.core.DMCConfig`) the ``DMCLlamaHFConfig``
+    (``model_type: dmc_llama``) carrying them as ``kv_method``.
 
     ``special_tokens``: bos/eos/pad token ids (:data:`SPECIAL_TOKEN_KEYS`); unknown ones are
     written as ``null`` rather than ``LlamaConfig``'s defaults, which belong to no tokenizer.
@@ -81,11 +82,11 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
                         "original_max_position_embeddings": 8192}
     extra: dict = {"architectures": ["LlamaForCausalLM"]}
     config_class = LlamaConfig
-    if dmc is not None:
+    if method is not None:
         from nemo_dmc.hf import DMCLlamaHFConfig
 
         config_class = DMCLlamaHFConfig
-        extra = {"architectures": ["DMCLlamaForCausalLM"], "kv_method": settings_to_dict(dmc)}
+        extra = {"architectures": ["DMCLlamaForCausalLM"], "kv_method": settings_to_dict(method)}
     return config_class(
         vocab_size=model.vocab_size, hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
@@ -99,7 +100,7 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
 
 
 def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Path,
-                       dmc: Optional[DMCConfig] = None,
+                       method: Any = None,
                        dtype: Optional[torch.dtype] = None, tokenizer: Any = None,
                        special_tokens: Optional[dict[str, Any]] = None,
                        progress: ProgressFn = silent) -> Path:
@@ -107,7 +108,8 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
     tokenizer's files atomically (temp dir, then rename).
 
     ``state`` is a full megatron state (:func:`nemo_dmc.checkpoints.sharding.gather_full_state`);
-    ``dmc=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint. The bos/eos/pad ids
+    ``method=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint running that KV
+    method (DMC, or e.g. H2O eviction). The bos/eos/pad ids
     come from ``tokenizer`` (a :class:`nemo_dmc.data.tokenizer.Tokenizer`), else from
     ``special_tokens``.
     """
@@ -119,7 +121,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     if tokenizer is not None:
         special_tokens = special_token_ids(tokenizer)
-    config = llama_config(model, dtype or torch.float32, dmc, special_tokens)
+    config = llama_config(model, dtype or torch.float32, method, special_tokens)
     with atomic_checkpoint_dir(output) as tmp:
         if is_rank0():
             config.save_pretrained(tmp)

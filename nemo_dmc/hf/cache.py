@@ -1,8 +1,8 @@
 """``DMCCache``: a transformers cache backed by nemo_dmc's per-head paged compressed cache.
 
-``DMCLlamaForCausalLM.generate`` creates one; its attention layers then run
-:func:`nemo_dmc.kvcache.attention.prefill_attention` / ``decode_attention`` against it,
-the same functions the megatron inference engine uses.
+``DMCLlamaForCausalLM.generate`` creates one; its attention layers then run their method's
+cache policy (:mod:`nemo_dmc.kvcache.policies`) against it, the same code the megatron
+inference engine uses.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from nemo_dmc.kvcache.paged import CacheLayout, MemoryReport, PagedKVCache
+from nemo_dmc.kvcache.policies import policy_for
+from nemo_dmc.methods import build_method
 
 
 def left_padding(attention_mask: Tensor) -> Tensor:
@@ -41,10 +43,12 @@ class DMCCache(DynamicCache):
         layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         blocks = batch_size * layers * kv_heads * -(-max_length // block_size)
+        policy = policy_for(build_method(config.method_settings))  # every layer's method
         self.paged = PagedKVCache(CacheLayout(
-            num_layers=layers, kv_heads=kv_heads, head_dim=head_dim, window=config.dmc_config.window,
+            num_layers=layers, kv_heads=kv_heads, head_dim=head_dim, window=policy.window,
             block_size=block_size, num_blocks=blocks, max_sequences=batch_size,
-            max_sequence_length=max_length, dtype=dtype), device=device)
+            max_sequence_length=max_length, dtype=dtype, open_runs=policy.open_runs,
+            slot_scores=policy.slot_scores), device=device)
         self.rows = torch.tensor([self.paged.acquire_row() for _ in range(batch_size)],
                                  device=device)
         self.padding = torch.zeros(batch_size, dtype=torch.int64, device=device)

@@ -1,9 +1,11 @@
-"""DMC Llama for Hugging Face transformers: Llama whose attention is DMC.
+"""DMC Llama for Hugging Face transformers: Llama whose attention runs a KV method.
 
-Same weights and names as ``LlamaForCausalLM``; each layer's attention takes decisions,
-accumulates keys/values and applies the survival bias through ``nemo_dmc.core`` and
-``nemo_dmc.kernels.dispatch`` (the same functions the megatron model uses: Triton kernels on
-CUDA, the pure-torch references elsewhere), so eval logits match the megatron DMC model.
+Same weights and names as ``LlamaForCausalLM``; each layer builds the method of
+``config.kv_method`` (:mod:`nemo_dmc.methods`: ``dmc`` by default, or ``vanilla``, ``h2o``,
+``tova``, ``streaming``) and calls the same hooks as the megatron model (DMC's decisions,
+accumulation and survival bias through ``nemo_dmc.core`` and ``nemo_dmc.kernels.dispatch``),
+so eval logits match the megatron model; ``generate`` keeps the method's compressed cache
+through the inference engine's cache policies (:mod:`nemo_dmc.kvcache.policies`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from nemo_dmc.core import DMCConfig, dmc_states
-from nemo_dmc.methods import settings_from_dict, settings_to_dict
-from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
+from nemo_dmc.core import DMCConfig, sample_logistic_noise
 from nemo_dmc.hf.cache import DMCCache
-from nemo_dmc.kvcache.attention import decode_attention, prefill_attention
+from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
+from nemo_dmc.kvcache.ops import rope_tables
+from nemo_dmc.kvcache.policies import DecodeStep, policy_for
+from nemo_dmc.kvcache.view import LayerCacheView
+from nemo_dmc.methods import build_method, settings_from_dict, settings_to_dict
 
 
 class DMCLlamaHFConfig(LlamaConfig):
@@ -36,6 +40,11 @@ class DMCLlamaHFConfig(LlamaConfig):
     def __init__(self, kv_method: Optional[dict] = None, **kwargs) -> None:
         self.kv_method = kv_method if kv_method is not None else settings_to_dict(DMCConfig())
         super().__init__(**kwargs)
+
+    @property
+    def method_settings(self):
+        """The settings of ``kv_method`` (any registered method)."""
+        return settings_from_dict(self.kv_method, key="config.json kv_method")
 
     @property
     def dmc_config(self) -> DMCConfig:
@@ -64,14 +73,21 @@ def _padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class DMCLlamaAttention(LlamaAttention):
-    """Llama attention with DMC states: the full sequence in parallel, or against a
-    :class:`DMCCache` (prefill and decode through ``nemo_dmc.inference``)."""
+    """Llama attention through the layer's KV method: the full sequence in parallel, or
+    against a :class:`DMCCache` (prefill and decode through the method's cache policy)."""
 
     def __init__(self, config: DMCLlamaHFConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
-        self.dmc_config = config.dmc_config
+        self.method = build_method(config.method_settings)
         self.is_last_layer = layer_idx == config.num_hidden_layers - 1
         self.rotary = LlamaRotaryEmbedding(config)
+
+    @property
+    def dmc_config(self) -> DMCConfig:
+        """The layer's DMC settings (a DMC model only)."""
+        if not isinstance(self.method.settings, DMCConfig):
+            raise ValueError(f"this layer runs {self.method.name!r}, not dmc")
+        return self.method.settings
 
     def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
         """``nemo_dmc.core.RoPE`` form of the model's rotary embedding: ``x [..., n, d]``."""
@@ -81,9 +97,12 @@ class DMCLlamaAttention(LlamaAttention):
     def _cached(self, cache: DMCCache, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = q.shape[2]
         positions = cache.positions(c)  # [b, c]
+        policy = policy_for(self.method)
+        view = LayerCacheView(cache.paged, self.layer_idx, cache.rows)
         if c == 1 and cache.seen > 0:
-            out = decode_attention(cache.paged, self.layer_idx, cache.rows, q, k, v, positions,
-                                   self.dmc_config, self._rope, self.scaling)
+            step = DecodeStep(rope_tables(self._rope, positions[:, 0], self.head_dim, q.dtype),
+                              int(positions.max()) + 1)  # a head holds <= 1 slot per token
+            out = policy.decode(view, q, k, v, positions, self._rope, self.scaling, step)
         else:
             # Left padding: rotate each row's pad tokens behind its real ones, the right
             # padding prefill_attention takes (``counts`` real tokens from position 0), and
@@ -93,9 +112,8 @@ class DMCLlamaAttention(LlamaAttention):
                 raise ValueError("a chunk holds only padding for some row: the first forward "
                                  "of a left-padded batch must cover all of its padding")
             q, k, v = (_rotate_tokens(x, pad) for x in (q, k, v))
-            out = prefill_attention(cache.paged, self.layer_idx, cache.rows, q, k, v,
-                                    positions + pad.view(-1, 1), c - pad, self.dmc_config,
-                                    self._rope, self.scaling)
+            out = policy.prefill(view, q, k, v, positions + pad.view(-1, 1), c - pad,
+                                 self._rope, self.scaling)
             out = _rotate_tokens(out, -pad)
         if self.is_last_layer:
             cache.advance(c)
@@ -115,13 +133,25 @@ class DMCLlamaAttention(LlamaAttention):
         if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
             raise ValueError("DMC attention needs a DMCCache (DMCLlamaForCausalLM.generate "
                              "creates one) or use_cache=False")
-        q, k, v, decisions = dmc_states(q, k, v, self.dmc_config, self.training,
-                                        accumulate=dispatch.partial_accumulate)
+        hk = k.shape[1]
+        prepared = self.method.prepare(
+            q, k, v, training=self.training, accumulate=dispatch.partial_accumulate,
+            noise=lambda: sample_logistic_noise((b, hk, s), k.device))
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        out = dispatch.dmc_attention(q, k, v, decisions.state_bias, self.scaling,
-                            mask=_padding_mask(attention_mask),
-                            dropout_p=self.attention_dropout if self.training else 0.0)
+        q, k = apply_rotary_pos_emb(prepared.query, prepared.key, cos, sin)
+        mask = _padding_mask(attention_mask)
+        if self.method.simulates_cache:
+            below = torch.ones(s, s, dtype=torch.bool, device=k.device).tril()
+            if mask is not None and bool((mask[..., -s:, -s:] & below).any()):
+                raise ValueError(f"{self.method.name} scores padded batches only through the "
+                                 "cache: use generate() (left padding) or unpadded inputs")
+            out = self.method.attend(q, k, prepared.value, self.scaling)
+        else:
+            bias = prepared.bias if prepared.bias is not None else \
+                torch.zeros(b, hk, s, device=k.device, dtype=torch.float32)
+            out = dispatch.dmc_attention(q, k, prepared.value, bias, self.scaling, mask=mask,
+                                         dropout_p=self.attention_dropout if self.training
+                                         else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
 
 
