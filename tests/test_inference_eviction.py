@@ -11,10 +11,10 @@ import torch
 from megatron_utils import TINY_GQA
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import DMCModelRunner, EngineConfig, InferenceEngine, SamplingParams
-from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all
 from nemo_dmc.methods import settings_for
+from test_inference_engine import _full_logits, _greedy_reference, _prompts
 
 TINY_MHA = replace(TINY_GQA, num_query_groups=None)
 VOCAB = TINY_GQA.vocab_size
@@ -30,24 +30,6 @@ def _model(name, shape=TINY_GQA, seed=7):
     seed_all(seed)
     return build_model(shape, _settings(name)).eval()
 
-
-def _full_logits(model, tokens):
-    b, s = tokens.shape
-    with torch.no_grad():
-        return model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s))
-
-
-def _greedy_reference(model, prompt, new_tokens):
-    tokens = list(prompt)
-    for _ in range(new_tokens):
-        logits = _full_logits(model, torch.tensor([tokens]))
-        tokens.append(int(logits[0, -1, :VOCAB].argmax()))
-    return tokens[len(prompt):]
-
-
-def _prompts(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("name", EVICTION + ("vanilla",))
