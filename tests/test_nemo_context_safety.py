@@ -125,3 +125,18 @@ def test_the_opt_in_lets_nemo_build_a_reference_outside_the_allow_list(megatron_
         read_nemo_settings(nemo)
     monkeypatch.setenv(TRUST_ENV, "1")
     assert load_nemo_model(nemo).config.activation_func is torch.tanh
+
+
+def test_what_nemo_records_once_it_tracks_more_types_is_a_safe_reference():
+    """Once NeMo has tracked more types in a process (after a NeMo model was restored), its
+    contexts record ``attention_backend=AttnBackend.auto`` and ``init_method`` as
+    ``Partial(torch.nn.init.normal_, ...)``: values and initialisers, readable without opt-in."""
+    from nemo_dmc.checkpoints.nemo_context import is_safe_reference
+
+    assert is_safe_reference("megatron.core.transformer.enums", "AttnBackend.auto")
+    assert is_safe_reference("megatron.core.transformer.enums", "AttnMaskType")
+    assert not is_safe_reference("megatron.core.transformer.enums", "AttnBackend.auto.x")
+    assert not is_safe_reference("megatron.core.transformer", "enums")
+    assert is_safe_reference("fiddle._src.partial", "Partial")
+    assert is_safe_reference("torch.nn.init", "normal_")
+    assert not is_safe_reference("torch.nn.init", "_no_grad_fill_")

@@ -35,6 +35,7 @@ TRUST_ENV = "NEMO_DMC_TRUST_NEMO_CONTEXT"  # "1": let NeMo build whatever a cont
 _SAFE_REFERENCES: dict[str, frozenset[str] | re.Pattern[str]] = {
     "builtins": frozenset({"tuple", "list", "dict"}),
     "fiddle._src.config": frozenset({"Config", "Partial", "BuildableTraverserMetadata"}),
+    "fiddle._src.partial": frozenset({"Partial"}),
     "nemo_dmc.core.config": frozenset({"DMCConfig"}),
     "nemo_dmc.nemo.config": frozenset({"DMCLlamaConfig", "dmc_transformer_layer_spec"}),
     "nemo_dmc.nemo.model": frozenset({"DMCGPTModel"}),
@@ -45,9 +46,12 @@ _SAFE_REFERENCES: dict[str, frozenset[str] | re.Pattern[str]] = {
         "transformer_engine_full_layer_spec"}),
     "nemo.lightning.pytorch.optim.megatron": frozenset({"MegatronOptimizerModule"}),
     "megatron.core.optimizer.optimizer_config": frozenset({"OptimizerConfig"}),
-    "megatron.core.transformer.enums": re.compile(r"[A-Z]\w*"),
+    "megatron.core.transformer.enums": re.compile(r"[A-Z]\w*(\.\w+)?"),  # enum or member
     "torch": frozenset({"float32", "float16", "bfloat16"}),
     "torch.nn.functional": frozenset({"silu", "gelu", "relu"}),
+    # weight initialisers (recorded as Partial(normal_, std=...) once NeMo tracks them)
+    "torch.nn.init": frozenset({"normal_", "zeros_", "ones_", "xavier_normal_",
+                                "xavier_uniform_", "kaiming_normal_", "kaiming_uniform_"}),
 }
 
 _CPU_SAFE = dict(bias_activation_fusion=False, masked_softmax_fusion=False,
