@@ -73,8 +73,8 @@ def test_gguf_tokenizer_uses_the_files_eos_and_adds_no_bos():
 
 # -- item 3: import-hf's sequence length and parameter count ---------------------------------
 
-def _llama_config(**kwargs) -> LlamaConfig:
-    return LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+def _llama_config(vocab_size: int = 200, **kwargs) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, **kwargs)
 
 
@@ -108,3 +108,30 @@ def test_export_tokenizer_leaves_the_callers_tokenizer_unchanged(bpe_dir):
     tok = load_tokenizer(bpe_dir)
     export_tokenizer(tok)
     assert tok.hf_tokenizer.pad_token is None and tok.hf_tokenizer.padding_side == "right"
+
+
+# -- items 2 and 5 end to end: import-hf records, export-hf writes them into the tokenizer ----
+
+def test_export_hf_writes_the_imported_checkpoints_special_tokens_into_its_tokenizer(
+        bpe_dir, tmp_path, monkeypatch):
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    from nemo_dmc.convert.__main__ import main as convert_main
+    from nemo_dmc.training.launch import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = _llama_config(vocab_size=300, bos_token_id=3, eos_token_id=7, pad_token_id=None,
+                        max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    weights, out = tmp_path / "imported", tmp_path / "hf_out"
+    assert convert_main(["import-hf", "--input", str(tmp_path / "src"), "--output",
+                         str(weights)]) == 0
+    assert convert_main(["export-hf", "--input", str(weights), "--output", str(out),
+                         "--tokenizer", str(bpe_dir)]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (3, 7, 7)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (3, 7, 7)
