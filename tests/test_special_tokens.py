@@ -112,10 +112,9 @@ def test_export_tokenizer_leaves_the_callers_tokenizer_unchanged(bpe_dir):
 
 # -- items 2 and 5 end to end: import-hf records, export-hf writes them into the tokenizer ----
 
-def test_export_hf_writes_the_imported_checkpoints_special_tokens_into_its_tokenizer(
-        bpe_dir, tmp_path, monkeypatch):
-    import json
-
+def _imported_checkpoint(tmp_path: Path, monkeypatch) -> Path:
+    """A tiny Llama imported with import-hf: bos 3 and eos 7 recorded in special_tokens.yaml
+    (the BPE's own eos is 0)."""
     from transformers import LlamaForCausalLM
 
     from nemo_dmc.convert.__main__ import main as convert_main
@@ -126,12 +125,38 @@ def test_export_hf_writes_the_imported_checkpoints_special_tokens_into_its_token
                         max_position_embeddings=64)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
-    weights, out = tmp_path / "imported", tmp_path / "hf_out"
+    weights = tmp_path / "imported"
     assert convert_main(["import-hf", "--input", str(tmp_path / "src"), "--output",
                          str(weights)]) == 0
+    return weights
+
+
+def test_export_hf_writes_the_imported_checkpoints_special_tokens_into_its_tokenizer(
+        bpe_dir, tmp_path, monkeypatch):
+    import json
+
+    from nemo_dmc.convert.__main__ import main as convert_main
+
+    weights, out = _imported_checkpoint(tmp_path, monkeypatch), tmp_path / "hf_out"
     assert convert_main(["export-hf", "--input", str(weights), "--output", str(out),
                          "--tokenizer", str(bpe_dir)]) == 0
     tok = AutoTokenizer.from_pretrained(out)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (3, 7, 7)
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (3, 7, 7)
+
+
+def test_generate_stops_at_the_imported_checkpoints_recorded_eos(bpe_dir, tmp_path, monkeypatch):
+    import nemo_dmc.inference.engine as engine
+    from nemo_dmc.generate import GenerateConfig, run
+
+    weights = _imported_checkpoint(tmp_path, monkeypatch)
+    seen = {}
+
+    def fake_generate(model, prompts, params, *args, **kwargs):
+        seen["stop"] = params.stop_token_ids
+        return []
+
+    monkeypatch.setattr(engine, "generate", fake_generate)
+    run(GenerateConfig(load=str(weights), tokenizer=str(bpe_dir), prompt_token_ids=[[5, 6]]))
+    assert seen["stop"] == (7,)
