@@ -120,6 +120,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
     import torch.distributed as dist
 
     from nemo_dmc.checkpoints.resolve import find_tokenizer_path
+    from nemo_dmc.checkpoints.weights import read_special_tokens
     from nemo_dmc.data.tokenizer import load_tokenizer
     from nemo_dmc.inference.engine import generate
     from nemo_dmc.inference.loading import build_inference_model
@@ -138,7 +139,8 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
             cfg.load, cfg.model, cfg.dmc, key="load",
             method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks))
         path = find_tokenizer_path(cfg.tokenizer, resolved)
-        tokenizer = load_tokenizer(path) if path is not None else None
+        special = read_special_tokens(resolved.path) if resolved is not None else None
+        tokenizer = load_tokenizer(path, special_tokens=special) if path is not None else None
         if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
             raise ValueError(f"tokenizer: {path} has {tokenizer.vocab_size} tokens, more than "
                              f"the model's vocab_size {model_cfg.vocab_size}")

@@ -47,7 +47,7 @@ def _import_hf(args: argparse.Namespace) -> int:
         progress("saved")
     finally:
         parallel.shutdown()
-    n = sum(t.numel() for t in checkpoint.state.values())
+    n = checkpoint.num_parameters
     print(f"[convert] wrote {out} ({n / 1e6:.1f} M parameters, {checkpoint.model.num_layers} "
           f"layers, {checkpoint.model.num_attention_heads} heads / "
           f"{checkpoint.model.kv_heads} KV groups)", flush=True)
@@ -110,10 +110,11 @@ def _export_hf(args: argparse.Namespace) -> int:
             method = settings_for(args.method, dmc or DMCConfig(), args.ratio, args.sinks)
             print(f"[convert] exporting with the {args.method} KV method: {method}", flush=True)
         tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
-        tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+        special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
+        tokenizer = (load_tokenizer(tokenizer_path, special_tokens=special)
+                     if tokenizer_path is not None else None)
         if tokenizer is not None:
             print(f"[convert] tokenizer from {tokenizer_path}", flush=True)
-        special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
         progress(f"loaded {args.input}")
         out = save_hf_checkpoint(gather_full_state(model), shape, args.output, method=method,
                                  tokenizer=tokenizer, special_tokens=special, progress=progress)

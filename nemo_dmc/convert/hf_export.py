@@ -7,6 +7,7 @@ plain Llama that stock ``LlamaForCausalLM`` loads.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,10 +58,30 @@ def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig,
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:
-    """bos/eos/pad ids of a :class:`nemo_dmc.data.tokenizer.Tokenizer` (eos: its EOD token)."""
-    hf = tokenizer.hf_tokenizer
+    """bos/eos/pad ids of a :class:`nemo_dmc.data.tokenizer.Tokenizer` as exported (eos: its
+    EOD token; pad: eos where it has none, see :func:`export_tokenizer`)."""
+    hf = export_tokenizer(tokenizer)
     return {"bos_token_id": hf.bos_token_id, "eos_token_id": tokenizer.eod_id,
             "pad_token_id": hf.pad_token_id}
+
+
+EXPORT_TOKENIZER_SETTINGS = {"model_input_names": ["input_ids", "attention_mask"],
+                             "padding_side": "left"}
+"""What the exported tokenizer returns and how it pads: exactly what ``model.generate(**tok(p,
+return_tensors="pt", padding=True))`` takes, with left padding for batched generation."""
+
+
+def export_tokenizer(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer``'s HF tokenizer as an export ships it: eos its EOD token, a pad
+    token (eos where it has none) and :data:`EXPORT_TOKENIZER_SETTINGS`, saved with it."""
+    hf = copy.deepcopy(tokenizer.hf_tokenizer)
+    hf.eos_token = hf.convert_ids_to_tokens(tokenizer.eod_id)
+    if hf.pad_token is None:
+        hf.pad_token = hf.eos_token
+    for key, value in EXPORT_TOKENIZER_SETTINGS.items():
+        setattr(hf, key, value)
+        hf.init_kwargs[key] = value  # what save_pretrained writes to tokenizer_config.json
+    return hf
 
 
 def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
@@ -110,8 +131,9 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
     ``state`` is a full megatron state (:func:`nemo_dmc.checkpoints.sharding.gather_full_state`);
     ``method=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint running that KV
     method (DMC, or e.g. H2O eviction). The bos/eos/pad ids
-    come from ``tokenizer`` (a :class:`nemo_dmc.data.tokenizer.Tokenizer`), else from
-    ``special_tokens``.
+    come from ``tokenizer`` (a :class:`nemo_dmc.data.tokenizer.Tokenizer`, saved as
+    :func:`export_tokenizer` makes it; load it with the checkpoint's recorded special tokens,
+    ``load_tokenizer(path, special_tokens=...)``), else from ``special_tokens``.
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -127,7 +149,7 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
             config.save_pretrained(tmp)
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
             if tokenizer is not None:
-                tokenizer.save(tmp)
+                export_tokenizer(tokenizer).save_pretrained(str(tmp))
             progress(f"saving {len(hf_state)} tensors to {Path(output) / 'model.safetensors'}")
             save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(output)

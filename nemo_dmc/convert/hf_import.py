@@ -43,6 +43,14 @@ class HFCheckpoint:
         """The config's bos/eos/pad token ids (``None`` where unset)."""
         return {key: getattr(self.hf_config, key, None) for key in SPECIAL_TOKEN_KEYS}
 
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the model, a tied output layer counted once (with the embedding)."""
+        tied = self.model.share_embeddings_and_output_weights
+        return sum(t.numel() for name, t in self.state.items()
+                   if not (tied and name == "lm_head.weight")
+                   and not name.endswith(IGNORED_SUFFIXES))
+
 
 def _rope_settings(cfg: Any) -> tuple[float, Optional[float]]:
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
@@ -87,7 +95,7 @@ def model_config_from_hf(cfg: Any) -> ModelConfig:
         num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         ffn_hidden_size=cfg.intermediate_size,
         vocab_size=cfg.vocab_size,
-        seq_length=min(getattr(cfg, "max_position_embeddings", 4096) or 4096, 4096),
+        seq_length=getattr(cfg, "max_position_embeddings", None) or 4096,
         rotary_base=theta,
         rope_scaling_factor=scaling,
         norm_epsilon=cfg.rms_norm_eps,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,14 @@ DEFAULT_EOD_TOKEN = "<|endoftext|>"
 """End-of-document token of the BPE tokenizers trained by :func:`train_bpe_tokenizer`."""
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+_GGUF_SPECIAL_TOKEN_FIELDS = {
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+    "pad_token_id": "tokenizer.ggml.padding_token_id",
+    "add_bos_token": "tokenizer.ggml.add_bos_token",
+}
+"""Our special-token keys and the GGUF metadata fields that record them."""
 
 DEFAULT_VOCAB_SIZE = 8192
 """Vocabulary size of the tiny built-in tokenizer (a small vocab keeps tiny models fast on CPU)."""
@@ -154,17 +162,29 @@ class Tokenizer(MegatronTokenizerBase):
         return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
 
 
-def load_tokenizer(path: str | Path, eod_token: str | None = None) -> Tokenizer:
+def load_tokenizer(
+    path: str | Path,
+    eod_token: str | None = None,
+    special_tokens: Mapping[str, Any] | None = None,
+) -> Tokenizer:
     """Load a tokenizer from a local Hugging Face directory, ``tokenizer.json`` or GGUF file.
+
+    A GGUF file's own special tokens (:func:`gguf_special_tokens`) replace the ones
+    ``transformers`` guesses for it (SmolLM2: eos ``<|im_start|>`` and add_bos, where the file
+    says eos ``<|im_end|>`` and no BOS); ``special_tokens`` win over both.
 
     Args:
         path: A directory holding a Hugging Face tokenizer, a ``tokenizer.json`` file, or a
             ``.gguf`` file (its tokenizer is read by ``transformers``; needs ``gguf``).
         eod_token: End-of-document token; defaults to the tokenizer's EOS token.
+        special_tokens: Token ids recorded with a checkpoint (``bos_token_id``,
+            ``eos_token_id``, ``pad_token_id``; ``None`` values are ignored), e.g. the
+            ``special_tokens.yaml`` that ``import-hf`` writes.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If ``path`` is neither a directory, a ``.json`` nor a ``.gguf`` file.
+        ValueError: If ``path`` is neither a directory, a ``.json`` nor a ``.gguf`` file, or a
+            special token id is outside the vocabulary.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -189,7 +209,40 @@ def load_tokenizer(path: str | Path, eod_token: str | None = None) -> Tokenizer:
         raise ValueError(
             f"unsupported tokenizer path {path}: expected a directory, a tokenizer.json or a .gguf"
         )
+    recorded = gguf_special_tokens(resolved) if resolved.suffix == ".gguf" else {}
+    recorded.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
+    _set_special_tokens(hf, recorded, str(resolved))
     return Tokenizer(hf, source=str(resolved), eod_token=eod_token)
+
+
+def gguf_special_tokens(path: str | Path) -> dict[str, Any]:
+    """The bos/eos/pad token ids and ``add_bos_token`` a GGUF file's metadata records
+    (``tokenizer.ggml.*``); keys the file lacks are left out."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    return {
+        key: fields[name].contents()
+        for key, name in _GGUF_SPECIAL_TOKEN_FIELDS.items()
+        if name in fields
+    }
+
+
+def _set_special_tokens(hf_tokenizer: Any, special: Mapping[str, Any], source: str) -> None:
+    """Make ``hf_tokenizer``'s bos/eos/pad tokens (and ``add_bos_token``) those of ``special``."""
+    for name in ("bos", "eos", "pad"):
+        token_id = special.get(f"{name}_token_id")
+        if token_id is None:
+            continue
+        if not 0 <= int(token_id) < len(hf_tokenizer):
+            raise ValueError(
+                f"{name}_token_id={token_id} (recorded for {source}) is outside the tokenizer's "
+                f"vocabulary of {len(hf_tokenizer)}: fix special_tokens.yaml or pass the "
+                "matching tokenizer"
+            )
+        setattr(hf_tokenizer, f"{name}_token", hf_tokenizer.convert_ids_to_tokens(int(token_id)))
+    if special.get("add_bos_token") is not None and hasattr(hf_tokenizer, "add_bos_token"):
+        hf_tokenizer.add_bos_token = bool(special["add_bos_token"])
 
 
 def _eos_from_tokenizer_json(path: Path) -> str | None:
