@@ -8,7 +8,9 @@ Examples::
     python -m nemo_dmc.generate load=runs/dmc_tiny prompts='["The list type"]'
     python -m nemo_dmc.generate load=ckpt/smollm2 tokenizer=path/model.gguf \\
         sampling.temperature=0.7 sampling.top_p=0.9 sampling.max_new_tokens=128
-    python -m nemo_dmc.generate load=runs/dmc_tiny engine.force_decision=append  # DMC off
+    python -m nemo_dmc.generate load=ckpt/smollm2 method=vanilla  # the model as imported
+    python -m nemo_dmc.generate load=runs/dmc_tiny engine.force_decision=append  # DMC layers
+        # appending every token (channel D-1 still zeroed: not the model as imported)
     python -m nemo_dmc.generate load=runs/dmc_tiny method=h2o ratio=4  # evicting cache
     torchrun --nproc-per-node 2 -m nemo_dmc.generate parallel.tensor_model_parallel_size=2 ...
 """
