@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 # megatron-core on CPU: optional fused kernels (Apex, Transformer Engine, CUDA mempools) absent.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|unified memory).*")
@@ -35,9 +35,11 @@ from nemo_dmc.inference.config import (  # noqa: E402
     ParallelSettings,
     SamplingSettings,
 )
-from nemo_dmc.inference.engine import GenerationResult  # noqa: E402
 from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
 from nemo_dmc.methods import settings_for  # noqa: E402
+
+if TYPE_CHECKING:  # the engine imports megatron: not for --help
+    from nemo_dmc.inference.engine import GenerationResult
 
 
 @dataclass

@@ -4,10 +4,21 @@ realised CR per layer and KV head, KV bytes, passkey retrieval, baseline cache p
 lm-evaluation-harness model type (:mod:`nemo_dmc.evaluate.lm_eval_adapter`, needs the
 ``eval`` extra)."""
 
-from nemo_dmc.evaluate.config import EvaluateConfig
-from nemo_dmc.evaluate.passkey import PasskeyPrompt, make_passkey_prompt, passkey_prompts
-from nemo_dmc.evaluate.perplexity import PerplexityResult, heldout_perplexity
-from nemo_dmc.evaluate.runner import run
+from importlib import import_module
+from typing import Any
 
-__all__ = ["EvaluateConfig", "PasskeyPrompt", "PerplexityResult",
-           "heldout_perplexity", "make_passkey_prompt", "passkey_prompts", "run"]
+# name -> submodule; imported on first use so that the CLI's config (``--help``, validation)
+# loads without megatron
+_EXPORTS = {
+    "EvaluateConfig": "config", "PasskeyPrompt": "passkey", "make_passkey_prompt": "passkey",
+    "passkey_prompts": "passkey", "PerplexityResult": "perplexity",
+    "heldout_perplexity": "perplexity", "run": "runner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -25,17 +25,22 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from nemo_dmc.evaluate.config import EvaluateConfig, register_schema  # noqa: E402
-from nemo_dmc.evaluate.runner import run  # noqa: E402
 
 register_schema()
 
 
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    config: EvaluateConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        config.validate()  # before megatron is imported: a bad key fails in a second
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     from nemo_dmc.data.datasets import CorruptDatasetError
+    from nemo_dmc.evaluate.runner import run
 
     try:
-        run(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
+        run(config)
     except (ValueError, FileNotFoundError, ImportError, CorruptDatasetError) as err:
         sys.exit(f"error: {err}")
 

@@ -15,6 +15,9 @@ from nemo_dmc.inference.config import ParallelSettings
 from nemo_dmc.methods import eviction_methods, method_names
 
 KV_DTYPES = ("model", "fp32", "bf16", "fp16")
+DEFAULT_MAX_SEQ_LENGTH = 1024
+"""``seq_length: null`` scores ``min(model.seq_length, DEFAULT_MAX_SEQ_LENGTH)`` tokens per
+sequence: an imported model's 4096 or 8192 would make every evaluation slow."""
 
 
 @dataclass
@@ -23,8 +26,9 @@ class HeldOutData:
     else the trainer's default (the built-in pydocs corpus); ``cache_dir`` (written to) is
     never taken from the run: ``null`` = the trainer's default, ``data_cache/pydocs``.
 
-    source: ``pydocs``, ``indexed`` (``valid_prefixes`` + tokenizer) or ``random``.
-    num_sequences: held-out sequences of ``model.seq_length`` tokens to score.
+    source: ``pydocs``, ``indexed`` (``valid_prefixes`` + tokenizer) or ``random``;
+        ``null`` with ``valid_prefixes`` given = ``indexed`` (your own preprocessed text).
+    num_sequences: held-out sequences of ``seq_length`` tokens to score.
     """
 
     source: Optional[str] = None
@@ -73,8 +77,8 @@ class EvaluateConfig:
     output_dir: ``null`` = ``<checkpoint dir>/evaluation/<method>[_<ratio>]``.
     heatmap: write the per-(layer, KV head) CR heatmap PNG (not for ``vanilla``; matplotlib).
     seq_length: tokens per held-out sequence and longest passkey prompt (``null`` = the
-        checkpoint's ``model.seq_length``), e.g. to compare an imported model with its
-        retrofit trained at a shorter length.
+        checkpoint's ``model.seq_length``, at most 1024), e.g. to compare an imported model
+        with its retrofit trained at a shorter length.
     """
 
     load: Optional[str] = None
@@ -92,6 +96,13 @@ class EvaluateConfig:
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
     kv: KVSettings = field(default_factory=KVSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+
+    def sequence_length(self, model_seq_length: int) -> int:
+        """Tokens per held-out sequence: ``seq_length``, else ``model_seq_length`` capped at
+        :data:`DEFAULT_MAX_SEQ_LENGTH`."""
+        if self.seq_length is not None:
+            return self.seq_length
+        return min(model_seq_length, DEFAULT_MAX_SEQ_LENGTH)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad key (before anything is built)."""
@@ -111,6 +122,10 @@ class EvaluateConfig:
                              f"take a ratio; method={self.method} sets its own")
         if self.sinks < 0:
             raise ValueError(f"sinks: must be >= 0, got {self.sinks}")
+        if self.data.valid_prefixes and self.data.source not in (None, "indexed"):
+            raise ValueError(f"data.source: data.valid_prefixes are read only with "
+                             f"data.source=indexed, got data.source={self.data.source}; drop "
+                             f"data.source (indexed is then implied) or the valid_prefixes")
         for key in ("num_sequences", "micro_batch_size"):
             if getattr(self.data, key) < 1:
                 raise ValueError(f"data.{key}: must be >= 1, got {getattr(self.data, key)}")

@@ -24,9 +24,14 @@ from nemo_dmc.training.config import DATA_SOURCES, DataConfig, TrainConfig
 
 
 def resolve_data(settings: HeldOutData, run_config: Optional[Any],
-                 tokenizer: Optional[str] = None) -> DataConfig:
+                 tokenizer: Optional[str] = None,
+                 checkpoint_tokenizer: Optional[Path] = None) -> DataConfig:
     """The trainer's :class:`DataConfig` for the held-out split: its defaults, overlaid by the
     run's ``data`` (if recorded), overlaid by the non-null ``data.*`` settings.
+
+    ``data.valid_prefixes`` without ``data.source`` means ``source=indexed`` (your own text);
+    an indexed split without ``data.tokenizer`` reads with ``checkpoint_tokenizer`` (the one
+    the checkpoint records), if any.
 
     ``cache_dir`` (where the pydocs corpus is prepared, i.e. written) is never the run's: a
     downloaded run config must not choose where evaluation writes. It is ``data.cache_dir``,
@@ -42,8 +47,12 @@ def resolve_data(settings: HeldOutData, run_config: Optional[Any],
         value = getattr(settings, f.name)
         if f.name in known and value is not None:
             values[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+    if settings.source is None and settings.valid_prefixes:
+        values["source"] = "indexed"
     if tokenizer is not None:
         values["tokenizer"] = tokenizer
+    if values["source"] == "indexed" and not values["tokenizer"] and checkpoint_tokenizer:
+        values["tokenizer"] = str(checkpoint_tokenizer)
     data = DataConfig(**values)
     if data.source not in DATA_SOURCES:
         raise ValueError(f"data.source: must be one of {', '.join(DATA_SOURCES)}, "

@@ -19,7 +19,7 @@ from nemo_dmc.evaluate.compression import (
     compression_report,
     write_heatmap,
 )
-from nemo_dmc.evaluate.config import EvaluateConfig
+from nemo_dmc.evaluate.config import DEFAULT_MAX_SEQ_LENGTH, EvaluateConfig
 from nemo_dmc.evaluate.data import (
     data_tokenizer_path,
     heldout_batches,
@@ -104,14 +104,15 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     model, model_cfg, dmc, resolved = build_inference_model(
         cfg.load, cfg.model, cfg.dmc, key="load",
         method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks))
-    if cfg.seq_length is not None:
-        model_cfg = replace(model_cfg, seq_length=cfg.seq_length)
+    model_seq_length = model_cfg.seq_length
+    model_cfg = replace(model_cfg, seq_length=cfg.sequence_length(model_seq_length))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     model.to(device)
     run_config = resolved.run_config if resolved is not None else None
-    data = resolve_data(cfg.data, run_config, cfg.tokenizer)
-    tokenizer_path = find_tokenizer_path(cfg.tokenizer, resolved) or data_tokenizer_path(data)
+    checkpoint_tokenizer = find_tokenizer_path(cfg.tokenizer, resolved)
+    data = resolve_data(cfg.data, run_config, cfg.tokenizer, checkpoint_tokenizer)
+    tokenizer_path = checkpoint_tokenizer or data_tokenizer_path(data)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer: {tokenizer_path} has {tokenizer.vocab_size} tokens, more "
@@ -157,6 +158,9 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
         "checkpoint": str(resolved.path) if resolved is not None else None,
         "load": cfg.load, "method": cfg.method, "ratio": cfg.ratio,
         "model": asdict(model_cfg), "dmc": asdict(dmc),
+        "seq_length": {"evaluated": model_cfg.seq_length, "model": model_seq_length,
+                       "capped_by_default": cfg.seq_length is None
+                       and model_cfg.seq_length < model_seq_length},
         "perplexity": {"loss": ppl.loss, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
                        "sequences": ppl.sequences, "split": "valid", "source": data.source},
         "compression": asdict(compression), "passkey": passkey, "heatmap": None,
@@ -182,6 +186,14 @@ def _mib(n: float) -> str:
     return f"{n / 2 ** 20:.3f} MiB"
 
 
+def _seq_length_line(seq: Dict[str, Any]) -> str:
+    line = f"sequence length: {seq['evaluated']} tokens"
+    if seq["capped_by_default"]:
+        line += (f" (default: the model's {seq['model']} capped at {DEFAULT_MAX_SEQ_LENGTH}; "
+                 f"set seq_length=... to change)")
+    return line
+
+
 def summary(results: Dict[str, Any], out: Optional[Path] = None) -> str:
     """The one-screen summary printed after an evaluation."""
     ppl, comp = results["perplexity"], results["compression"]
@@ -190,6 +202,7 @@ def summary(results: Dict[str, Any], out: Optional[Path] = None) -> str:
     lines = [
         f"checkpoint: {results['checkpoint']}",
         f"method: {method}",
+        _seq_length_line(results["seq_length"]),
         f"held-out perplexity: {ppl['perplexity']:.3f} (loss {ppl['loss']:.4f}) over "
         f"{ppl['sequences']} x {ppl['tokens'] // max(1, ppl['sequences'])} tokens of the "
         f"{ppl['source']} valid split",

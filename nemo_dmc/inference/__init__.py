@@ -10,12 +10,21 @@ Typical use::
     print(results[0].text, results[0].cache.compression_ratio)
 """
 
-from nemo_dmc.inference.config import EngineConfig
-from nemo_dmc.inference.engine import CacheStats, GenerationResult, InferenceEngine, generate
-from nemo_dmc.inference.runner import DMCModelRunner
-from nemo_dmc.inference.sampling import SamplingParams, filter_logits, sample_tokens
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "CacheStats", "DMCModelRunner", "EngineConfig", "GenerationResult", "InferenceEngine",
-    "SamplingParams", "filter_logits", "generate", "sample_tokens",
-]
+# name -> submodule; imported on first use so that ``nemo_dmc.inference.config`` (the CLI's
+# settings) loads without megatron (``--help`` and config validation stay fast)
+_EXPORTS = {
+    "EngineConfig": "config", "CacheStats": "engine", "GenerationResult": "engine",
+    "InferenceEngine": "engine", "generate": "engine", "DMCModelRunner": "runner",
+    "SamplingParams": "sampling", "filter_logits": "sampling", "sample_tokens": "sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -11,6 +11,7 @@ reads ``micro_batch_size`` of them at offset ``(m * dp + r) * micro_batch_size``
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from nemo_dmc.data.datasets import get_batch
-from nemo_dmc.training.config import ConfigError, TrainConfig
+from nemo_dmc.training.config import ConfigError, DataConfig, TrainConfig
 
 Batch = Dict[str, Tensor]
 T = TypeVar("T")
@@ -46,6 +47,18 @@ class RandomTokens(Dataset):
                 "position_ids": torch.arange(self.seq_length)}
 
 
+def pydocs_cache_root(data: DataConfig) -> Path:
+    """Where the built-in corpus is prepared: ``data.cache_dir`` with the corpus's own BPE,
+    ``<data.cache_dir>/tokenizers/<name>-<hash of its path>`` with a given ``data.tokenizer``,
+    so runs with different tokenizers never share (and invalidate) one cache."""
+    root = Path(data.cache_dir)
+    if not data.tokenizer:
+        return root
+    path = Path(data.tokenizer).expanduser().resolve()
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return root / "tokenizers" / f"{path.name}-{digest}"
+
+
 def prepare_pydocs(cfg: TrainConfig) -> Tuple[Path, List[str], List[str]]:
     """Build (once, on the calling rank) the Python-docs corpus, its BPE tokenizer (or use
     ``data.tokenizer``) and the train/valid ``.bin/.idx`` files under ``data.cache_dir``.
@@ -56,7 +69,7 @@ def prepare_pydocs(cfg: TrainConfig) -> Tuple[Path, List[str], List[str]]:
     from nemo_dmc.data.preprocess import iter_documents, preprocess
     from nemo_dmc.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-    root = Path(cfg.data.cache_dir)
+    root = pydocs_cache_root(cfg.data)
     manifest = {"max_documents": cfg.data.max_documents, "tokenizer": cfg.data.tokenizer,
                 "vocab_size": cfg.model.vocab_size}
     tokenizer_path = Path(cfg.data.tokenizer) if cfg.data.tokenizer else root / "tokenizer"

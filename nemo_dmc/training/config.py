@@ -16,10 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT, nemo_checkpoint_settings
-from nemo_dmc.checkpoints.weights import MODEL_CONFIG_FILE, read_model_config
 from nemo_dmc.core import DMCConfig, ModelConfig, Stage
-from nemo_dmc.megatron.model import transformer_config
 
 STAGE_ORDER = (Stage.PRETRAIN, Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
 DATA_SOURCES = ("pydocs", "indexed", "random")
@@ -245,6 +242,8 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
     if cfg.checkpoint.dir is not None:
         _validate_writable("checkpoint.dir", Path(cfg.checkpoint.dir))
     _validate_parallel(cfg, world_size)
+    from nemo_dmc.megatron.model import transformer_config  # megatron: not at CLI import
+
     try:  # megatron's TransformerConfig of the model: shapes, TP, sequence parallel
         transformer_config(cfg.model, cfg.parallel.tensor_model_parallel_size,
                            cfg.parallel.sequence_parallel, use_bf16(cfg, cuda_available),
@@ -332,6 +331,9 @@ def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
 def _validate_pretrained(model: ModelConfig, path: Path) -> None:
     """The base checkpoint exists and, if it records its shape (``model_config.yaml`` of
     ``python -m nemo_dmc.convert``, or a NeMo 2 checkpoint's ``context/``), matches ``model.*``."""
+    from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT
+    from nemo_dmc.checkpoints.weights import MODEL_CONFIG_FILE, read_model_config
+
     _require(path.is_dir(), "checkpoint.pretrained", f"no checkpoint directory at {path}")
     padded = False  # a NeMo 2 context records the padded vocabulary only
     if (path / MODEL_CONFIG_FILE).is_file():
@@ -357,6 +359,8 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
 def _nemo_model_config(path: Path) -> Optional[ModelConfig]:
     """The shape a NeMo 2 checkpoint's ``context/`` records; ``None`` without NeMo installed
     (its ``weights/`` still load, unchecked)."""
+    from nemo_dmc.checkpoints.nemo_context import nemo_checkpoint_settings
+
     try:
         settings = nemo_checkpoint_settings(path)
     except ValueError as err:
