@@ -52,6 +52,21 @@ def _prompts(lengths, seed=1):
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
+def prefill_and_decode_match(runner, tokens, full, prompt_lengths, chunk):
+    """Prefill each row's prompt (``tokens[i, :n]``), decode the rest of ``tokens`` one token
+    at a time, and check every logit against the full forward ``full``; returns the rows."""
+    rows = [runner.cache.acquire_row() for _ in prompt_lengths]
+    prompts = [tokens[i, :n].tolist() for i, n in enumerate(prompt_lengths)]
+    prompt_logits = runner.prefill(rows, prompts, chunk_size=chunk, all_logits=True)
+    for i, n in enumerate(prompt_lengths):
+        torch.testing.assert_close(prompt_logits[i], full[i, :n], atol=1e-5, rtol=1e-5)
+    for t in range(min(prompt_lengths), tokens.shape[1]):
+        active = [i for i, n in enumerate(prompt_lengths) if n <= t]
+        logits = runner.decode([rows[i] for i in active], tokens[active, t])
+        torch.testing.assert_close(logits, full[active, t], atol=1e-5, rtol=1e-5)
+    return rows
+
+
 @pytest.mark.parametrize("shape", [TINY_MHA, TINY_GQA], ids=["mha", "gqa"])
 @pytest.mark.parametrize("window", [None, 3], ids=["unbounded", "window3"])
 @pytest.mark.parametrize("chunk", [None, 3], ids=["whole_prompt", "chunks_of_3"])
@@ -66,15 +81,7 @@ def test_prefill_and_decode_logits_equal_full_forward_for_mixed_lengths(megatron
 
     runner = DMCModelRunner(model, block_size=4, num_blocks=200, max_sequences=3,
                             max_sequence_length=seq)
-    rows = [runner.cache.acquire_row() for _ in prompt_lengths]
-    prompts = [tokens[i, :n].tolist() for i, n in enumerate(prompt_lengths)]
-    prompt_logits = runner.prefill(rows, prompts, chunk_size=chunk, all_logits=True)
-    for i, n in enumerate(prompt_lengths):
-        torch.testing.assert_close(prompt_logits[i], full[i, :n], atol=1e-5, rtol=1e-5)
-    for t in range(min(prompt_lengths), seq):
-        active = [i for i, n in enumerate(prompt_lengths) if n <= t]
-        logits = runner.decode([rows[i] for i in active], tokens[active, t])
-        torch.testing.assert_close(logits, full[active, t], atol=1e-5, rtol=1e-5)
+    prefill_and_decode_match(runner, tokens, full, prompt_lengths, chunk)
 
 
 def test_one_prefill_can_start_new_rows_and_continue_cached_ones(megatron_tp1):

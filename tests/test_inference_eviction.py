@@ -14,7 +14,12 @@ from nemo_dmc.inference import DMCModelRunner, EngineConfig, InferenceEngine, Sa
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all
 from nemo_dmc.methods import settings_for
-from test_inference_engine import _full_logits, _greedy_reference, _prompts
+from test_inference_engine import (
+    _full_logits,
+    _greedy_reference,
+    _prompts,
+    prefill_and_decode_match,
+)
 
 TINY_MHA = replace(TINY_GQA, num_query_groups=None)
 VOCAB = TINY_GQA.vocab_size
@@ -43,15 +48,7 @@ def test_prefill_and_decode_logits_equal_the_methods_full_forward(megatron_tp1, 
     full = _full_logits(model, tokens)
     runner = DMCModelRunner(model, block_size=2, num_blocks=400, max_sequences=3,
                             max_sequence_length=seq)
-    rows = [runner.cache.acquire_row() for _ in prompt_lengths]
-    prompts = [tokens[i, :n].tolist() for i, n in enumerate(prompt_lengths)]
-    prompt_logits = runner.prefill(rows, prompts, chunk_size=chunk, all_logits=True)
-    for i, n in enumerate(prompt_lengths):
-        torch.testing.assert_close(prompt_logits[i], full[i, :n], atol=1e-5, rtol=1e-5)
-    for t in range(min(prompt_lengths), seq):
-        active = [i for i, n in enumerate(prompt_lengths) if n <= t]
-        logits = runner.decode([rows[i] for i in active], tokens[active, t])
-        torch.testing.assert_close(logits, full[active, t], atol=1e-5, rtol=1e-5)
+    rows = prefill_and_decode_match(runner, tokens, full, prompt_lengths, chunk)
     if name != "vanilla":  # the model's own record: slots held after the last token
         slots = torch.stack([layer.self_attention.method.record.slots
                              for layer in model.decoder.layers], dim=1)  # [b, layers, hk]
