@@ -79,6 +79,7 @@ class DMCLlamaAttention(LlamaAttention):
     def __init__(self, config: DMCLlamaHFConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.method = build_method(config.method_settings)
+        self.policy = policy_for(self.method)  # how generate() reads and writes the cache
         self.is_last_layer = layer_idx == config.num_hidden_layers - 1
         self.rotary = LlamaRotaryEmbedding(config)
 
@@ -97,7 +98,7 @@ class DMCLlamaAttention(LlamaAttention):
     def _cached(self, cache: DMCCache, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         c = q.shape[2]
         positions = cache.positions(c)  # [b, c]
-        policy = policy_for(self.method)
+        policy = self.policy
         view = LayerCacheView(cache.paged, self.layer_idx, cache.rows)
         if c == 1 and cache.seen > 0:
             step = DecodeStep(rope_tables(self._rope, positions[:, 0], self.head_dim, q.dtype),
