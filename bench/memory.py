@@ -25,7 +25,6 @@ import torch
 from bench_model import BENCH_SHAPE, build_bench_models, machine_line
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.inference import DMCModelRunner
-from nemo_dmc.kvcache import MemoryReport
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.methods import settings_for

@@ -41,7 +41,7 @@ def _toy_perplexity(policy) -> float:
     single KV head (GQA), one sharper than the other.
     """
     x = _text()
-    s, d = x.shape[0], VOCAB + 1
+    d = VOCAB + 1
     emb = torch.eye(d, dtype=torch.float64)[:, :VOCAB]  # token i -> e_i; dim VOCAB = sink
     sink = torch.eye(d, dtype=torch.float64)[VOCAB]
     tok = torch.cat([emb.T, sink[None]])                 # [VOCAB + 1, d], BOS -> sink dir

@@ -93,7 +93,7 @@ def test_a_stale_lock_of_a_dead_process_on_this_host_is_taken_over_saying_so(tmp
     write_lock(tmp_path, pid, socket.gethostname())
     notes: List[str] = []
     lock = acquire_run_lock(tmp_path, notes.append)
-    assert len(notes) == 1 and f"stale lock" in notes[0] and f"pid {pid}" in notes[0]
+    assert len(notes) == 1 and "stale lock" in notes[0] and f"pid {pid}" in notes[0]
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()

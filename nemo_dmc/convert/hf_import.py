@@ -279,7 +279,7 @@ def _check_gguf(path: Path) -> None:
     from gguf import GGUFReader
 
     class _Truncated(Exception):
-        pass
+        """A read past the end of the file."""
 
     class _CheckedReader(GGUFReader):  # every read of the GGUF reader goes through _get
         def _get(self, offset, dtype, count=1, override_order=None):  # type: ignore[override]
