@@ -28,14 +28,20 @@ from nemo_dmc.core.decisions import (
     sample_logistic_noise,
     zero_decision_channel,
 )
-from nemo_dmc.core.loss import compression_loss, merge_target, realised_cr
+from nemo_dmc.core.loss import (
+    cap_fraction,
+    compression_loss,
+    dmc_compression_loss,
+    merge_target,
+    realised_cr,
+)
 from nemo_dmc.core.model_config import ModelConfig
 from nemo_dmc.core.reference import SimulationResult, rotate_half_rope, simulate_inference
 from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 
 __all__ = [
     "DMCConfig", "Decisions", "ModelConfig", "RoPE", "SimulationResult", "Stage",
-    "compression_loss", "decision_logits", "dmc_attention", "dmc_score_bias",
+    "cap_fraction", "compression_loss", "decision_logits", "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
     "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",

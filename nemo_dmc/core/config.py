@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+LOSS_REDUCTIONS = ("global", "sequence")
+BALANCE_UNITS = ("none", "layer", "head")
+
 
 @dataclass
 class DMCConfig:
@@ -28,6 +31,18 @@ class DMCConfig:
         hard_bias: additive score bias for a state that inference discards (hard decisions).
         force_decision: ``"append"`` or ``"merge"`` overrides the learned decisions (tests,
             benchmarks, and "DMC off" runs); ``None`` uses the model's own decisions.
+        target_cr: final compression ratio (the retrofit ramps 1 -> target_cr).
+        loss_weight: ``w`` in ``LM + w * L_cr``.
+        loss_reduction: where the one-sided hinge is taken (:func:`~nemo_dmc.core.loss.
+            dmc_compression_loss`): ``"global"`` on the merge fraction of the whole batch,
+            ``"sequence"`` on each sequence's own fraction, then averaged over sequences
+            (NVIDIA's reference default).
+        balance: the units hinged at the target: ``"none"`` (the whole model), ``"layer"``
+            (each layer's merge fraction, averaged over layers) or ``"head"`` (each KV head's),
+            so no unit can make up for another that does not compress.
+        balance_cap: ``k``: also penalise a unit (a layer, or a head with ``balance: head``)
+            whose ratio exceeds ``k`` times the target, ``relu(r - (1 - 1/(k * CR)))``;
+            ``None`` = no cap.
     """
 
     init_offset: float = 5.0
@@ -38,6 +53,9 @@ class DMCConfig:
     decision_scale: float = 1.0
     target_cr: float = 4.0
     loss_weight: float = 1.0
+    loss_reduction: str = "global"
+    balance: str = "none"
+    balance_cap: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.target_cr >= 1:
@@ -50,6 +68,14 @@ class DMCConfig:
             raise ValueError(f"dmc.temperature must be > 0, got {self.temperature}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"dmc.window must be >= 1 or null (unbounded), got {self.window}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"dmc.loss_reduction must be one of {LOSS_REDUCTIONS}, "
+                             f"got {self.loss_reduction!r}")
+        if self.balance not in BALANCE_UNITS:
+            raise ValueError(f"dmc.balance must be one of {BALANCE_UNITS}, got {self.balance!r}")
+        if self.balance_cap is not None and not self.balance_cap > 1:
+            raise ValueError(f"dmc.balance_cap must be > 1 (k x the target ratio) or null, "
+                             f"got {self.balance_cap}")
         if self.force_decision not in (None, "append", "merge"):
             raise ValueError(
                 f"dmc.force_decision must be null, 'append' or 'merge', got {self.force_decision!r}"

@@ -17,12 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-from nemo_dmc.core import compression_loss, realised_cr
+from nemo_dmc.core import DMCConfig, dmc_compression_loss, realised_cr
 from nemo_dmc.megatron.attention import MethodSelfAttention
 from nemo_dmc.methods import DMCRecord, KVMethod
 
@@ -35,20 +32,26 @@ class DMCStats:
         differentiable (its gradient reaches every layer's decision channel).
     layer_cr: ``[layers]`` realised compression ratio per layer (hard decisions).
     head_cr: ``[layers, kv_heads]`` realised compression ratio per global KV head.
+    head_fraction: ``[batch, layers, kv_heads]`` mean straight-through decision of each
+        sequence per global KV head (gathered over TP ranks with gradient).
     """
 
     merge_fraction: Tensor
     layer_cr: Tensor
     head_cr: Tensor
+    head_fraction: Tensor
 
     @property
     def cr(self) -> Tensor:
         """Realised compression ratio of the whole model."""
         return realised_cr(self.merge_fraction)
 
-    def loss(self, target_cr: float) -> Tensor:
-        """One-sided compression loss against ``target_cr``."""
-        return compression_loss(self.merge_fraction, target_cr)
+    def loss(self, target_cr: float, settings: Optional[DMCConfig] = None) -> Tensor:
+        """Compression loss against ``target_cr`` in the form ``settings`` selects
+        (``loss_reduction``, ``balance``, ``balance_cap``; default: the global hinge)."""
+        form = settings or DMCConfig()
+        return dmc_compression_loss(self.head_fraction, target_cr, form.loss_reduction,
+                                    form.balance, form.balance_cap)
 
 
 @dataclass
@@ -81,31 +84,33 @@ def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
     if not records or not all(isinstance(r, DMCRecord) for r in records):
         return None
     decisions = [r.decisions for r in records]
-    st_sum = torch.stack([d.straight_through.sum() for d in decisions])
+    # Straight-through decisions averaged over each sequence: [batch, layers, local_kv_heads].
+    sequence_fraction = torch.stack([d.straight_through.mean(dim=2) for d in decisions], dim=1)
     # Hard decisions summed over batch and sequence: [layers, local_kv_heads].
     head_merges = torch.stack([d.hard.sum(dim=(0, 2)) for d in decisions])
     tokens = decisions[0].hard.shape[0] * decisions[0].hard.shape[2]
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp > 1:
-        st_sum = reduce_from_tensor_model_parallel_region(st_sum)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        # Backward: each rank keeps the gradient of its own heads (the loss is replicated).
+        sequence_fraction = gather_from_tensor_model_parallel_region(sequence_fraction.contiguous())
         head_merges = gather_from_tensor_model_parallel_region(head_merges.contiguous())
     head_fraction = head_merges / tokens
-    merge_fraction = st_sum.sum() / (tokens * head_merges.shape[1] * len(decisions))
-    return DMCStats(merge_fraction=merge_fraction,
+    return DMCStats(merge_fraction=sequence_fraction.float().mean(),
                     layer_cr=realised_cr(head_fraction.mean(dim=1)),
-                    head_cr=realised_cr(head_fraction))
+                    head_cr=realised_cr(head_fraction),
+                    head_fraction=sequence_fraction.float())
 
 
 def method_loss(model: nn.Module, target_cr: Optional[float]) -> Optional[MethodLoss]:
     """The compression loss of the model's last forward against ``target_cr`` (``None``
-    without a target or without DMC decisions); weighted by the layers' ``loss_weight``."""
+    without a target or without DMC decisions), in the form and weight the layers' settings
+    give (``loss_reduction``, ``balance``, ``balance_cap``, ``loss_weight``)."""
     stats = collect_dmc_stats(model)
     if stats is None or target_cr is None:
         return None
-    loss = stats.loss(target_cr)
-    weight = method_attentions(model)[0].method.settings.loss_weight
-    return MethodLoss(stats=stats, loss=loss, weighted=weight * loss)
+    settings = method_attentions(model)[0].method.settings
+    loss = stats.loss(target_cr, settings)
+    return MethodLoss(stats=stats, loss=loss, weighted=settings.loss_weight * loss)
 
 
 def layer_slots(model: nn.Module) -> Tensor:
