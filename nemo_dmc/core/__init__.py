@@ -19,6 +19,7 @@ from nemo_dmc.core.attention import (
     dmc_states,
 )
 from nemo_dmc.core.config import DMCConfig
+from nemo_dmc.core.distill import DistillConfig
 from nemo_dmc.core.decisions import (
     Decisions,
     decision_logits,
@@ -40,7 +41,7 @@ from nemo_dmc.core.reference import SimulationResult, rotate_half_rope, simulate
 from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 
 __all__ = [
-    "DMCConfig", "Decisions", "ModelConfig", "RoPE", "SimulationResult", "Stage",
+    "DMCConfig", "Decisions", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult", "Stage",
     "cap_fraction", "compression_loss", "decision_logits", "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
