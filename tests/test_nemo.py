@@ -280,3 +280,54 @@ def test_recipe_swaps_in_dmc_model_and_reference_optimizer():
     for key, value in CPU_OFF.items():
         setattr(recipe.model.config, key, value)
     assert fdl.build(recipe.model).config.dmc_stage == "finetune"
+
+
+def _nemo_with_teacher(settings):
+    """A NeMo DMC model distilling from a plain-attention copy of its own weights."""
+    from nemo_dmc.megatron.distill import Teacher
+    from nemo_dmc.methods import VanillaSettings
+
+    model = _nemo_model(stage="finetune").train()
+    original = build_model(TINY_GQA, VanillaSettings())
+    original.load_state_dict(model.module.state_dict())
+    teacher = Teacher(original, settings)
+    model.set_teacher(teacher)
+    return model, teacher
+
+
+def test_distillation_loss_in_nemo_is_the_own_trainers_composition(megatron_tp1):
+    from nemo_dmc.core import DistillConfig
+    from nemo_dmc.training.loop import token_sums
+
+    seed_all(8)
+    model, teacher = _nemo_with_teacher(DistillConfig(lm_weight=0.5, kl_weight=2.0,
+                                                      temperature=2.0))
+    batch = _batch()
+    torch.manual_seed(0)
+    out = model.training_step(batch)
+    loss_sum, num_tokens, logged = model.training_loss_reduction.forward(batch, out)
+    stats = collect_dmc_stats(model)
+    torch.manual_seed(0)  # the own trainer's sums, same noise, same micro-batch
+    ours = token_sums(model.module, batch, batch["attention_mask"], teacher)
+    torch.testing.assert_close(loss_sum / num_tokens,
+                               ours.objective / ours.tokens + stats.loss(4.0))
+    torch.testing.assert_close(logged["loss_sum_and_ub_size"][0] / num_tokens,
+                               ours.lm / ours.tokens)  # logged: the cross-entropy
+    assert model.last_kl == pytest.approx(float(ours.kl / ours.tokens)) and model.last_kl > 0
+    (loss_sum / num_tokens).backward()
+    assert all(p.grad is None for p in teacher.module.parameters())
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+    assert len(list(model.parameters())) == len(list(model.module.parameters()))
+
+
+def test_nemo_validation_with_a_teacher_reports_the_cross_entropy(megatron_tp1):
+    from nemo_dmc.core import DistillConfig
+
+    seed_all(9)
+    model, _ = _nemo_with_teacher(DistillConfig(lm_weight=0.0, kl_weight=1.0))
+    model.eval()
+    batch = _batch()
+    with torch.no_grad():
+        out = model.validation_step(batch)
+        loss_sum, num_tokens, _ = model.validation_loss_reduction.forward(batch, out)
+        torch.testing.assert_close(loss_sum / num_tokens, model.last_distill.ce.mean())

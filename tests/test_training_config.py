@@ -221,3 +221,43 @@ def test_examples_retrofit_reports_a_bad_value_as_a_config_error(tmp_path):
     assert result.returncode == 1
     assert "config error: dmc.target_cr" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, key", [("dmc.loss_reduction=token", "dmc.loss_reduction"),
+                                           ("dmc.balance=model", "dmc.balance"),
+                                           ("dmc.balance_cap=1", "dmc.balance_cap")])
+def test_a_bad_compression_loss_form_is_rejected_by_key(override, key):
+    assert error_key(override) == key
+
+
+def test_compression_loss_forms_reach_the_core():
+    core = load("dmc.loss_reduction=sequence", "dmc.balance=head", "dmc.balance_cap=3").dmc.core()
+    assert (core.loss_reduction, core.balance, core.balance_cap) == ("sequence", "head", 3.0)
+    default = load().dmc.core()
+    assert (default.loss_reduction, default.balance, default.balance_cap) == ("global", "none", None)
+
+
+def test_distillation_is_off_by_default_and_kl_turns_it_on(tmp_path):
+    assert not load().distill.enabled
+    cfg = load("distill=kl", f"checkpoint.pretrained={tmp_path}", "distill.temperature=2")
+    assert cfg.distill.enabled and cfg.distill.direction == "forward"
+    assert cfg.distill.core().temperature == 2.0
+    assert cfg.distill.checkpoint(cfg.checkpoint.pretrained) == str(tmp_path)
+
+
+def test_distillation_without_a_teacher_checkpoint_is_rejected_by_key(tmp_path):
+    assert error_key("distill=kl") == "checkpoint.pretrained"
+    assert error_key("distill=kl", f"distill.teacher={tmp_path / 'missing'}") == "distill.teacher"
+    assert load("distill=kl", f"distill.teacher={tmp_path}").distill.teacher == str(tmp_path)
+
+
+@pytest.mark.parametrize("override, key", [("distill.temperature=0", "distill.temperature"),
+                                           ("distill.direction=sideways", "distill.direction"),
+                                           ("distill.lm_weight=-1", "distill.lm_weight"),
+                                           ("distill.kl_weight=-0.5", "distill.kl_weight")])
+def test_bad_distillation_settings_are_rejected_by_key(override, key, tmp_path):
+    assert error_key("distill=kl", f"checkpoint.pretrained={tmp_path}", override) == key
+
+
+def test_distillation_with_no_loss_weight_at_all_is_rejected():
+    assert error_key("distill.lm_weight=0", "distill.kl_weight=0") == "distill.kl_weight"

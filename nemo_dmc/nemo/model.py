@@ -1,4 +1,5 @@
-"""``DMCGPTModel``: NeMo's GPTModel training with the DMC loss and stage schedule."""
+"""``DMCGPTModel``: NeMo's GPTModel training with the DMC loss and stage schedule, and,
+given a :class:`~nemo_dmc.megatron.distill.Teacher`, distillation from the frozen original."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
+from nemo_dmc.megatron.distill import DistillTerms, Teacher
 from nemo_dmc.megatron.stages import apply_stage, finish_stage
 from nemo_dmc.megatron.stats import method_loss
 
 
 class DMCLossReduction(MaskedTokenLossReduction):
-    """LM loss plus the one-sided compression loss of the stage's current target CR.
+    """LM loss plus the compression loss of the stage's current target CR.
 
     ``loss_sum`` gets ``L_cr * num_tokens`` so that NeMo's per-token averaging yields
     ``LM + dmc.loss_weight * L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
+    With a teacher, ``LM`` is the distillation mix ``lm_weight * CE + kl_weight * T^2 KL`` in
+    training (the same composition as the own trainer's) and the cross-entropy alone in
+    validation; the logged loss is the cross-entropy, the KL goes to the model's ``kl``.
     """
 
     def __init__(self, model: "DMCGPTModel", validation_step: bool = False) -> None:
@@ -28,8 +33,16 @@ class DMCLossReduction(MaskedTokenLossReduction):
 
     def forward(self, batch: Dict[str, torch.Tensor],
                 forward_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
-        loss_sum, num_tokens, extra = super().forward(batch, forward_out)
         model = self._model()
+        terms = model.last_distill
+        if terms is None or terms.loss is not forward_out:  # not this forward's distillation
+            loss_sum, num_tokens, extra = super().forward(batch, forward_out)
+        else:
+            lm_out = terms.ce if self.validation_step else forward_out
+            loss_sum, num_tokens, _ = super().forward(batch, lm_out)
+            _, _, extra = super().forward(batch, terms.ce)
+            kl_sum, _, _ = super().forward(batch, terms.kl)
+            model.record_kl(kl_sum / num_tokens.clamp_min(1), self.validation_step)
         term = None if self.validation_step else method_loss(model, model.stage_target_cr)
         if term is not None:
             loss_sum = loss_sum + term.weighted * num_tokens
@@ -45,6 +58,39 @@ class DMCGPTModel(GPTModel):
 
     stage_target_cr: Optional[float] = None
     """CR target of the current training step (set by :meth:`training_step`)."""
+    teacher: Optional[Teacher] = None
+    """The frozen distillation teacher (:meth:`set_teacher`); ``None`` = LM loss alone."""
+    last_distill: Optional[DistillTerms] = None
+    """Cross-entropy and KL of the last forward with a teacher (detached, per token)."""
+    last_kl: Optional[float] = None
+    """Mean KL over the loss-masked tokens of the last micro-batch with a teacher."""
+
+    def set_teacher(self, teacher: Optional[Teacher]) -> None:
+        """Distil from ``teacher`` (e.g. the original model built with ``VanillaSettings()``
+        in the same TP layout, its weights loaded); it stays outside this module's
+        parameters and state dict. ``None`` turns distillation off."""
+        self.teacher, self.last_distill = teacher, None
+
+    def forward_step(self, batch) -> torch.Tensor:
+        """Per-token loss ``[b, s]``: megatron's LM cross-entropy, or with a teacher the
+        distillation mix of student and teacher logits of this micro-batch."""
+        if self.teacher is None:
+            return super().forward_step(batch)
+        if "cu_seqlens" in batch:
+            raise ValueError("distillation does not support packed sequences (cu_seqlens)")
+        terms = self.teacher.terms(self, batch["tokens"], batch["position_ids"],
+                                   batch.get("attention_mask"), batch["labels"])
+        self.last_distill = DistillTerms(ce=terms.ce.detach(), kl=terms.kl.detach(),
+                                         loss=terms.loss)
+        return terms.loss
+
+    def record_kl(self, kl: torch.Tensor, validation: bool) -> None:
+        """Keep the micro-batch's mean KL, and log it as ``kl`` / ``val_kl`` under a trainer."""
+        self.last_kl = float(kl)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and hasattr(trainer, "logger_connector"):
+            self.log("val_kl" if validation else "kl", self.last_kl, prog_bar=True,
+                     batch_size=1, sync_dist=False)
 
     @property
     def _step(self) -> int:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from nemo_dmc.core import DMCConfig, ModelConfig, Stage
+from nemo_dmc.core import DistillConfig, DMCConfig, ModelConfig, Stage
 
 STAGE_ORDER = (Stage.PRETRAIN, Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
 DATA_SOURCES = ("pydocs", "indexed", "random")
@@ -53,6 +53,30 @@ class DMCSettings(DMCConfig):
     def core(self) -> DMCConfig:
         """The :class:`nemo_dmc.core.DMCConfig` the attention layers use (validated)."""
         return DMCConfig(**{f.name: getattr(self, f.name) for f in fields(DMCConfig)})
+
+
+@dataclass
+class DistillSettings(DistillConfig):
+    """``distill.*``: distillation from the frozen original model (every loss field of
+    :class:`~nemo_dmc.core.DistillConfig`, declared there), in every stage of the run.
+
+    enabled: train on ``lm_weight * CE + kl_weight * T^2 KL`` instead of CE alone.
+    teacher: checkpoint of the teacher, built in plain attention, loaded once and frozen;
+        ``null`` = ``checkpoint.pretrained`` (the run's starting weights).
+    """
+
+    enabled: bool = False
+    teacher: Optional[str] = None
+
+    def core(self) -> DistillConfig:
+        """The loss settings alone (validated)."""
+        settings = DistillConfig(**{f.name: getattr(self, f.name) for f in fields(DistillConfig)})
+        settings.check()
+        return settings
+
+    def checkpoint(self, pretrained: Optional[str]) -> Optional[str]:
+        """The teacher's checkpoint: ``teacher``, else the run's ``checkpoint.pretrained``."""
+        return self.teacher or pretrained
 
 
 @dataclass
@@ -185,6 +209,7 @@ class TrainConfig:
     precision: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     dmc: DMCSettings = field(default_factory=DMCSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     stage: StagesConfig = field(default_factory=StagesConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -252,6 +277,7 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
         raise _named_error(err, "model") from err
     _check_min(cfg.model.pretrain_tokens, "model.pretrain_tokens", 1, allow_none=True)
     _validate_dmc(cfg.dmc)
+    _validate_distill(cfg)
     _validate_data(cfg, world_size)
     _validate_optim(cfg.optim)
     _check_min(cfg.logging.log_interval, "logging.log_interval", 1)
@@ -328,13 +354,15 @@ def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              f"must be one of {RECOMPUTE_MODES}, got {par.recompute!r}")
 
 
-def _validate_pretrained(model: ModelConfig, path: Path) -> None:
-    """The base checkpoint exists and, if it records its shape (``model_config.yaml`` of
-    ``python -m nemo_dmc.convert``, or a NeMo 2 checkpoint's ``context/``), matches ``model.*``."""
+def _validate_pretrained(model: ModelConfig, path: Path, key: str = "checkpoint.pretrained"
+                         ) -> None:
+    """The base checkpoint (config key ``key``) exists and, if it records its shape
+    (``model_config.yaml`` of ``python -m nemo_dmc.convert``, or a NeMo 2 checkpoint's
+    ``context/``), matches ``model.*``."""
     from nemo_dmc.checkpoints.nemo_context import NEMO_CONTEXT
     from nemo_dmc.checkpoints.weights import MODEL_CONFIG_FILE, read_model_config
 
-    _require(path.is_dir(), "checkpoint.pretrained", f"no checkpoint directory at {path}")
+    _require(path.is_dir(), key, f"no checkpoint directory at {path}")
     padded = False  # a NeMo 2 context records the padded vocabulary only
     if (path / MODEL_CONFIG_FILE).is_file():
         saved, source = read_model_config(path), path / MODEL_CONFIG_FILE
@@ -352,7 +380,7 @@ def _validate_pretrained(model: ModelConfig, path: Path) -> None:
             ours = model.padded_vocab_size()
         name = "num_query_groups" if key == "kv_heads" else key
         _require(ours == theirs, f"model.{name}",
-                 f"is {ours}, but checkpoint.pretrained={path} has {theirs} "
+                 f"is {ours}, but {key}={path} has {theirs} "
                  f"({source}); pick the matching model=... preset")
 
 
@@ -376,6 +404,24 @@ def _validate_dmc(dmc: DMCSettings) -> None:
     if dmc.budget_pct is not None:
         _require(0 < dmc.budget_pct <= 100, "dmc.budget_pct",
                  f"must be in (0, 100] percent, got {dmc.budget_pct}")
+
+
+def _validate_distill(cfg: TrainConfig) -> None:
+    """Loss settings in range; with ``distill.enabled`` a teacher checkpoint that exists."""
+    try:
+        cfg.distill.core()
+    except ValueError as err:
+        named = re.search(r"\bdistill\.\w+", str(err))
+        raise ConfigError(named.group(0) if named else "distill", str(err)) from err
+    if not cfg.distill.enabled:
+        return
+    teacher = cfg.distill.checkpoint(cfg.checkpoint.pretrained)
+    _require(teacher is not None, "checkpoint.pretrained",
+             "distill.enabled=true needs the original model as teacher: set "
+             "checkpoint.pretrained (the run's starting weights) or distill.teacher")
+    key = "distill.teacher" if cfg.distill.teacher else "checkpoint.pretrained"
+    _require(Path(teacher).is_dir(), key, f"no teacher checkpoint directory at {teacher}")
+    _validate_pretrained(cfg.model, Path(teacher), key)
 
 
 def _validate_data(cfg: TrainConfig, world_size: int) -> None:

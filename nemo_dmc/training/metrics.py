@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from tqdm import tqdm
 
@@ -22,15 +22,30 @@ from nemo_dmc.training.config import LoggingConfig
 
 @dataclass
 class Validation:
-    """Validation result with hard decisions (identical on every rank)."""
+    """Validation result with hard decisions (identical on every rank); ``kl`` to the
+    distillation teacher, and ``lm_loss_noisy`` with training's noisy decisions, when known."""
 
     lm_loss: float
     cr: float
     layer_cr: List[float]
+    kl: Optional[float] = None
+    lm_loss_noisy: Optional[float] = None
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.lm_loss, 80.0))
+
+    @property
+    def noisy_gap(self) -> Optional[float]:
+        """``lm_loss - lm_loss_noisy``: how much worse hard decisions score than training's."""
+        return None if self.lm_loss_noisy is None else self.lm_loss - self.lm_loss_noisy
+
+    def scalars(self) -> Dict[str, float]:
+        """What gets logged (``kl``, ``lm_loss_noisy`` and ``noisy_gap`` when known)."""
+        out = {"lm_loss": self.lm_loss, "ppl": self.perplexity, "cr": self.cr}
+        extra = {"kl": self.kl, "lm_loss_noisy": self.lm_loss_noisy, "noisy_gap": self.noisy_gap}
+        out.update({k: v for k, v in extra.items() if v is not None})
+        return out
 
 
 @dataclass
@@ -49,10 +64,13 @@ class StageSummary:
     def line(self) -> str:
         val = self.validation
         layers = " ".join(f"{cr:.2f}" for cr in val.layer_cr)
+        noisy = "" if val.lm_loss_noisy is None else f" (noisy decisions {val.lm_loss_noisy:.3f})"
+        kl = "" if val.kl is None else f" kl {val.kl:.4f}"
         return (f"[{self.stage}] {self.steps_run}/{self.steps} steps run, {self.tokens:,} tokens "
                 f"({100 * self.tokens / max(1, self.budget_tokens):.0f}% of budget) in "
-                f"{self.seconds:.0f}s | val loss {val.lm_loss:.3f} ppl {val.perplexity:.1f} | "
-                f"realised CR {val.cr:.2f} (target {self.target_cr:.2f}) | per-layer CR {layers}")
+                f"{self.seconds:.0f}s | val loss {val.lm_loss:.3f}{noisy} ppl "
+                f"{val.perplexity:.1f}{kl} | realised CR {val.cr:.2f} (target "
+                f"{self.target_cr:.2f}) | per-layer CR {layers}")
 
 
 class RunLogger:
@@ -130,9 +148,17 @@ class RunLogger:
         os.replace(tmp, self._path)
         self._jsonl = self._path.open("a", encoding="utf-8")
 
-    def advance(self, postfix: Dict[str, float]) -> None:
+    def log_layer_cr(self, stage: str, split: str, step: int, layer_cr: List[float]) -> None:
+        """Per-layer CRs to TensorBoard alone (every step; :meth:`log` at the log interval)."""
+        if self._writer is not None:
+            for layer, cr in enumerate(layer_cr):
+                self._writer.add_scalar(f"{stage}/{split}/layer_cr/{layer}", cr, step)
+
+    def advance(self, postfix: Dict[str, Union[float, str]]) -> None:
+        """One step on the progress bar; ``postfix`` numbers are shown with 3 digits."""
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+            shown = {k: v if isinstance(v, str) else f"{v:.3g}" for k, v in postfix.items()}
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
 
     def end_stage(self, summary: StageSummary) -> None:

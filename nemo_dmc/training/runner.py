@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ from nemo_dmc.checkpoints.weights import load_weights_checkpoint
 from nemo_dmc.core import Stage, target_cr
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
+from nemo_dmc.megatron.distill import Teacher
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.stages import apply_stage, finish_stage, validation_phase
 from nemo_dmc.training.batches import MicroBatches, build_splits, on_rank0
@@ -59,6 +60,7 @@ from nemo_dmc.training.metrics import RunLogger, StageSummary, Validation
 from nemo_dmc.training.optim import build_optimizer, build_scheduler
 from nemo_dmc.training.plan import StagePlan, plan_stages
 from nemo_dmc.training.run_lock import RunLock, acquire_run_lock
+from nemo_dmc.training.teacher import load_teacher
 
 ResumePoints = Dict[Stage, Optional[Path]]
 
@@ -74,6 +76,7 @@ class Session:
     logger: RunLogger
     bf16: bool
     resumes: ResumePoints
+    teacher: Optional[Teacher] = None
 
 
 def _note(message: str) -> None:
@@ -233,8 +236,15 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
     batches = MicroBatches(splits, cfg.data.micro_batch_size, cfg.data.global_batch_size,
                            parallel_state.get_data_parallel_rank(), dp_size, device)
     logger = RunLogger(Path(cfg.run_dir), cfg.logging, enabled=dist.get_rank() == 0)
+    teacher = load_teacher(cfg, bf16, device)
+    if teacher is not None:
+        source = cfg.distill.checkpoint(cfg.checkpoint.pretrained)
+        logger.note(f"[distill] frozen teacher in plain attention from {source}: "
+                    f"{teacher.param_bytes / 2**20:.1f} MiB of parameters per rank; "
+                    f"{cfg.distill.direction} KL at T={cfg.distill.temperature:g}, "
+                    f"loss = {cfg.distill.lm_weight:g} CE + {cfg.distill.kl_weight:g} KL")
     return Session(cfg, ddp, batches, causal_attention_mask(cfg.model.seq_length, device),
-                   logger, bf16, resumes)
+                   logger, bf16, resumes, teacher)
 
 
 def _run_stages(cfg: TrainConfig) -> List[StageSummary]:
@@ -289,13 +299,16 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
         tic = time.perf_counter()
         target = apply_stage(model, plan.stage, step, plan.steps, cfg.dmc.target_cr)
         result = train_step(model, optimizer, scheduler, session.batches, session.mask, consumed,
-                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}")
+                            target, cfg.model.num_layers, noise_key=f"{cfg.seed}/{name}/{step}",
+                            teacher=session.teacher)
         step += 1
         consumed += cfg.data.global_batch_size
         last = step == plan.steps
         if step % cfg.logging.log_interval == 0 or last:
             _log_step(session, plan, step, result, target, time.perf_counter() - tic)
-        logger.advance({"loss": result.lm_loss, "cr": result.cr})
+        else:
+            logger.log_layer_cr(name, "train", step, result.layer_cr)
+        logger.advance(_progress(result))
         if cfg.validation.interval and step % cfg.validation.interval == 0 and not last:
             _log_validation(session, plan, step)
         if last:
@@ -323,14 +336,23 @@ def _log_step(session: Session, plan: StagePlan, step: int, result: StepResult,
                "tokens": step * plan.tokens_per_step, "budget_tokens": plan.tokens}
     if result.grad_norm is not None:
         scalars["grad_norm"] = result.grad_norm
+    if result.kl is not None:
+        scalars["kl"] = result.kl
     session.logger.log(plan.stage.value, "train", step, scalars, result.layer_cr)
+
+
+def _progress(result: StepResult) -> Dict[str, Union[float, str]]:
+    """The progress bar's postfix: losses, CR and the CR of every layer."""
+    postfix: Dict[str, Union[float, str]] = {"loss": result.lm_loss, "cr": result.cr}
+    if result.kl is not None:
+        postfix["kl"] = result.kl
+    postfix["layer_cr"] = "/".join(f"{cr:.1f}" for cr in result.layer_cr)
+    return postfix
 
 
 def _log_validation(session: Session, plan: StagePlan, step: int) -> Validation:
     cfg = session.cfg
     result = validate(session.model, session.batches, session.mask, cfg.validation.batches,
-                      cfg.model.num_layers)
-    session.logger.log(plan.stage.value, "valid", step,
-                       {"lm_loss": result.lm_loss, "ppl": result.perplexity, "cr": result.cr},
-                       result.layer_cr)
+                      cfg.model.num_layers, teacher=session.teacher)
+    session.logger.log(plan.stage.value, "valid", step, result.scalars(), result.layer_cr)
     return result
