@@ -61,3 +61,10 @@ def test_floor_gradient_reaches_only_the_units_below_the_target():
 def test_bad_loss_form_settings_are_rejected_by_key(change, key):
     with pytest.raises(ValueError, match=key):
         DMCConfig(**change)
+
+
+def test_loss_form_settings_travel_with_the_method_settings():
+    from nemo_dmc.methods import settings_from_dict, settings_to_dict
+
+    form = DMCConfig(loss_reduction="sequence", balance="layer", balance_cap=3.0)
+    assert settings_from_dict(settings_to_dict(form)) == form

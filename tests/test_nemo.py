@@ -45,7 +45,8 @@ def _inputs(seq=12):
 
 def test_nemo_checkpoint_restores_dmc_model_settings_and_logits(megatron_tp1, tmp_path):
     seed_all(1)
-    dmc = replace(DMC, decision_scale=4.0, target_cr=3.0)
+    dmc = replace(DMC, decision_scale=4.0, target_cr=3.0, loss_reduction="sequence",
+                  balance="head", balance_cap=2.0)
     model = build_model(TINY_GQA, dmc).eval()
     export_nemo_checkpoint(model, TINY_GQA, dmc, tmp_path / "nemo")
     assert (tmp_path / "nemo" / "context" / "io.json").is_file()
