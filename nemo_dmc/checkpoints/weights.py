@@ -19,8 +19,9 @@ from megatron.core import dist_checkpointing
 from torch import nn
 
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
-from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
+from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint, read_metadata
 from nemo_dmc.core import ModelConfig
+from nemo_dmc.methods import ADAPTER_MODULE
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
@@ -72,6 +73,10 @@ def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
     ``checkpoint``: a weights checkpoint or NeMo 2 checkpoint (``weights/`` inside), or a
     dist_checkpointing directory of the trainer (model keys ``module.*``). ``model`` is a
     megatron GPT model, bare or wrapped in megatron's DDP.
+
+    A checkpoint without decision adapters (an original model) loads into a model with them:
+    the adapters keep their zero init (the retrofit's starting point); any other missing
+    weight is an error.
     """
     checkpoint = Path(checkpoint)
     source = checkpoint / WEIGHTS_DIR if (checkpoint / WEIGHTS_DIR).is_dir() else checkpoint
@@ -79,6 +84,16 @@ def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
         raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} "
                                 "(metadata.json missing)")
     bare = getattr(model, "module", model)
-    loaded = load_dist_checkpoint({"model": bare.sharded_state_dict(prefix="module.")}, source)
-    bare.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
+    request = bare.sharded_state_dict(prefix="module.")
+    stored = read_metadata(source).state_dict_metadata
+    fresh = [name for name, item in request.items()
+             if ADAPTER_MODULE in name and getattr(item, "key", name) not in stored]
+    for name in fresh:
+        del request[name]
+    loaded = load_dist_checkpoint({"model": request}, source)
+    state = {k.removeprefix("module."): v for k, v in loaded["model"].items()}
+    missing, unexpected = bare.load_state_dict(state, strict=not fresh)
+    if fresh and (unexpected or any(ADAPTER_MODULE not in key for key in missing)):
+        raise RuntimeError(f"{source}: weights do not match the model (missing {missing}, "
+                           f"unexpected {unexpected})")
     return source

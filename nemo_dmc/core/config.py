@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+DECISION_SOURCES = ("channel", "adapter")
+
 
 @dataclass
 class DMCConfig:
@@ -28,6 +30,16 @@ class DMCConfig:
         hard_bias: additive score bias for a state that inference discards (hard decisions).
         force_decision: ``"append"`` or ``"merge"`` overrides the learned decisions (tests,
             benchmarks, and "DMC off" runs); ``None`` uses the model's own decisions.
+        decision_source: where decisions and importance come from. ``"channel"`` (the
+            paper): the repurposed channel D-1 of each key (decision) and query (importance),
+            zeroed before attention (so a retrofit starts with a zero-out stage).
+            ``"adapter"``: a separate small module per layer (RMSNorm + Linear(hidden ->
+            2 x KV heads), zero-initialised) reads the attention input and gives each KV
+            head a decision and an importance signal; q and k stay intact, so the retrofit
+            starts from exactly the original model and needs no zero-out stage.
+        target_cr: compression ratio the compression loss aims at (the stage schedule ramps
+            towards it).
+        loss_weight: weight of the compression loss beside the LM loss.
     """
 
     init_offset: float = 5.0
@@ -38,6 +50,7 @@ class DMCConfig:
     decision_scale: float = 1.0
     target_cr: float = 4.0
     loss_weight: float = 1.0
+    decision_source: str = "channel"
 
     def __post_init__(self) -> None:
         if not self.target_cr >= 1:
@@ -50,6 +63,9 @@ class DMCConfig:
             raise ValueError(f"dmc.temperature must be > 0, got {self.temperature}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"dmc.window must be >= 1 or null (unbounded), got {self.window}")
+        if self.decision_source not in DECISION_SOURCES:
+            raise ValueError(f"dmc.decision_source must be one of {', '.join(DECISION_SOURCES)}, "
+                             f"got {self.decision_source!r}")
         if self.force_decision not in (None, "append", "merge"):
             raise ValueError(
                 f"dmc.force_decision must be null, 'append' or 'merge', got {self.force_decision!r}"
