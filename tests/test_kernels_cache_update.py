@@ -225,8 +225,9 @@ def test_merged_slot_is_the_weighted_mean_of_the_ring_rotated_at_the_position():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("source", ["channel", "adapter"])
 @pytest.mark.parametrize("window", [None, 12], ids=["unbounded", "window12"])
-def test_cuda_kernel_matches_reference(window):
+def test_cuda_kernel_matches_reference(window, source):
     lengths = torch.tensor([[15, 16, 17, 1], [31, 32, 33, 64]])
     state = _state(lengths, window, torch.bfloat16)
     state = _State(*(t.cuda() for t in (state.open_runs, state.ring_next, state.lengths,
@@ -236,11 +237,12 @@ def test_cuda_kernel_matches_reference(window):
     query, key, value = (t.cuda() for t in _token(2, 16, 4, torch.bfloat16))
     positions, rows = torch.tensor([70, 90]).cuda(), torch.tensor([1, 0]).cuda()
     tables = ops.rope_tables(rotate_half_rope(), positions, D, torch.bfloat16)
-    config = DMCConfig(window=window)
+    config = DMCConfig(window=window, decision_source=source)
+    signals = _signals(2, 4, torch.bfloat16).cuda() if source == "adapter" else None
     tri, ref = state.clone(), state.clone()
     for s, fn in ((tri, decode_cache_update), (ref, references.decode_cache_update)):
         fn(query, key, value, positions, rows, s.open_runs, s.ring_next, s.lengths,
-           s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window)
+           s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window, signals)
     _assert_same(tri, ref, rows, torch.bfloat16)
 
 
