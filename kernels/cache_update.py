@@ -6,7 +6,10 @@ One program per (sequence, KV head) does, in place on one layer's cache: the har
 append-or-merge into the open run (a ring of ``W`` entries, or the running sum ``[S | Z]``),
 the open slot ``S / Z`` with its key rotated at the token's position (channel D-1 zeroed
 before RoPE), the write into its block (popping a new block from the host's free stack
-through an atomic counter when an append crosses into one) and the new length.
+through an atomic counter when an append crosses into one) and the new length. With
+``decision_source="adapter"`` (constexpr ``ADAPTER``) the decision logit ``s * x0 - c`` and
+the importance ``sigmoid(s * x1 + c)`` come from the decision adapter's signals ``[x0, x1]`` of
+the (sequence, KV head), and the key keeps channel D-1.
 
 Reference: :func:`nemo_dmc.kernels.references.decode_cache_update` (same arguments). Blocks taken
 in one launch may be handed to heads in a different order than the reference's (the atomic
@@ -25,13 +28,14 @@ _FORCE = {None: -1, "append": 0, "merge": 1}
 
 
 @triton.jit
-def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, len_ptr,
+def _update_kernel(q_ptr, k_ptr, v_ptr, sig_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, len_ptr,
                    table_ptr, k_pool, v_pool, free_ptr, taken_ptr, cos_ptr, sin_ptr, mate_ptr,
                    free_top, init_offset, decision_scale, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
-                   sr_row, sr_h, sr_r, sg_row, sg_h, sl_row, sl_h, st_row, st_h, sp_n, sp_s, s_tab,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
+                   ss_b, ss_h, sr_row, sr_h, sr_r, sg_row, sg_h, sl_row, sl_h, st_row, st_h,
+                   sp_n, sp_s, s_tab, D: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
                    BLOCK_G: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
-                   WINDOWED: tl.constexpr, FORCE: tl.constexpr, BS: tl.constexpr):
+                   WINDOWED: tl.constexpr, FORCE: tl.constexpr, BS: tl.constexpr,
+                   ADAPTER: tl.constexpr):
     i, h = tl.program_id(0), tl.program_id(1)
     row = tl.load(rows_ptr + i)
     pos = tl.load(pos_ptr + i)
@@ -40,19 +44,27 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, l
     mate = tl.load(mate_ptr + i * s_tab + cols, mask=cmask, other=0)  # RoPE partner channels
     # decision and importance
     k_row = k_ptr + i * sk_b + h * sk_h
-    logit = tl.load(k_row + D - 1).to(tl.float32) * decision_scale - init_offset
+    if ADAPTER:
+        sig = sig_ptr + i * ss_b + h * ss_h
+        logit = tl.load(sig).to(tl.float32) * decision_scale - init_offset
+        omega = tl.sigmoid(tl.load(sig + 1).to(tl.float32) * decision_scale + init_offset)
+    else:
+        logit = tl.load(k_row + D - 1).to(tl.float32) * decision_scale - init_offset
+        g = tl.arange(0, BLOCK_G)
+        q_last = tl.load(q_ptr + i * sq_b + (h * G + g) * sq_h + D - 1, mask=g < G, other=0.0)
+        omega = tl.sigmoid(tl.sum(q_last.to(tl.float32), 0) / G * decision_scale + init_offset)
     if FORCE == 1:
         merge = pos > 0
     elif FORCE == 0:
         merge = pos < 0
     else:
         merge = (logit > 0) & (pos > 0)
-    g = tl.arange(0, BLOCK_G)
-    q_last = tl.load(q_ptr + i * sq_b + (h * G + g) * sq_h + D - 1, mask=g < G, other=0.0)
-    omega = tl.sigmoid(tl.sum(q_last.to(tl.float32), 0) / G * decision_scale + init_offset)
-    # the new weighted entry [omega * k (channel D-1 zeroed) | omega * v | omega]
-    key = tl.load(k_row + cols, mask=cmask & (cols < D - 1), other=0.0).to(tl.float32)
-    key_mate = tl.load(k_row + mate, mask=cmask & (mate < D - 1), other=0.0).to(tl.float32)
+    # the new weighted entry [omega * k (channel D-1 zeroed, intact with ADAPTER) | omega * v
+    # | omega]
+    key = tl.load(k_row + cols, mask=cmask & ((cols < D - 1) | ADAPTER),
+                  other=0.0).to(tl.float32)
+    key_mate = tl.load(k_row + mate, mask=cmask & ((mate < D - 1) | ADAPTER),
+                       other=0.0).to(tl.float32)
     val = tl.load(v_ptr + i * sv_b + h * sv_h + cols, mask=cmask, other=0.0).to(tl.float32)
     # the open run, updated in registers: entries [BLOCK_R, BLOCK_D] and weights [BLOCK_R]
     r = tl.arange(0, BLOCK_R)
@@ -119,10 +131,12 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, rows_ptr, runs_ptr, ring_ptr, l
 def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Tensor,
                         rows: Tensor, open_runs: Tensor, ring_next: Tensor, lengths: Tensor,
                         block_tables: Tensor, key_pool: Tensor, value_pool: Tensor, free,
-                        tables, config, window: Optional[int]) -> None:
+                        tables, config, window: Optional[int],
+                        signals: Optional[Tensor] = None) -> None:
     """Triton version of :func:`nemo_dmc.kernels.references.decode_cache_update` (same arguments;
     ``free`` a :class:`~nemo_dmc.kernels.references.FreeBlocks`, ``tables`` a
-    :class:`~nemo_dmc.kernels.references.RopeTables`, ``config`` a ``DMCConfig``)."""
+    :class:`~nemo_dmc.kernels.references.RopeTables`, ``config`` a ``DMCConfig``, ``signals``
+    ``[b, hk, 2]`` the decision adapter's for ``decision_source="adapter"``)."""
     b, hq, d = query.shape
     hk, r = key.shape[1], open_runs.shape[-2]
     if open_runs.stride(-1) != 1 or block_tables.stride(-1) != 1 or key_pool.stride(-1) != 1:
@@ -132,14 +146,21 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     cos, sin, mate = (t.contiguous() for t in (tables.cos, tables.sin, tables.partner))
     g = hq // hk
+    adapter = config.decision_source == "adapter"
+    if adapter:
+        if signals is None:
+            raise ValueError("dmc.decision_source='adapter' needs the decision adapter's signals")
+        signals = signals if signals.stride(-1) == 1 else signals.contiguous()
+    sig = signals if adapter else key  # not read without ADAPTER
     _update_kernel[(b, hk)](
-        query, key, value, positions, rows, open_runs, ring_next, lengths, block_tables,
+        query, key, value, sig, positions, rows, open_runs, ring_next, lengths, block_tables,
         key_pool, value_pool, free.ids, free.taken, cos, sin, mate, free.top,
         float(config.init_offset), float(config.decision_scale), query.stride(0), query.stride(1),
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1), open_runs.stride(0),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), sig.stride(0),
+        sig.stride(1), open_runs.stride(0),
         open_runs.stride(1), open_runs.stride(2), ring_next.stride(0), ring_next.stride(1),
         lengths.stride(0), lengths.stride(1), block_tables.stride(0), block_tables.stride(1),
         key_pool.stride(0), key_pool.stride(1), cos.stride(0), D=d,
         BLOCK_D=triton.next_power_of_2(d), G=g, BLOCK_G=triton.next_power_of_2(g), R=r,
         BLOCK_R=triton.next_power_of_2(r), WINDOWED=window is not None,
-        FORCE=_FORCE[config.force_decision], BS=key_pool.shape[1])
+        FORCE=_FORCE[config.force_decision], BS=key_pool.shape[1], ADAPTER=adapter)

@@ -114,13 +114,16 @@ def decode_cache_update(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         positions: torch.Tensor, rows: torch.Tensor, open_runs: torch.Tensor,
                         ring_next: torch.Tensor, lengths: torch.Tensor,
                         block_tables: torch.Tensor, key_pool: torch.Tensor,
-                        value_pool: torch.Tensor, free, tables, config, window) -> None:
+                        value_pool: torch.Tensor, free, tables, config, window,
+                        signals=None) -> None:
     """Fused cache update of one decode token per sequence; see
-    :func:`nemo_dmc.kernels.references.decode_cache_update`. fp64 caches take the reference."""
+    :func:`nemo_dmc.kernels.references.decode_cache_update` (``signals``: the decision
+    adapter's ``[b, hk, 2]`` for ``decision_source="adapter"``). fp64 caches take the
+    reference."""
     if (use_triton(key) and key_pool.dtype in _DECODE_DTYPES
             and open_runs.dtype == torch.float32):
         from nemo_dmc.kernels.cache_update import decode_cache_update as kernel
     else:
         from nemo_dmc.kernels.references import decode_cache_update as kernel
     kernel(query, key, value, positions, rows, open_runs, ring_next, lengths, block_tables,
-           key_pool, value_pool, free, tables, config, window)
+           key_pool, value_pool, free, tables, config, window, signals)

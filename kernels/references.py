@@ -30,9 +30,10 @@ from torch import Tensor
 from nemo_dmc.core import (
     DMCConfig,
     decision_logits,
+    decision_inputs,
     hard_merges,
-    importance,
     normalize_sums,
+    signal_logits,
     weighted_entries,
     zero_decision_channel,
 )
@@ -45,21 +46,41 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def weigh_chunk(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig) -> Tensor:
+def attended(x: Tensor, config: DMCConfig) -> Tensor:
+    """A query or key as attention sees it: channel D-1 zeroed for the ``channel`` decision
+    source, intact for the ``adapter`` one (:attr:`DMCConfig.decision_source`)."""
+    return zero_decision_channel(x) if config.decision_source == "channel" else x
+
+
+def token_logits(key: Tensor, config: DMCConfig, signals: Optional[Tensor] = None) -> Tensor:
+    """Decision logits ``[b, hk, ...]`` of pre-RoPE keys ``[b, hk, ..., d]`` (channel D-1) or
+    of the decision adapter's ``signals [b, hk, ..., 2]``, as
+    :func:`nemo_dmc.core.decision_inputs`."""
+    if config.decision_source == "adapter":
+        if signals is None:
+            raise ValueError("dmc.decision_source='adapter' needs the decision adapter's signals")
+        return signal_logits(signals[..., 0], config.init_offset, config.decision_scale)
+    return decision_logits(key, config.init_offset, config.decision_scale)
+
+
+def weigh_chunk(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,
+                signals: Optional[Tensor] = None) -> Tensor:
     """The weighted entries ``[b, hk, c, e]`` of a chunk (``query [b, hq, c, d]``; key,
-    value ``[b, hk, c, d]`` pre-RoPE), as :func:`nemo_dmc.kvcache.ops.chunk_entries`."""
-    omega = importance(query, key.shape[1], config.init_offset, config.decision_scale)
-    kv = torch.cat([zero_decision_channel(key), value], dim=-1)
+    value ``[b, hk, c, d]`` pre-RoPE; ``signals [b, hk, c, 2]`` for the adapter source), as
+    :func:`nemo_dmc.kvcache.ops.chunk_entries`."""
+    _, omega = decision_inputs(query, key, config, signals)
+    kv = torch.cat([attended(key, config), value], dim=-1)
     return weighted_entries(kv, omega)
 
 
-def decode_merges(key: Tensor, positions: Tensor, config: DMCConfig) -> Tensor:
+def decode_merges(key: Tensor, positions: Tensor, config: DMCConfig,
+                  signals: Optional[Tensor] = None) -> Tensor:
     """``[b, hk]`` bool hard decisions of one token per sequence (``key [b, hk, d]``
-    pre-RoPE at ``positions [b]``): :func:`nemo_dmc.kvcache.ops.chunk_decisions`'s
-    ``merge[..., 0]`` of a one-token
+    pre-RoPE at ``positions [b]``; ``signals [b, hk, 2]`` for the adapter source):
+    :func:`nemo_dmc.kvcache.ops.chunk_decisions`'s ``merge[..., 0]`` of a one-token
     chunk without its survival biases, which a decode step does not need (merge where
-    ``s * k[D-1] - c > 0``, or as forced; position 0 appends)."""
-    logits = decision_logits(key, config.init_offset, config.decision_scale)
+    the logit ``s * x - c > 0``, or as forced; position 0 appends)."""
+    logits = token_logits(key, config, signals)
     return hard_merges(logits, config) & (positions != 0).unsqueeze(-1)
 
 
@@ -127,12 +148,14 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
                         rows: Tensor, open_runs: Tensor, ring_next: Tensor, lengths: Tensor,
                         block_tables: Tensor, key_pool: Tensor, value_pool: Tensor,
                         free: FreeBlocks, tables: RopeTables, config: DMCConfig,
-                        window: Optional[int]) -> None:
+                        window: Optional[int], signals: Optional[Tensor] = None) -> None:
     """One decode token per sequence into one layer's cache, in place: decide (hard, from
     ``s * k[D-1] - c``; position 0 appends), weigh (``omega`` from the group's mean ``q[D-1]``),
     append to or merge into the open run, write the open slot (key rotated at ``positions``,
     channel D-1 zeroed before RoPE) into its block, taking a new block from ``free`` when an
-    append crosses into one, and advance the lengths.
+    append crosses into one, and advance the lengths. With ``decision_source="adapter"`` the
+    decision and importance come from the adapter's ``signals [b, hk, 2]`` instead, and the
+    key keeps channel D-1.
 
     Args:
         query: ``[b, hq, d]``; key, value: ``[b, hk, d]`` (pre-RoPE); positions, rows: ``[b]``.
@@ -141,8 +164,9 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
         key_pool, value_pool: ``[n, bs, d]``; tables: RoPE at ``positions``.
     """
     d, bs = key.shape[-1], key_pool.shape[1]
-    merge = decode_merges(key, positions, config)
-    entry = weigh_chunk(query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2), config)
+    merge = decode_merges(key, positions, config, signals)
+    entry = weigh_chunk(query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2), config,
+                        None if signals is None else signals.unsqueeze(2))
     runs, ring = advance_open_runs(open_runs.index_select(0, rows),
                                    ring_next.index_select(0, rows), entry[..., 0, :], merge,
                                    window)

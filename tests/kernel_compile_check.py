@@ -54,15 +54,18 @@ def cases(dt: str) -> Iterator[Case]:
     update = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", pos_ptr="*i64",
                   rows_ptr="*i64", runs_ptr="*fp32", ring_ptr="*i64", len_ptr="*i64",
                   table_ptr="*i64", k_pool=f"*{dt}", v_pool=f"*{dt}", free_ptr="*i64",
-                  taken_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", mate_ptr="*i64")
+                  taken_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", mate_ptr="*i64",
+                  sig_ptr=f"*{dt}")
     for window in (12, None):
         entries = 1 if window is None else window
         meta = dict(D=128, BLOCK_D=128, G=4, BLOCK_G=4, R=entries,
                     BLOCK_R=triton.next_power_of_2(entries), WINDOWED=window is not None,
-                    FORCE=-1, BS=16)
+                    FORCE=-1, BS=16, ADAPTER=False)
         yield f"cache update window={window}", cache_update._update_kernel, update, meta
     yield ("cache update int32 free ids", cache_update._update_kernel,
            dict(update, free_ptr="*i32"), meta)
+    yield ("cache update adapter signals", cache_update._update_kernel, update,
+           dict(meta, ADAPTER=True))
     scan = dict(x_ptr=f"*{dt}", alpha_ptr="*fp32", omega_ptr="*fp32", out_ptr=f"*{dt}",
                 dstate_ptr="*fp32", grad_ptr=f"*{dt}", dx_ptr=f"*{dt}", dalpha_ptr="*fp32",
                 domega_ptr="*fp32", weight_ptr="*fp32", carry_ptr="*fp32", dz_ptr="*fp32")

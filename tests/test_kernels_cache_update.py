@@ -75,8 +75,20 @@ def _slots(state, rows):
     return keys * mask, values * mask
 
 
+def _signals(b, hk, dtype, seed=2):
+    """Decision-adapter signals ``[b, hk, 2]``: about half merge (logit ``x0 - 5``), the first
+    head appends and the last one merges, as :func:`_token`'s key channel."""
+    g = torch.Generator().manual_seed(seed)
+    signals = torch.randn(b, hk, 2, generator=g)
+    signals[..., 0] = 5.0 + 2.0 * signals[..., 0]
+    signals[:, 0, 0] = 0.0
+    signals[:, -1, 0] = 10.0 if hk > 1 else signals[:, -1, 0]
+    return signals.to(dtype)
+
+
 def _step(lengths, positions, hq, window, dtype=torch.float32, config=None):
-    """Run one decode step with the kernel and the reference on copies of one state."""
+    """Run one decode step with the kernel and the reference on copies of one state
+    (``config.decision_source="adapter"``: with :func:`_signals`)."""
     lengths, positions = torch.as_tensor(lengths), torch.as_tensor(positions)
     b, hk = lengths.shape
     state = _state(lengths, window, dtype)
@@ -84,11 +96,12 @@ def _step(lengths, positions, hq, window, dtype=torch.float32, config=None):
     rows = torch.arange(b).flip(0)  # rows in another order than the batch
     tables = ops.rope_tables(rotate_half_rope(), positions, D, dtype)
     config = config or DMCConfig(window=window)
+    signals = _signals(b, hk, dtype) if config.decision_source == "adapter" else None
     out = {}
     for name, fn in (("triton", decode_cache_update), ("torch", references.decode_cache_update)):
         s = state.clone()
         fn(query, key, value, positions, rows, s.open_runs, s.ring_next, s.lengths,
-           s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window)
+           s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window, signals)
         out[name] = s
     return state, out["triton"], out["torch"], rows
 
@@ -147,6 +160,50 @@ def test_decision_scale_matches_reference(scale):
     assert not torch.equal(ref.open_runs, unscaled.open_runs)  # the scale changed omega
 
 
+@pytest.mark.parametrize("window", [None, 3], ids=["unbounded", "window3"])
+@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_adapter_signals_update_matches_reference(window, ratio, dtype):
+    config = DMCConfig(window=window, decision_source="adapter", decision_scale=1.5)
+    lengths = [[15, 16], [17, 31], [32, 33]]
+    before, tri, ref, rows = _step(lengths, [40, 50, 60], 2 * ratio, window, dtype, config)
+    _assert_same(tri, ref, rows, dtype)
+    grew = tri.lengths - before.lengths
+    assert torch.all(grew[rows, 0] == 1) and torch.all(grew[rows, -1] == 0)  # from the signals
+    # importance and keys differ from the channel source's (omega from q[D-1], k[D-1] zeroed)
+    _, _, channel, _ = _step(lengths, [40, 50, 60], 2 * ratio, window, dtype,
+                             DMCConfig(window=window, decision_scale=1.5))
+    assert torch.equal(channel.lengths, ref.lengths)  # _token's keys decide as the signals do
+    assert not torch.allclose(channel.open_runs, ref.open_runs)
+
+
+def test_adapter_update_keeps_key_channel_and_weighs_by_the_importance_signal():
+    # an independent computation of one merge with the adapter source (unbounded run)
+    config = DMCConfig(window=None, force_decision="merge", decision_source="adapter")
+    before, tri, _, rows = _step([[5]], [9], 2, None, config=config)
+    _, key, value = _token(1, 2, 1, torch.float32)
+    omega = torch.sigmoid(_signals(1, 1, torch.float32)[0, 0, 1] + config.init_offset)
+    run = before.open_runs[0, 0, 0] + omega * torch.cat([key[0, 0], value[0, 0], torch.ones(1)])
+    slot = run[:-1] / run[-1]
+    expected_key = rotate_half_rope()(slot[:D].view(1, 1, D), torch.tensor([9]))[0, 0]
+    block = tri.block_tables[0, 0, 0]
+    torch.testing.assert_close(tri.key_pool[block, 4], expected_key, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tri.value_pool[block, 4], slot[D:], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_source_needs_signals():
+    config = DMCConfig(window=None, decision_source="adapter")
+    state = _state(torch.tensor([[3]]), None, torch.float32)
+    query, key, value = _token(1, 2, 1, torch.float32)
+    positions = torch.tensor([4])
+    tables = ops.rope_tables(rotate_half_rope(), positions, D, torch.float32)
+    for fn in (decode_cache_update, references.decode_cache_update):
+        with pytest.raises(ValueError, match="adapter"):
+            fn(query, key, value, positions, torch.tensor([0]), state.open_runs, state.ring_next,
+               state.lengths, state.block_tables, state.key_pool, state.value_pool, state.free,
+               tables, config, None)
+
+
 def test_bf16_pools_match_reference_within_bf16_precision():
     _, tri, ref, rows = _step([[15, 16], [31, 2]], [30, 40], 8, 4, dtype=torch.bfloat16)
     _assert_same(tri, ref, rows, torch.bfloat16)
@@ -168,8 +225,9 @@ def test_merged_slot_is_the_weighted_mean_of_the_ring_rotated_at_the_position():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("source", ["channel", "adapter"])
 @pytest.mark.parametrize("window", [None, 12], ids=["unbounded", "window12"])
-def test_cuda_kernel_matches_reference(window):
+def test_cuda_kernel_matches_reference(window, source):
     lengths = torch.tensor([[15, 16, 17, 1], [31, 32, 33, 64]])
     state = _state(lengths, window, torch.bfloat16)
     state = _State(*(t.cuda() for t in (state.open_runs, state.ring_next, state.lengths,
@@ -179,11 +237,12 @@ def test_cuda_kernel_matches_reference(window):
     query, key, value = (t.cuda() for t in _token(2, 16, 4, torch.bfloat16))
     positions, rows = torch.tensor([70, 90]).cuda(), torch.tensor([1, 0]).cuda()
     tables = ops.rope_tables(rotate_half_rope(), positions, D, torch.bfloat16)
-    config = DMCConfig(window=window)
+    config = DMCConfig(window=window, decision_source=source)
+    signals = _signals(2, 4, torch.bfloat16).cuda() if source == "adapter" else None
     tri, ref = state.clone(), state.clone()
     for s, fn in ((tri, decode_cache_update), (ref, references.decode_cache_update)):
         fn(query, key, value, positions, rows, s.open_runs, s.ring_next, s.lengths,
-           s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window)
+           s.block_tables, s.key_pool, s.value_pool, s.free, tables, config, window, signals)
     _assert_same(tri, ref, rows, torch.bfloat16)
 
 

@@ -21,4 +21,4 @@ def test_kernels_compile_for_sm90_in_bf16(tmp_path):
                             capture_output=True, text=True, timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
     assert result.returncode == 0, "\n".join(lines) + result.stderr[-2000:]
-    assert len(lines) == 19 and all(line.startswith("OK") for line in lines)
+    assert len(lines) == 20 and all(line.startswith("OK") for line in lines)

@@ -19,8 +19,9 @@ from megatron.core import dist_checkpointing
 from torch import nn
 
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
-from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
+from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint, read_metadata
 from nemo_dmc.core import ModelConfig
+from nemo_dmc.methods import ADAPTER_MODULE, DMCMethod
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
@@ -66,19 +67,57 @@ def read_special_tokens(checkpoint: Path) -> Optional[dict[str, Any]]:
     return {key: data.get(key) for key in SPECIAL_TOKEN_KEYS}
 
 
+def _dist_source(checkpoint: Path) -> Path:
+    """The dist_checkpointing directory of a checkpoint (``weights/`` inside, or itself)."""
+    checkpoint = Path(checkpoint)
+    source = checkpoint / WEIGHTS_DIR if (checkpoint / WEIGHTS_DIR).is_dir() else checkpoint
+    if not (source / "metadata.json").is_file():
+        raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} "
+                                "(metadata.json missing)")
+    return source
+
+
+def stores_decision_adapters(checkpoint: Path) -> bool:
+    """Whether a checkpoint :func:`load_weights_checkpoint` reads holds decision-adapter
+    weights (it was trained with ``dmc.decision_source=adapter``)."""
+    stored = read_metadata(_dist_source(checkpoint)).state_dict_metadata
+    return any(ADAPTER_MODULE in key for key in stored)
+
+
+def _decides_from_channel(model: nn.Module) -> bool:
+    return any(isinstance(getattr(m, "method", None), DMCMethod)
+               and m.method.settings.decision_source == "channel" for m in model.modules())
+
+
 def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
     """Load only the model weights of a checkpoint, at any TP size; return the dir read.
 
     ``checkpoint``: a weights checkpoint or NeMo 2 checkpoint (``weights/`` inside), or a
     dist_checkpointing directory of the trainer (model keys ``module.*``). ``model`` is a
     megatron GPT model, bare or wrapped in megatron's DDP.
+
+    A checkpoint without decision adapters (an original model) loads into a model with them:
+    the adapters keep their zero init (the retrofit's starting point); any other missing
+    weight is an error. A checkpoint with decision adapters loads into a model without them
+    (its base weights: plain attention, eviction, GQA pooling), but not into a DMC model that
+    decides from channel D-1, which would ignore what the adapters learned (an error).
     """
-    checkpoint = Path(checkpoint)
-    source = checkpoint / WEIGHTS_DIR if (checkpoint / WEIGHTS_DIR).is_dir() else checkpoint
-    if not (source / "metadata.json").is_file():
-        raise FileNotFoundError(f"no dist_checkpointing checkpoint at {source} "
-                                "(metadata.json missing)")
+    source = _dist_source(checkpoint)
     bare = getattr(model, "module", model)
-    loaded = load_dist_checkpoint({"model": bare.sharded_state_dict(prefix="module.")}, source)
-    bare.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()})
+    request = bare.sharded_state_dict(prefix="module.")
+    stored = read_metadata(source).state_dict_metadata
+    if any(ADAPTER_MODULE in key for key in stored) and _decides_from_channel(bare):
+        raise ValueError(f"{source} holds decision adapters (trained with "
+                         "dmc.decision_source=adapter), but the model decides from channel "
+                         "D-1: set dmc.decision_source=adapter")
+    fresh = [name for name, item in request.items()
+             if ADAPTER_MODULE in name and getattr(item, "key", name) not in stored]
+    for name in fresh:
+        del request[name]
+    loaded = load_dist_checkpoint({"model": request}, source)
+    state = {k.removeprefix("module."): v for k, v in loaded["model"].items()}
+    missing, unexpected = bare.load_state_dict(state, strict=not fresh)
+    if fresh and (unexpected or any(ADAPTER_MODULE not in key for key in missing)):
+        raise RuntimeError(f"{source}: weights do not match the model (missing {missing}, "
+                           f"unexpected {unexpected})")
     return source

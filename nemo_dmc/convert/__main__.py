@@ -21,6 +21,23 @@ from typing import Optional, Sequence
 OVERWRITE_HELP = "replace an existing, non-empty --output"
 
 
+def _import_method(checkpoint, state):
+    """The KV method whose parameters the imported weights carry beside the base model's:
+    a ``dmc_llama`` export's DMC settings when it holds decision adapters (saved with the
+    weights; train or load them with ``dmc.decision_source=adapter``), else ``None``."""
+    from nemo_dmc.methods import ADAPTER_MODULE, settings_from_dict
+
+    if not any(f".{ADAPTER_MODULE}." in name for name in state):
+        return None
+    method = settings_from_dict(checkpoint.hf_config.kv_method, key="config.json kv_method")
+    if getattr(method, "decision_source", None) != "adapter":
+        raise ValueError("the checkpoint holds decision adapters but its config.json kv_method "
+                         f"does not use them ({method})")
+    print("[convert] carrying the decision adapters: load the weights with "
+          "dmc.decision_source=adapter to use them", flush=True)
+    return method
+
+
 def _import_hf(args: argparse.Namespace) -> int:
     from nemo_dmc.checkpoints.layout import match_layout
     from nemo_dmc.checkpoints.weights import save_weights_checkpoint
@@ -33,9 +50,10 @@ def _import_hf(args: argparse.Namespace) -> int:
     progress = Progress()
     checkpoint = load_hf_checkpoint(args.input, progress)
     state = hf_to_megatron(checkpoint.state, checkpoint.model, progress=progress)
+    method = _import_method(checkpoint, state)
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
-        model = build_model(checkpoint.model, method=None)
+        model = build_model(checkpoint.model, method=method)
         result = model.load_state_dict(match_layout(state, model.state_dict()), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:

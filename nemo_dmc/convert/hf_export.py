@@ -19,14 +19,21 @@ from nemo_dmc.checkpoints.layout import to_local_names
 from nemo_dmc.checkpoints.weights import SPECIAL_TOKEN_KEYS
 from nemo_dmc.convert.progress import ProgressFn, silent
 from nemo_dmc.core import ModelConfig
-from nemo_dmc.methods import settings_to_dict
+from nemo_dmc.convert.hf_import import ADAPTER_NAMES
+from nemo_dmc.methods import ADAPTER_MODULE, settings_to_dict
 
 
 def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig,
-                   progress: ProgressFn = silent) -> dict[str, Tensor]:
+                   progress: ProgressFn = silent, adapters: Optional[bool] = None
+                   ) -> dict[str, Tensor]:
     """Full (TP=1) megatron GPT state, local or Transformer Engine layer-spec names (see
-    :mod:`nemo_dmc.checkpoints.layout`) -> HF Llama tensor names and layouts."""
+    :mod:`nemo_dmc.checkpoints.layout`) -> HF Llama tensor names and layouts.
+
+    ``adapters``: export the layers' decision adapters (``True``: required, ``False``: dropped,
+    ``None``: those the state has)."""
     state = to_local_names(state)
+    if adapters is None:
+        adapters = any(f".{ADAPTER_MODULE}." in name for name in state)
 
     def take(name: str) -> Tensor:
         if name not in state:
@@ -53,6 +60,9 @@ def megatron_to_hf(state: dict[str, Tensor], model: ModelConfig,
         out[dst + "mlp.gate_proj.weight"] = gate.contiguous()
         out[dst + "mlp.up_proj.weight"] = up.contiguous()
         out[dst + "mlp.down_proj.weight"] = take(src + "mlp.linear_fc2.weight")
+        for name, hf_name in ADAPTER_NAMES.items() if adapters else ():
+            out[f"{dst}self_attn.{ADAPTER_MODULE}.{hf_name}"] = take(
+                f"{src}self_attention.{ADAPTER_MODULE}.{name}")
         progress(f"converted layer {i + 1}/{model.num_layers}")
     return out
 
@@ -130,7 +140,8 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
 
     ``state`` is a full megatron state (:func:`nemo_dmc.checkpoints.sharding.gather_full_state`);
     ``method=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint running that KV
-    method (DMC, or e.g. H2O eviction). The bos/eos/pad ids
+    method (DMC, or e.g. H2O eviction); the decision adapters of ``state`` are exported for DMC
+    with ``decision_source="adapter"`` only (required then). The bos/eos/pad ids
     come from ``tokenizer`` (a :class:`nemo_dmc.data.tokenizer.Tokenizer`, saved as
     :func:`export_tokenizer` makes it; load it with the checkpoint's recorded special tokens,
     ``load_tokenizer(path, special_tokens=...)``), else from ``special_tokens``.
@@ -138,7 +149,8 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    hf_state = megatron_to_hf(state, model, progress)
+    adapters = bool(getattr(method, "decision_source", None) == "adapter")
+    hf_state = megatron_to_hf(state, model, progress, adapters=adapters)
     if dtype is not None:
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     if tokenizer is not None:

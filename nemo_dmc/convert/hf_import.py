@@ -21,6 +21,12 @@ from torch import Tensor
 from nemo_dmc.checkpoints.weights import SPECIAL_TOKEN_KEYS
 from nemo_dmc.convert.progress import ProgressFn, silent
 from nemo_dmc.core import ModelConfig
+from nemo_dmc.methods import ADAPTER_MODULE
+
+ADAPTER_NAMES = {"norm_weight": "norm.weight", "linear.weight": "linear.weight",
+                 "linear.bias": "linear.bias"}
+"""A layer's decision-adapter tensors: megatron name (under ``self_attention.decision_adapter.``)
+-> HF name (under ``self_attn.decision_adapter.``); the TP=1 layouts are the same."""
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "dmc_llama")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -110,7 +116,8 @@ def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
 
     QKV is fused per KV group, ``[q_g0 .. q_g(G-1), k_g, v_g]`` for each group ``g``; gate
     and up projections become ``linear_fc1 = [gate; up]``; embeddings and the output layer
-    are zero-padded to the padded vocabulary.
+    are zero-padded to the padded vocabulary. Decision adapters of a ``dmc_llama`` export
+    (``model.layers.N.self_attn.decision_adapter.*``) map back to megatron's names.
 
     Raises:
         KeyError: a tensor the config implies is missing.
@@ -160,6 +167,17 @@ def hf_to_megatron(state: dict[str, Tensor], model: ModelConfig,
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([take(src + "mlp.gate_proj.weight", ffn, h),
                                                          take(src + "mlp.up_proj.weight", ffn, h)])
         out[dst + "mlp.linear_fc2.weight"] = take(src + "mlp.down_proj.weight", h, ffn)
+        adapter = f"{src}self_attn.{ADAPTER_MODULE}."
+        if adapter + "linear.weight" in state:
+            signals = state[adapter + "linear.weight"].shape[0]  # KV heads x signals per head
+            if signals % groups:
+                raise ValueError(f"tensor {adapter}linear.weight has {signals} rows, not a "
+                                 f"multiple of the {groups} KV heads")
+            for name, hf_name in ADAPTER_NAMES.items():
+                shape = (signals, h) if name == "linear.weight" else \
+                    (signals,) if name == "linear.bias" else (h,)
+                out[f"{dst}self_attention.{ADAPTER_MODULE}.{name}"] = take(adapter + hf_name,
+                                                                           *shape)
         progress(f"converted layer {i + 1}/{model.num_layers}")
     unknown = sorted(n for n in state if n not in consumed and not n.endswith(IGNORED_SUFFIXES))
     if unknown:

@@ -17,6 +17,7 @@ from nemo_dmc.core.attention import (
     dmc_score_bias,
     dmc_self_attention,
     dmc_states,
+    decision_inputs,
 )
 from nemo_dmc.core.config import DMCConfig
 from nemo_dmc.core.distill import DistillConfig
@@ -27,6 +28,8 @@ from nemo_dmc.core.decisions import (
     importance,
     make_decisions,
     sample_logistic_noise,
+    signal_importance,
+    signal_logits,
     zero_decision_channel,
 )
 from nemo_dmc.core.loss import (
@@ -42,9 +45,10 @@ from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 
 __all__ = [
     "DMCConfig", "Decisions", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult", "Stage",
-    "cap_fraction", "compression_loss", "decision_logits", "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
+    "cap_fraction", "compression_loss", "decision_inputs", "decision_logits",
+    "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
-    "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
+    "signal_importance", "signal_logits", "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
     "zero_out_scale",
 ]

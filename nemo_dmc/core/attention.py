@@ -20,6 +20,8 @@ from nemo_dmc.core.decisions import (
     decision_logits,
     importance,
     make_decisions,
+    signal_importance,
+    signal_logits,
     zero_decision_channel,
 )
 
@@ -93,7 +95,7 @@ Accumulate = Callable[[Tensor, Tensor, Tensor, Optional[int]], Tensor]
 
 def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, training: bool,
                noise: Optional[Tensor] = None, accumulate: Accumulate = partial_accumulate,
-               ) -> Tuple[Tensor, Tensor, Tensor, Decisions]:
+               signals: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Decisions]:
     """Decisions, importance and partial accumulation of one layer (everything before RoPE).
 
     Args:
@@ -102,26 +104,42 @@ def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, tra
         noise: optional ``[b, hk, s]`` logistic noise for relaxed (training) decisions.
         accumulate: a function like :func:`partial_accumulate` (e.g. the kernel dispatch
             ``nemo_dmc.kernels.dispatch.partial_accumulate``).
+        signals: ``[b, hk, s, 2]`` decision and importance signals of the layer's decision
+            adapter (required when ``config.decision_source == "adapter"``, else unused).
 
     Returns:
         ``(query, key_states, value_states, decisions)``: the query and the accumulated keys
-        with the decision channel zeroed, the accumulated values, and the decisions.
+        (decision channel zeroed for the ``channel`` source, intact for ``adapter``), the
+        accumulated values, and the decisions.
     """
-    logits = decision_logits(key, config.init_offset, config.decision_scale)
+    logits, omega = decision_inputs(query, key, config, signals)
     decisions = make_decisions(logits, config, training, noise)
-    omega = importance(query, key.shape[1], config.init_offset, config.decision_scale)
-    query, key = zero_decision_channel(query), zero_decision_channel(key)
+    if config.decision_source == "channel":
+        query, key = zero_decision_channel(query), zero_decision_channel(key)
     # keys and values share decisions and weights: one accumulation over [k | v]
     states = accumulate(torch.cat([key, value], dim=-1), decisions.alpha, omega, config.window)
     key, value = states.split([key.shape[-1], value.shape[-1]], dim=-1)
     return query, key, value, decisions
 
 
+def decision_inputs(query: Tensor, key: Tensor, config: DMCConfig,
+                    signals: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Decision logits and importance ``[b, hk, s]`` each, from channel D-1 of the pre-RoPE
+    ``key``/``query`` or from the adapter's ``signals [b, hk, s, 2]`` (``config.decision_source``)."""
+    c, scale = config.init_offset, config.decision_scale
+    if config.decision_source == "adapter":
+        if signals is None:
+            raise ValueError("dmc.decision_source='adapter' needs the decision adapter's signals")
+        return signal_logits(signals[..., 0], c, scale), signal_importance(signals[..., 1], c, scale)
+    return decision_logits(key, c, scale), importance(query, key.shape[1], c, scale)
+
+
 def dmc_self_attention(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,
                        training: bool, rope: Optional[RoPE] = None,
                        noise: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                        mask: Optional[Tensor] = None,
-                       dropout_p: float = 0.0) -> Tuple[Tensor, Decisions]:
+                       dropout_p: float = 0.0, signals: Optional[Tensor] = None,
+                       ) -> Tuple[Tensor, Decisions]:
     """The DMC attention of one layer, parallel over the sequence.
 
     Same arguments as :func:`dmc_states`; ``rope`` rotates the queries and each accumulated
@@ -130,7 +148,8 @@ def dmc_self_attention(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
     Returns:
         ``([b, hq, s, d]`` attention output, the layer's :class:`Decisions`).
     """
-    query, key, value, decisions = dmc_states(query, key, value, config, training, noise)
+    query, key, value, decisions = dmc_states(query, key, value, config, training, noise,
+                                              signals=signals)
     if rope is not None:
         positions = torch.arange(query.shape[-2], device=query.device)
         query, key = rope(query, positions), rope(key, positions)

@@ -12,6 +12,7 @@ from typing import Optional
 
 LOSS_REDUCTIONS = ("global", "sequence")
 BALANCE_UNITS = ("none", "layer", "head")
+DECISION_SOURCES = ("channel", "adapter")
 
 
 @dataclass
@@ -31,8 +32,16 @@ class DMCConfig:
         hard_bias: additive score bias for a state that inference discards (hard decisions).
         force_decision: ``"append"`` or ``"merge"`` overrides the learned decisions (tests,
             benchmarks, and "DMC off" runs); ``None`` uses the model's own decisions.
-        target_cr: final compression ratio (the retrofit ramps 1 -> target_cr).
-        loss_weight: ``w`` in ``LM + w * L_cr``.
+        decision_source: where decisions and importance come from. ``"channel"`` (the
+            paper): the repurposed channel D-1 of each key (decision) and query (importance),
+            zeroed before attention (so a retrofit starts with a zero-out stage).
+            ``"adapter"``: a separate small module per layer (RMSNorm + Linear(hidden ->
+            2 x KV heads), zero-initialised) reads the attention input and gives each KV
+            head a decision and an importance signal; q and k stay intact, so the retrofit
+            starts from exactly the original model and needs no zero-out stage.
+        target_cr: compression ratio the compression loss aims at (the stage schedule ramps
+            towards it).
+        loss_weight: weight of the compression loss beside the LM loss.
         loss_reduction: where the one-sided hinge is taken (:func:`~nemo_dmc.core.loss.
             dmc_compression_loss`): ``"global"`` on the merge fraction of the whole batch,
             ``"sequence"`` on each sequence's own fraction, then averaged over sequences
@@ -53,6 +62,7 @@ class DMCConfig:
     decision_scale: float = 1.0
     target_cr: float = 4.0
     loss_weight: float = 1.0
+    decision_source: str = "channel"
     loss_reduction: str = "global"
     balance: str = "none"
     balance_cap: Optional[float] = None
@@ -76,6 +86,9 @@ class DMCConfig:
         if self.balance_cap is not None and not self.balance_cap > 1:
             raise ValueError(f"dmc.balance_cap must be > 1 (k x the target ratio) or null, "
                              f"got {self.balance_cap}")
+        if self.decision_source not in DECISION_SOURCES:
+            raise ValueError(f"dmc.decision_source must be one of {', '.join(DECISION_SOURCES)}, "
+                             f"got {self.decision_source!r}")
         if self.force_decision not in (None, "append", "merge"):
             raise ValueError(
                 f"dmc.force_decision must be null, 'append' or 'merge', got {self.force_decision!r}"

@@ -38,10 +38,7 @@ def decision_logits(key: Tensor, init_offset: float, scale: float = 1.0) -> Tens
 
     ``scale`` is :attr:`DMCConfig.decision_scale` (1 = the paper), applied after promotion.
     """
-    channel = key[..., -1].to(torch.promote_types(key.dtype, torch.float32))
-    if scale != 1.0:
-        channel = channel * scale
-    return channel - init_offset
+    return signal_logits(key[..., -1], init_offset, scale)
 
 
 def importance(query: Tensor, num_kv_heads: int, init_offset: float, scale: float = 1.0) -> Tensor:
@@ -54,11 +51,27 @@ def importance(query: Tensor, num_kv_heads: int, init_offset: float, scale: floa
     b, hq, s, _ = query.shape
     if hq % num_kv_heads:
         raise ValueError(f"{hq} query heads do not split into {num_kv_heads} KV groups")
-    channel = query[..., -1].to(torch.promote_types(query.dtype, torch.float32)).view(b, num_kv_heads, hq // num_kv_heads, s)
-    mean = channel.mean(dim=2)
+    channel = query[..., -1].to(torch.promote_types(query.dtype, torch.float32))
+    return signal_importance(channel.view(b, num_kv_heads, hq // num_kv_heads, s).mean(dim=2),
+                             init_offset, scale)
+
+
+def signal_logits(signal: Tensor, init_offset: float, scale: float = 1.0) -> Tensor:
+    """Decision logits ``s * x - c`` of a per-KV-head decision signal ``x`` ``[b, hk, s]``
+    (channel D-1 of the keys, or a decision adapter's output), in at least fp32."""
+    signal = signal.to(torch.promote_types(signal.dtype, torch.float32))
     if scale != 1.0:
-        mean = mean * scale
-    return torch.sigmoid(mean + init_offset)
+        signal = signal * scale
+    return signal - init_offset
+
+
+def signal_importance(signal: Tensor, init_offset: float, scale: float = 1.0) -> Tensor:
+    """Importance ``sigmoid(s * x + c)`` of a per-KV-head importance signal ``x``
+    ``[b, hk, s]`` (the group mean of query channel D-1, or a decision adapter's output)."""
+    signal = signal.to(torch.promote_types(signal.dtype, torch.float32))
+    if scale != 1.0:
+        signal = signal * scale
+    return torch.sigmoid(signal + init_offset)
 
 
 def zero_decision_channel(x: Tensor) -> Tensor:

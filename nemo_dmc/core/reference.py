@@ -48,22 +48,27 @@ def rotate_half_rope(base: float = 10000.0) -> RoPE:
     return rope
 
 
-def _decide(key_channel: float, t: int, config: DMCConfig) -> bool:
+def _decide(signal: float, t: int, config: DMCConfig) -> bool:
     if t == 0:
         return False
     if config.force_decision is not None:
         return config.force_decision == "merge"
-    return config.decision_scale * key_channel - config.init_offset > 0
+    return config.decision_scale * signal - config.init_offset > 0
 
 
 def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,
                        rope: Optional[RoPE] = None,
-                       softmax_scale: Optional[float] = None) -> SimulationResult:
+                       softmax_scale: Optional[float] = None,
+                       signals: Optional[Tensor] = None) -> SimulationResult:
     """Run DMC inference one token at a time with hard decisions.
 
     Args:
         query: ``[b, hq, s, d]`` pre-RoPE queries; key, value: ``[b, hk, s, d]`` pre-RoPE.
+        signals: ``[b, hk, s, 2]`` decision-adapter signals (``decision_source="adapter"``).
     """
+    adapter = config.decision_source == "adapter"
+    if adapter and signals is None:
+        raise ValueError("dmc.decision_source='adapter' needs the decision adapter's signals")
     b, hq, s, d = query.shape
     hk = key.shape[1]
     group = hq // hk
@@ -71,7 +76,10 @@ def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
     output = torch.zeros_like(query)
     decisions = torch.zeros(b, hk, s, dtype=query.dtype)
     lengths = torch.zeros(b, hk, dtype=torch.long)
-    q_zeroed, k_zeroed = zero_decision_channel(query), zero_decision_channel(key)
+    if adapter:
+        q_zeroed, k_zeroed = query, key
+    else:
+        q_zeroed, k_zeroed = zero_decision_channel(query), zero_decision_channel(key)
 
     for bi in range(b):
         for h in range(hk):
@@ -80,10 +88,13 @@ def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
             slot_values: list[Tensor] = []
             run: list[tuple[Tensor, Tensor, Tensor]] = []  # (omega, k, v) of the open slot
             for t in range(s):
-                merge = _decide(float(key[bi, h, t, -1]), t, config)
+                if adapter:
+                    decide, weigh = signals[bi, h, t, 0], signals[bi, h, t, 1]
+                else:
+                    decide, weigh = key[bi, h, t, -1], query[bi, list(heads), t, -1].mean()
+                merge = _decide(float(decide), t, config)
                 decisions[bi, h, t] = float(merge)
-                omega = torch.sigmoid(config.decision_scale * query[bi, list(heads), t, -1].mean()
-                                      + config.init_offset)
+                omega = torch.sigmoid(config.decision_scale * weigh + config.init_offset)
                 entry = (omega, k_zeroed[bi, h, t], value[bi, h, t])
                 run = run + [entry] if merge else [entry]
                 if config.window is not None:

@@ -6,6 +6,10 @@ Same weights and names as ``LlamaForCausalLM``; each layer builds the method of
 accumulation and survival bias through ``nemo_dmc.core`` and ``nemo_dmc.kernels.dispatch``),
 so eval logits match the megatron model; ``generate`` keeps the method's compressed cache
 through the inference engine's cache policies (:mod:`nemo_dmc.kvcache.policies`).
+
+With ``dmc.decision_source="adapter"`` each attention also holds the layer's decision adapter
+(:class:`DMCDecisionAdapter`, weights ``model.layers.N.self_attn.decision_adapter.{norm.weight,
+linear.weight, linear.bias}``), whose signals give DMC its decisions and importance.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
+    LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     rotate_half,
@@ -28,7 +33,7 @@ from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch refe
 from nemo_dmc.kvcache.ops import rope_tables
 from nemo_dmc.kvcache.policies import DecodeStep, policy_for
 from nemo_dmc.kvcache.view import LayerCacheView
-from nemo_dmc.methods import build_method, settings_from_dict, settings_to_dict
+from nemo_dmc.methods import ADAPTER_MODULE, build_method, settings_from_dict, settings_to_dict
 
 
 class DMCLlamaHFConfig(LlamaConfig):
@@ -72,6 +77,33 @@ def _padding_mask(attention_mask: Optional[Tensor]) -> Optional[Tensor]:
     return attention_mask < torch.finfo(attention_mask.dtype).min / 2
 
 
+class DMCDecisionAdapter(nn.Module):
+    """The megatron decision adapter (:class:`nemo_dmc.megatron.adapter.DecisionAdapter`, same
+    numerics, its TP=1 weights): ``RMSNorm`` + ``Linear(hidden -> kv_heads x outputs)``, outputs
+    ordered ``[kv head][signal]``; ``[b, s, hidden]`` -> ``[b, kv_heads, s, outputs]``."""
+
+    def __init__(self, hidden_size: int, kv_heads: int, outputs: int, eps: float) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.norm = LlamaRMSNorm(hidden_size, eps)
+        self.linear = nn.Linear(hidden_size, kv_heads * outputs, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The megatron init: a unit norm and a zero projection (every signal 0)."""
+        with torch.no_grad():
+            self.norm.weight.fill_(1.0)
+            self.linear.weight.zero_()
+            self.linear.bias.zero_()
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        x = hidden.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.norm.variance_epsilon)
+        x = (x * self.norm.weight.float()).to(hidden.dtype)
+        b, s, _ = hidden.shape
+        return self.linear(x).view(b, s, -1, self.outputs).permute(0, 2, 1, 3)
+
+
 class DMCLlamaAttention(LlamaAttention):
     """Llama attention through the layer's KV method: the full sequence in parallel, or
     against a :class:`DMCCache` (prefill and decode through the method's cache policy)."""
@@ -80,6 +112,10 @@ class DMCLlamaAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         self.method = build_method(config.method_settings)
         self.policy = policy_for(self.method)  # how generate() reads and writes the cache
+        if self.method.adapter_outputs:
+            setattr(self, ADAPTER_MODULE, DMCDecisionAdapter(
+                config.hidden_size, config.num_key_value_heads, self.method.adapter_outputs,
+                config.rms_norm_eps))
         self.is_last_layer = layer_idx == config.num_hidden_layers - 1
         self.rotary = LlamaRotaryEmbedding(config)
 
@@ -95,7 +131,14 @@ class DMCLlamaAttention(LlamaAttention):
         cos, sin = self.rotary(x, positions.view(1, -1))
         return x * cos[0] + rotate_half(x) * sin[0]
 
-    def _cached(self, cache: DMCCache, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def decision_signals(self, hidden_states: Tensor) -> Optional[Tensor]:
+        """``[b, hk, s, n]`` signals of the layer's decision adapter for its attention input
+        ``[b, s, hidden]`` (``None`` when the method takes none)."""
+        adapter = getattr(self, ADAPTER_MODULE, None)
+        return None if adapter is None else adapter(hidden_states)
+
+    def _cached(self, cache: DMCCache, q: Tensor, k: Tensor, v: Tensor,
+                signals: Optional[Tensor]) -> Tensor:
         c = q.shape[2]
         positions = cache.positions(c)  # [b, c]
         policy = self.policy
@@ -103,7 +146,8 @@ class DMCLlamaAttention(LlamaAttention):
         if c == 1 and cache.seen > 0:
             step = DecodeStep(rope_tables(self._rope, positions[:, 0], self.head_dim, q.dtype),
                               int(positions.max()) + 1)  # a head holds <= 1 slot per token
-            out = policy.decode(view, q, k, v, positions, self._rope, self.scaling, step)
+            out = policy.decode(view, q, k, v, positions, self._rope, self.scaling, step,
+                                signals)
         else:
             # Left padding: rotate each row's pad tokens behind its real ones, the right
             # padding prefill_attention takes (``counts`` real tokens from position 0), and
@@ -113,8 +157,10 @@ class DMCLlamaAttention(LlamaAttention):
                 raise ValueError("a chunk holds only padding for some row: the first forward "
                                  "of a left-padded batch must cover all of its padding")
             q, k, v = (_rotate_tokens(x, pad) for x in (q, k, v))
+            if signals is not None:
+                signals = _rotate_tokens(signals, pad)
             out = policy.prefill(view, q, k, v, positions + pad.view(-1, 1), c - pad,
-                                 self._rope, self.scaling)
+                                 self._rope, self.scaling, signals)
             out = _rotate_tokens(out, -pad)
         if self.is_last_layer:
             cache.advance(c)
@@ -128,8 +174,9 @@ class DMCLlamaAttention(LlamaAttention):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        signals = self.decision_signals(hidden_states)
         if isinstance(past_key_values, DMCCache):
-            out = self._cached(past_key_values, q, k, v)
+            out = self._cached(past_key_values, q, k, v, signals)
             return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
         if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
             raise ValueError("DMC attention needs a DMCCache (DMCLlamaForCausalLM.generate "
@@ -137,7 +184,7 @@ class DMCLlamaAttention(LlamaAttention):
         hk = k.shape[1]
         prepared = self.method.prepare(
             q, k, v, training=self.training, accumulate=dispatch.partial_accumulate,
-            noise=lambda: sample_logistic_noise((b, hk, s), k.device))
+            noise=lambda: sample_logistic_noise((b, hk, s), k.device), signals=signals)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(prepared.query, prepared.key, cos, sin)
         mask = _padding_mask(attention_mask)
@@ -166,7 +213,17 @@ class DMCLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn = DMCLlamaAttention(config, i)
+        # transformers initialises the inner LlamaModel's missing weights with that model's
+        # own _init_weights: route it through ours, which knows the decision adapters
+        self.model._init_weights = self._init_weights
         self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's init, and decision adapters at megatron's (a checkpoint without adapter
+        weights, e.g. an original model, thus starts from "append all, full importance")."""
+        super()._init_weights(module)
+        if isinstance(module, DMCDecisionAdapter):  # after its children (children go first)
+            module.reset_parameters()
 
     @staticmethod
     def _inferred_attention_mask(input_ids: Tensor, config, kwargs: dict) -> Optional[Tensor]:

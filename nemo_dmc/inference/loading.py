@@ -3,10 +3,12 @@ for the accepted paths)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from nemo_dmc.checkpoints.resolve import load_weights, resolve_checkpoint
+from nemo_dmc.checkpoints.weights import stores_decision_adapters
 from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.megatron.model import build_model
 
@@ -21,7 +23,9 @@ def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelC
     (``prefer_checkpoint_config``), else from the arguments. The layers run DMC, or the KV
     method whose settings ``method(dmc)`` returns (e.g. an eviction policy, or plain
     attention). ``checkpoint=None`` keeps the random initialisation (smoke tests,
-    benchmarks). Errors name the config ``key``.
+    benchmarks). Errors name the config ``key``. Weights with decision adapters were trained
+    with ``dmc.decision_source=adapter``: with ``prefer_checkpoint_config`` that source is
+    used even where the checkpoint records no DMC settings (a weights checkpoint).
 
     Returns:
         ``(model in eval mode, model_config, dmc_config, resolved checkpoint or None)``.
@@ -32,6 +36,9 @@ def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelC
         if prefer_checkpoint_config:
             model_config = resolved.recorded_model_config() or model_config
             dmc = resolved.recorded_dmc_config() or dmc
+            if (dmc.decision_source == "channel" and resolved.kind in ("weights", "trainer")
+                    and stores_decision_adapters(resolved.path)):
+                dmc = replace(dmc, decision_source="adapter")
     model = build_model(model_config, dmc if method is None else method(dmc))
     if resolved is not None:
         load_weights(model, resolved)

@@ -256,12 +256,14 @@ class DMCModelRunner:
                    step: Optional[DecodeStep] = None) -> Tensor:
         query, key, value = attn.get_query_key_value_tensors(x)  # [c, b, heads, d]
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        signals = attn.decision_signals(x)  # [b, hk, c, n] from a decision adapter, or None
         view = LayerCacheView(self.cache, layer, rows)
         policy = self.policies[layer]
         if counts is None:
-            out = policy.decode(view, query, key, value, positions, self._rope, self.scale, step)
+            out = policy.decode(view, query, key, value, positions, self._rope, self.scale, step,
+                                signals)
         else:
             out = policy.prefill(view, query, key, value, positions, counts, self._rope,
-                                 self.scale)
+                                 self.scale, signals)
         c, b = out.shape[2], out.shape[0]
         return attn.linear_proj(out.permute(2, 0, 1, 3).reshape(c, b, -1))

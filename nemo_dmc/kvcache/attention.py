@@ -4,7 +4,8 @@ kernels go through :mod:`nemo_dmc.kernels.dispatch`: Triton on CUDA, else pure t
 :func:`prefill_attention` takes a chunk of tokens per sequence in parallel; :func:`decode_attention`
 takes one token per sequence. Both take pre-RoPE ``query [b, hq, c, d]``, ``key``/``value``
 ``[b, hk, c, d]`` and return ``[b, hq, c, d]``; they update the cache rows as inference would
-after those tokens. ``rope`` is a :data:`nemo_dmc.core.RoPE` (``None``: no rotation).
+after those tokens. With ``decision_source="adapter"`` both also take the layer's decision
+adapter ``signals [b, hk, c, 2]``, which give decisions and importance (q and k intact). ``rope`` is a :data:`nemo_dmc.core.RoPE` (``None``: no rotation).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums, zero_decision_channel
+from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums
 from nemo_dmc.kernels import dispatch, references
 from nemo_dmc.kvcache import ops
 from nemo_dmc.kvcache.paged import PagedKVCache
@@ -31,7 +32,8 @@ def rotate(rope: Optional[RoPE], x: Tensor, positions: Tensor) -> Tensor:
 
 def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tensor, key: Tensor,
                       value: Tensor, positions: Tensor, counts: Tensor, config: DMCConfig,
-                      rope: Optional[RoPE], scale: float) -> Tensor:
+                      rope: Optional[RoPE], scale: float,
+                      signals: Optional[Tensor] = None) -> Tensor:
     """A chunk of ``counts[b] <= c`` tokens per row at ``positions [b, c]`` (right padded).
 
     Decisions and partial accumulations of the whole chunk continue each head's open run;
@@ -41,8 +43,8 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
     window = cache.layout.window
     head_dim = key.shape[-1]
     fresh = positions[:, 0] == 0
-    decisions = ops.chunk_decisions(key, fresh, config)
-    query, entries = ops.chunk_entries(query, key, value, config)
+    decisions = ops.chunk_decisions(key, fresh, config, signals)
+    query, entries = ops.chunk_entries(query, key, value, config, signals)
     runs = ops.chronological(cache.open_runs[rows, layer], cache.ring_next[rows, layer])
     sums = ops.accumulate_chunk(entries, decisions.merge, runs, window)
     states = normalize_sums(sums[..., runs.shape[-2]:, :]).to(key.dtype)
@@ -72,7 +74,8 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
 def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tensor, key: Tensor,
                      value: Tensor, positions: Tensor, config: DMCConfig, rope: Optional[RoPE],
                      scale: float, tables: Optional[references.RopeTables] = None,
-                     max_slots: Optional[int] = None) -> Tensor:
+                     max_slots: Optional[int] = None,
+                     signals: Optional[Tensor] = None) -> Tensor:
     """One token per row (``c = 1``) at ``positions [b, 1]``: append or merge per head, write
     the open slot (key rotated at this position), attend over each head's slots.
 
@@ -90,9 +93,10 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
         dispatch.decode_cache_update(
             query, key, value, positions[:, 0], rows, cache.open_runs[:, layer],
             cache.ring_next[:, layer], cache.lengths[:, layer], cache.block_tables[:, layer],
-            cache.key_pool, cache.value_pool, free, tables, config, cache.layout.window)
+            cache.key_pool, cache.value_pool, free, tables, config, cache.layout.window,
+            None if signals is None else signals[:, :, 0])
         cache.pop_taken_blocks(free)
-    query = references.apply_rope_tables(zero_decision_channel(query), tables)
+    query = references.apply_rope_tables(references.attended(query, config), tables)
     out = dispatch.paged_decode_attention(query, cache.key_pool, cache.value_pool,
                                           cache.block_tables[:, layer].index_select(0, rows),
                                           cache.lengths[:, layer].index_select(0, rows), scale,

@@ -8,7 +8,8 @@ All decision, importance and accumulation math comes from :mod:`nemo_dmc.core`.
 
 Shape letters: ``b`` sequences, ``hq`` query heads and ``hk`` KV heads (local to this
 tensor-parallel rank), ``c`` tokens of a chunk, ``d`` head dim, ``e = 2d + 1`` a weighted
-entry ``[omega*k | omega*v | omega]`` (keys pre-RoPE, decision channel zeroed), ``r`` entries
+entry ``[omega*k | omega*v | omega]`` (keys pre-RoPE, decision channel zeroed for the channel
+decision source), ``r`` entries
 of an open run (the merge window ``W``, or 1 for unbounded runs where the single entry is the
 running sum), ``t`` slots. Open runs are kept as described in :mod:`nemo_dmc.kernels.references`.
 """
@@ -25,14 +26,19 @@ from torch import Tensor
 from nemo_dmc.core import (
     DMCConfig,
     RoPE,
-    decision_logits,
     dmc_score_bias,
     linear_scan,
     make_decisions,
     windowed_scan,
-    zero_decision_channel,
 )
-from nemo_dmc.kernels.references import RopeTables, acc_dtype, apply_rope_tables, weigh_chunk
+from nemo_dmc.kernels.references import (
+    RopeTables,
+    acc_dtype,
+    apply_rope_tables,
+    attended,
+    token_logits,
+    weigh_chunk,
+)
 
 def run_entries(window: Optional[int]) -> int:
     """Entries ``r`` of an open run: ``W`` for a windowed average, 1 (the running sum) otherwise."""
@@ -55,7 +61,8 @@ class ChunkDecisions:
     open_bias: Tensor
 
 
-def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig) -> ChunkDecisions:
+def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig,
+                    signals: Optional[Tensor] = None) -> ChunkDecisions:
     """Decisions of a chunk that starts a sequence or continues a cached one.
 
     Args:
@@ -63,8 +70,9 @@ def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig) -> 
         starts_sequence: ``[b]`` bool, True where the chunk holds the sequence's first token
             (which always appends); otherwise the chunk's first token may merge into the
             cached open slot.
+        signals: ``[b, hk, c, 2]`` decision-adapter signals (``decision_source="adapter"``).
     """
-    logits = decision_logits(key, config.init_offset, config.decision_scale)
+    logits = token_logits(key, config, signals)
     # A leading stand-in for the cached open slot lets make_decisions see the chunk's first
     # token as a continuation (and gives the open slot's survival bias at index 0).
     cont = make_decisions(F.pad(logits, (1, 0)), config, training=False)
@@ -77,17 +85,19 @@ def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig) -> 
     return ChunkDecisions(merge=merge, state_bias=state_bias, open_bias=cont.state_bias[..., 0])
 
 
-def chunk_entries(query: Tensor, key: Tensor, value: Tensor,
-                  config: DMCConfig) -> Tuple[Tensor, Tensor]:
-    """Zeroed queries and the weighted entries of a chunk.
+def chunk_entries(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,
+                  signals: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The queries attention sees and the weighted entries of a chunk.
 
     Args:
-        query: ``[b, hq, c, d]``; key, value: ``[b, hk, c, d]`` (pre-RoPE).
+        query: ``[b, hq, c, d]``; key, value: ``[b, hk, c, d]`` (pre-RoPE); signals:
+            ``[b, hk, c, 2]`` decision-adapter signals (``decision_source="adapter"``).
 
     Returns:
-        ``(query with the decision channel zeroed [b, hq, c, d], entries [b, hk, c, e])``.
+        ``(query [b, hq, c, d] with the decision channel zeroed for the channel source,
+        entries [b, hk, c, e])``.
     """
-    return zero_decision_channel(query), weigh_chunk(query, key, value, config)
+    return attended(query, config), weigh_chunk(query, key, value, config, signals)
 
 
 def chronological(open_runs: Tensor, ring_next: Tensor) -> Tensor:

@@ -8,6 +8,9 @@ Every policy takes one :class:`~nemo_dmc.kvcache.view.LayerCacheView` and pre-Ro
   [b, c]`` (right padded), appended after what the rows cache;
 * :meth:`CachePolicy.decode`: one token per row (``c = 1``).
 
+Both also take ``signals [b, hk, c, n]``: the layer's decision-adapter signals when its
+method has an adapter (:attr:`~nemo_dmc.methods.KVMethod.adapter_outputs`), else ``None``.
+
 Policies: :class:`DMCPolicy` (``dmc``: :mod:`nemo_dmc.kvcache.attention`), :class:`VanillaPolicy`
 (``vanilla``: append-only plain attention) and :class:`EvictionPolicy` (every
 :class:`~nemo_dmc.methods.eviction.EvictionMethod`: plain attention through the method's
@@ -60,12 +63,13 @@ class CachePolicy:
     window: Optional[int] = None
 
     def prefill(self, view: LayerCacheView, query: Tensor, key: Tensor, value: Tensor,
-                positions: Tensor, counts: Tensor, rope: Optional[RoPE], scale: float) -> Tensor:
+                positions: Tensor, counts: Tensor, rope: Optional[RoPE], scale: float,
+                signals: Optional[Tensor] = None) -> Tensor:
         raise NotImplementedError
 
     def decode(self, view: LayerCacheView, query: Tensor, key: Tensor, value: Tensor,
                positions: Tensor, rope: Optional[RoPE], scale: float,
-               step: DecodeStep) -> Tensor:
+               step: DecodeStep, signals: Optional[Tensor] = None) -> Tensor:
         raise NotImplementedError
 
     def blocks_for_next_token(self, view: LayerCacheView) -> int:
@@ -83,19 +87,19 @@ class DMCPolicy(CachePolicy):
         self.config = config
         self.window = config.window
 
-    def prefill(self, view, query, key, value, positions, counts, rope, scale):
+    def prefill(self, view, query, key, value, positions, counts, rope, scale, signals=None):
         return prefill_attention(view.cache, view.layer, view.rows, query, key, value,
-                                 positions, counts, self.config, rope, scale)
+                                 positions, counts, self.config, rope, scale, signals)
 
-    def decode(self, view, query, key, value, positions, rope, scale, step):
+    def decode(self, view, query, key, value, positions, rope, scale, step, signals=None):
         return decode_attention(view.cache, view.layer, view.rows, query, key, value, positions,
-                                self.config, rope, scale, step.tables, step.max_slots)
+                                self.config, rope, scale, step.tables, step.max_slots, signals)
 
 
 class VanillaPolicy(CachePolicy):
     """Plain attention with a full cache: every token appends a slot (channel D-1 used as is)."""
 
-    def prefill(self, view, query, key, value, positions, counts, rope, scale):
+    def prefill(self, view, query, key, value, positions, counts, rope, scale, signals=None):
         b, hk, c, d = key.shape
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
         if view.fresh:
@@ -111,7 +115,7 @@ class VanillaPolicy(CachePolicy):
         view.append(key, value, real.expand(b, hk, c))
         return out
 
-    def decode(self, view, query, key, value, positions, rope, scale, step):
+    def decode(self, view, query, key, value, positions, rope, scale, step, signals=None):
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
         if not view.append(key, value, torch.ones(key.shape[:3], dtype=torch.bool,
                                                   device=key.device)):
@@ -141,7 +145,7 @@ class EvictionPolicy(CachePolicy):
     def __init__(self, method: EvictionMethod) -> None:
         self.method = method
 
-    def prefill(self, view, query, key, value, positions, counts, rope, scale):
+    def prefill(self, view, query, key, value, positions, counts, rope, scale, signals=None):
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
         if view.fresh:
             out, _, state = simulate_eviction(query, key, value, self.method, scale, counts)
@@ -155,7 +159,7 @@ class EvictionPolicy(CachePolicy):
                                            value[active, :, i], positions[active, i], scale)
         return out
 
-    def decode(self, view, query, key, value, positions, rope, scale, step):
+    def decode(self, view, query, key, value, positions, rope, scale, step, signals=None):
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
         return self._step(view, query[:, :, 0], key[:, :, 0], value[:, :, 0], positions[:, 0],
                           scale).unsqueeze(2)

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_dmc.core import RoPE, sample_logistic_noise
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
+from nemo_dmc.megatron.adapter import ADAPTER_MODULE, DecisionAdapter
 from nemo_dmc.methods import KVMethod, build_method
 
 
@@ -126,6 +127,9 @@ class MethodSelfAttention(SelfAttention):
             raise ValueError("MethodSelfAttention needs method_settings in its spec params "
                              "(nemo_dmc.megatron.spec.method_layer_spec)")
         self.method: KVMethod = build_method(method_settings)
+        if self.method.adapter_outputs:
+            setattr(self, ADAPTER_MODULE, DecisionAdapter(
+                config, self.config.num_query_groups, self.method.adapter_outputs))
         if self.method.trains_decisions and config.recompute_granularity == "full":
             raise ValueError(f"{self.method.name} needs each layer's decisions for its loss: use "
                              "recompute_granularity='selective' (core_attn), not 'full'")
@@ -140,6 +144,12 @@ class MethodSelfAttention(SelfAttention):
         rank = parallel_state.get_tensor_model_parallel_rank()
         noise = sample_logistic_noise((batch, self.config.num_query_groups, seq), device)
         return noise[:, rank * local:(rank + 1) * local]
+
+    def decision_signals(self, hidden_states: Tensor) -> Optional[Tensor]:
+        """``[b, hk_local, s, n]`` signals of the layer's decision adapter for its attention
+        input ``[s, b, hidden]`` (``None`` when the method takes none)."""
+        adapter = getattr(self, ADAPTER_MODULE, None)
+        return None if adapter is None else adapter(hidden_states)
 
     def _rope(self, x: Tensor, freqs: Optional[Tensor]) -> Tensor:
         if freqs is None:
@@ -166,7 +176,7 @@ class MethodSelfAttention(SelfAttention):
         prepared = self.method.prepare(
             _to_bhsd(query), _to_bhsd(key), _to_bhsd(value), training=self.training,
             noise=lambda: self._training_noise(b, s, key.device),
-            accumulate=dispatch.partial_accumulate)
+            accumulate=dispatch.partial_accumulate, signals=self.decision_signals(hidden_states))
         query, key, value = (_to_sbhd(prepared.query), _to_sbhd(prepared.key),
                              _to_sbhd(prepared.value))
         query, key = self._rope(query, rotary_pos_emb), self._rope(key, rotary_pos_emb)

@@ -5,6 +5,7 @@ training-free eviction policies ``h2o``, ``tova``, ``streaming`` (:mod:`.evictio
 """
 
 from nemo_dmc.methods.base import (
+    ADAPTER_MODULE,
     KVMethod,
     LayerRecord,
     Prepared,
@@ -38,6 +39,7 @@ def eviction_methods() -> tuple[str, ...]:
 
 
 __all__ = [
+    "ADAPTER_MODULE",
     "DMCMethod", "DMCPhase", "DMCRecord", "EvictionMethod",
     "EvictionRecord", "EvictionSettings", "EvictionState", "H2OMethod", "H2OSettings", "KVMethod",
     "LayerRecord", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",

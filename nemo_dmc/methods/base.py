@@ -4,8 +4,10 @@ A method is one small class with a settings dataclass. The attention module of e
 (megatron, the inference engine, the transformers export) builds one method object per layer
 from those settings when the model is built, and calls two hooks on each forward:
 
-1. :meth:`KVMethod.prepare`, on the pre-RoPE ``q, k, v`` ``[b, h, s, d]``: returns the tensors
-   attention sees and an optional per-key score bias ``[b, hk, s]`` (DMC's survival bias);
+1. :meth:`KVMethod.prepare`, on the pre-RoPE ``q, k, v`` ``[b, h, s, d]`` (and, for a method
+   with :attr:`KVMethod.adapter_outputs`, the layer's decision-adapter signals
+   ``[b, hk, s, n]``): returns the tensors attention sees and an optional per-key score bias
+   ``[b, hk, s]`` (DMC's survival bias);
 2. :meth:`KVMethod.attend`, only for methods with ``simulates_cache = True``: causal attention
    through the method's own cache, simulated token by token (the eviction policies).
 
@@ -27,6 +29,10 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Type
 from torch import Tensor
 
 from nemo_dmc.core.attention import Accumulate
+
+ADAPTER_MODULE = "decision_adapter"
+"""Attribute name of a layer's decision adapter on its attention module (and so the prefix
+of its parameters' names), for methods with :attr:`KVMethod.adapter_outputs`."""
 
 Noise = Callable[[], Tensor]
 """``noise()`` -> ``[b, hk, s]`` logistic noise for this rank's KV heads (training only)."""
@@ -74,9 +80,17 @@ class KVMethod:
         self.settings = settings
         self.record: Optional[LayerRecord] = None
 
+    @property
+    def adapter_outputs(self) -> int:
+        """Signals per KV head the layer's decision adapter must give :meth:`prepare`
+        (0: the layer has no adapter)."""
+        return 0
+
     def prepare(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
-                noise: Noise, accumulate: Accumulate) -> Prepared:
-        """Pre-RoPE ``q [b, hq, s, d]``, ``k, v [b, hk, s, d]`` -> what attention sees."""
+                noise: Noise, accumulate: Accumulate,
+                signals: Optional[Tensor] = None) -> Prepared:
+        """Pre-RoPE ``q [b, hq, s, d]``, ``k, v [b, hk, s, d]`` -> what attention sees;
+        ``signals [b, hk, s, adapter_outputs]`` from the decision adapter, if any."""
         self.record = LayerRecord(slots=key.new_full(key.shape[:2], key.shape[2]))
         return Prepared(query, key, value)
 

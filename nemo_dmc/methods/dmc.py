@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -50,13 +51,23 @@ class DMCMethod(KVMethod):
         self.phase = DMCPhase.DECIDE
         self.zero_out_scale = 1.0
 
+    @property
+    def adapter_outputs(self) -> int:
+        """A decision and an importance signal per KV head with ``decision_source="adapter"``."""
+        return 2 if self.settings.decision_source == "adapter" else 0
+
     def set_phase(self, phase: DMCPhase | str, zero_out_scale: float = 1.0) -> None:
         """Switch the phase (``zero_out_scale`` multiplies channel D-1 in ``zero_out``)."""
-        self.phase = DMCPhase(phase)
+        phase = DMCPhase(phase)
+        if phase is DMCPhase.ZERO_OUT and self.adapter_outputs:
+            raise ValueError("the zero-out stage frees channel D-1 for decisions; with "
+                             "dmc.decision_source='adapter' q and k stay intact: skip it")
+        self.phase = phase
         self.zero_out_scale = zero_out_scale if self.phase is DMCPhase.ZERO_OUT else 1.0
 
     def prepare(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
-                noise: Noise, accumulate: Accumulate) -> Prepared:
+                noise: Noise, accumulate: Accumulate,
+                signals: Optional[Tensor] = None) -> Prepared:
         if self.phase is not DMCPhase.DECIDE:
             if self.phase is DMCPhase.ZERO_OUT:
                 query, key = _scale_decision_channel(query, key, self.zero_out_scale)
@@ -64,7 +75,8 @@ class DMCMethod(KVMethod):
                                    accumulate=accumulate)
         sampled = noise() if training and self.settings.force_decision is None else None
         query, key, value, decisions = dmc_states(query, key, value, self.settings, training,
-                                                  sampled, accumulate=accumulate)
+                                                  sampled, accumulate=accumulate,
+                                                  signals=signals)
         slots = decisions.hard.shape[-1] - decisions.hard.sum(dim=-1)
         self.record = DMCRecord(slots=slots, decisions=decisions)
         return Prepared(query, key, value, decisions.state_bias)

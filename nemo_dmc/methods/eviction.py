@@ -77,7 +77,8 @@ class EvictionMethod(KVMethod):
     accumulates_mass = False  # whether :meth:`scores` needs the accumulated attention mass
 
     def prepare(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
-                noise: Noise, accumulate: Accumulate) -> Prepared:
+                noise: Noise, accumulate: Accumulate,
+                signals: Optional[Tensor] = None) -> Prepared:
         return Prepared(query, key, value)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:

@@ -13,6 +13,8 @@ from nemo_dmc.checkpoints.nemo_context import cpu_overrides
 from nemo_dmc.core import DMCConfig, ModelConfig, Stage
 from nemo_dmc.megatron.spec import method_layer_spec
 
+TRAINABLE = ("all", "decisions")
+
 
 def dmc_transformer_layer_spec(config: "DMCLlamaConfig") -> ModuleSpec:
     """NeMo's default Llama layer spec (TE when installed, else local), made DMC."""
@@ -25,12 +27,15 @@ class DMCLlamaConfig(LlamaConfig):
 
     ``dmc`` is the method's :class:`~nemo_dmc.core.DMCConfig` (stored in NeMo's checkpoint
     context, ``io.json``, like the rest of the config); ``dmc_stage``/``dmc_stage_steps``
-    are the stage this model trains in.
+    are the stage this model trains in. ``dmc_trainable``: ``"all"`` trains every weight,
+    ``"decisions"`` only the decision adapters (``dmc.decision_source="adapter"``) with the
+    base model frozen, as the own trainer's ``optim.trainable``.
     """
 
     dmc: DMCConfig = field(default_factory=DMCConfig)
     dmc_stage: str = "retrofit"
     dmc_stage_steps: int = 6000
+    dmc_trainable: str = "all"
     transformer_layer_spec: object = dmc_transformer_layer_spec
 
     def __post_init__(self) -> None:
@@ -39,7 +44,17 @@ class DMCLlamaConfig(LlamaConfig):
             raise ValueError("attention_backend=local replaces DMC's core attention; use auto")
         if self.dmc_stage_steps < 1:
             raise ValueError(f"dmc_stage_steps must be >= 1, got {self.dmc_stage_steps}")
-        Stage(self.dmc_stage)  # raises ValueError naming an unknown stage
+        stage = Stage(self.dmc_stage)  # raises ValueError naming an unknown stage
+        adapter = self.dmc.decision_source == "adapter"
+        if adapter and stage is Stage.ZERO_OUT:
+            raise ValueError("dmc.decision_source=adapter leaves q and k intact: there is no "
+                             "zero_out stage (dmc_stage)")
+        if self.dmc_trainable not in TRAINABLE:
+            raise ValueError(f"dmc_trainable must be one of {TRAINABLE}, "
+                             f"got {self.dmc_trainable!r}")
+        if self.dmc_trainable == "decisions" and not adapter:
+            raise ValueError("dmc_trainable='decisions' trains only decision adapters: set "
+                             "dmc.decision_source=adapter")
         super().__post_init__()
 
 

@@ -10,6 +10,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
+from nemo_dmc.megatron.adapter import train_only_adapters
 from nemo_dmc.megatron.distill import DistillTerms, Teacher
 from nemo_dmc.megatron.stages import apply_stage, finish_stage
 from nemo_dmc.megatron.stats import method_loss
@@ -53,7 +54,10 @@ class DMCGPTModel(GPTModel):
     """NeMo GPT model with DMC attention (its config is a ``DMCLlamaConfig``).
 
     Before each training step the stage's schedule is applied (zero-out scale, or DMC mode
-    with the ramped target CR); the zero-out stage ends by zeroing the decision rows.
+    with the ramped target CR); the zero-out stage ends by zeroing the decision rows. With
+    ``config.dmc_trainable="decisions"`` everything but the decision adapters is frozen when
+    the model is built (before NeMo wraps it in DDP and builds the optimizer, which both skip
+    frozen parameters).
     """
 
     stage_target_cr: Optional[float] = None
@@ -96,6 +100,12 @@ class DMCGPTModel(GPTModel):
     def _step(self) -> int:
         trainer = getattr(self, "_trainer", None)
         return trainer.global_step if trainer is not None else 0
+
+    def configure_model(self, *args, **kwargs) -> None:
+        built = hasattr(self, "module")
+        super().configure_model(*args, **kwargs)
+        if not built and self.config.dmc_trainable == "decisions":
+            train_only_adapters(self.module)
 
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
         c = self.config

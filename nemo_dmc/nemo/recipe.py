@@ -28,13 +28,15 @@ _SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_
 def dmc_recipe(base: str = "llama2_7b", stage: str = "retrofit", steps: int = 6000,
                lr: float = 3e-5, tensor_parallel_size: int = 4,
                restore_from: Optional[str] = None, dir: Optional[str] = None, name: str = "dmc",
-               num_nodes: int = 1, num_gpus_per_node: int = 8, **dmc: Any) -> run.Partial:
+               num_nodes: int = 1, num_gpus_per_node: int = 8, trainable: str = "all",
+               **dmc: Any) -> run.Partial:
     """NeMo's ``llm.recipes.<base>.pretrain_recipe`` with the model made DMC.
 
     ``dmc`` are :class:`~nemo_dmc.core.DMCConfig` fields (e.g. ``target_cr=4.0``, ``window``).
     Optimiser settings follow the DMC reference (Adam (0.9, 0.95), weight decay 0.1,
     clipping 1.0, cosine to lr/10); ``restore_from`` starts from the previous stage's
-    NeMo checkpoint (e.g. the zero-out result for ``retrofit``).
+    NeMo checkpoint (e.g. the zero-out result for ``retrofit``). ``trainable="decisions"``
+    trains only the decision adapters (with ``decision_source="adapter"``), the base frozen.
     """
     Stage(stage)
     DMCConfig(**dmc)  # raises naming a bad setting (e.g. dmc.target_cr < 1)
@@ -48,7 +50,7 @@ def dmc_recipe(base: str = "llama2_7b", stage: str = "retrofit", steps: int = 60
     shape = {k: getattr(base_config, k) for k in _SHAPE_FIELDS if k in present}
     recipe.model = run.Config(DMCGPTModel, config=run.Config(
         DMCLlamaConfig, **shape, dmc=run.Config(DMCConfig, **dmc),
-        dmc_stage=stage, dmc_stage_steps=steps))
+        dmc_stage=stage, dmc_stage_steps=steps, dmc_trainable=trainable))
     recipe.trainer.max_steps = steps
     recipe.trainer.strategy.tensor_model_parallel_size = tensor_parallel_size
     recipe.optim.config.lr = lr

