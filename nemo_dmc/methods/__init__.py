@@ -1,10 +1,12 @@
 """KV-compression methods behind one seam (:mod:`.base`); a method is one file here.
 
-Registered: ``vanilla`` (plain attention), ``dmc`` (Dynamic Memory Compression), and the
+Registered: ``vanilla`` (plain attention), ``dmc`` (Dynamic Memory Compression), ``dms``
+(Dynamic Memory Sparsification: learned, delayed eviction), and the
 training-free eviction policies ``h2o``, ``tova``, ``streaming`` (:mod:`.eviction`).
 """
 
 from nemo_dmc.methods.base import (
+    DecisionRecord,
     KVMethod,
     LayerRecord,
     Prepared,
@@ -18,6 +20,7 @@ from nemo_dmc.methods.base import (
 )
 from nemo_dmc.methods.vanilla import VanillaMethod, VanillaSettings
 from nemo_dmc.methods.dmc import DMCMethod, DMCPhase, DMCRecord
+from nemo_dmc.methods.dms import DMSConfig, DMSMethod, DMSRecord
 from nemo_dmc.methods.eviction import (
     EvictionMethod,
     EvictionRecord,
@@ -38,7 +41,8 @@ def eviction_methods() -> tuple[str, ...]:
 
 
 __all__ = [
-    "DMCMethod", "DMCPhase", "DMCRecord", "EvictionMethod",
+    "DMCMethod", "DMCPhase", "DMCRecord", "DMSConfig", "DMSMethod", "DMSRecord",
+    "DecisionRecord", "EvictionMethod",
     "EvictionRecord", "EvictionSettings", "EvictionState", "H2OMethod", "H2OSettings", "KVMethod",
     "LayerRecord", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
     "TOVASettings", "VanillaMethod", "VanillaSettings", "build_method", "evicted_attention",
