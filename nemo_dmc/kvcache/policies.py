@@ -9,9 +9,10 @@ Every policy takes one :class:`~nemo_dmc.kvcache.view.LayerCacheView` and pre-Ro
 * :meth:`CachePolicy.decode`: one token per row (``c = 1``).
 
 Policies: :class:`DMCPolicy` (``dmc``: :mod:`nemo_dmc.kvcache.attention`), :class:`VanillaPolicy`
-(``vanilla``: append-only plain attention) and :class:`EvictionPolicy` (every
+(``vanilla``: append-only plain attention), :class:`EvictionPolicy` (every
 :class:`~nemo_dmc.methods.eviction.EvictionMethod`: plain attention through the method's
-evicting cache, its own ``scores`` and ``budget``, blocks freed as heads shrink).
+evicting cache, its own ``scores`` and ``budget``, blocks freed as heads shrink) and
+:class:`DMSPolicy` (``dms``: each head's window plus the tokens that survived leaving it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE
+from nemo_dmc.core import DMCConfig, RoPE, dmc_attention
 from nemo_dmc.kernels import dispatch, references
 from nemo_dmc.kvcache import ops
 from nemo_dmc.kvcache.attention import decode_attention, prefill_attention, rotate
@@ -31,11 +32,13 @@ from nemo_dmc.kvcache.view import LayerCacheView
 from nemo_dmc.methods import (
     DMCMethod,
     DMCPhase,
+    DMSMethod,
     EvictionMethod,
     KVMethod,
     VanillaMethod,
     simulate_eviction,
 )
+from nemo_dmc.methods.dms import eviction_decisions
 from nemo_dmc.methods.eviction import choose_victims
 
 
@@ -208,6 +211,99 @@ class EvictionPolicy(CachePolicy):
         return out.reshape(b, hq, d).to(query.dtype)
 
 
+class DMSPolicy(CachePolicy):
+    """DMS: each head holds its window (last ``w`` tokens) plus the older tokens that were not
+    marked for eviction, exactly as :func:`~nemo_dmc.methods.dms_reference.simulate_dms`.
+
+    Slots sit in the per-head paged pool, keys rotated at their own position, so slot order
+    does not matter to attention. Beside each slot the cache keeps its token position and its
+    decision (``slot_positions``; ``slot_mass`` holds 1.0 = marked for eviction). Token ``t``
+    joins the head's slots and its queries attend to them all; then token ``t - w`` leaves the
+    window: if marked, token ``t`` takes its slot, else token ``t`` appends one. A head thus
+    holds ``min(n, w) + survivors`` slots after ``n`` tokens and blocks only for those (a
+    surviving token is never moved). Prefill of fresh rows is one parallel pass (the training
+    form with hard decisions), committing only the kept tokens; a chunk continuing cached rows
+    goes token by token through the decode step. Decode is pure torch (gather + softmax)
+    like the eviction policies'.
+    """
+
+    slot_scores = True
+
+    def __init__(self, method: DMSMethod) -> None:
+        self.method = method
+        self.dms_window = method.settings.window
+
+    def _decide(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-RoPE q/k -> ``(evict [b, hk, c] bool, query, key)`` with hard decisions."""
+        logits, query, key = self.method.decision_logits(query, key)
+        evict = eviction_decisions(logits, self.method.settings, training=False).hard > 0
+        return evict, query, key
+
+    def prefill(self, view, query, key, value, positions, counts, rope, scale):
+        evict, query, key = self._decide(query, key)
+        query, key = rotate(rope, query, positions), rotate(rope, key, positions)
+        if view.fresh:
+            bias = evict.to(torch.float32) * self.method.settings.hard_bias
+            out = dmc_attention(query, key, value, bias, scale, bias_window=self.dms_window)
+            idx = torch.arange(key.shape[2], device=key.device)
+            real = idx < counts.view(-1, 1, 1)
+            in_window = idx >= (counts.view(-1, 1, 1) - self.dms_window)
+            view.append(key, value, real & (in_window | ~evict), positions, evict.float())
+            return out.to(query.dtype)
+        out = torch.zeros_like(query)
+        for i in range(query.shape[2]):
+            active = counts > i
+            out[active, :, i] = self._step(view.select(active), query[active, :, i],
+                                           key[active, :, i], value[active, :, i],
+                                           evict[active, :, i], positions[active, i], scale)
+        return out
+
+    def decode(self, view, query, key, value, positions, rope, scale, step):
+        evict, query, key = self._decide(query, key)
+        query, key = rotate(rope, query, positions), rotate(rope, key, positions)
+        return self._step(view, query[:, :, 0], key[:, :, 0], value[:, :, 0], evict[:, :, 0],
+                          positions[:, 0], scale).unsqueeze(2)
+
+    def blocks_for_next_token(self, view):
+        leaving = self._leaving(view, view.cache.positions[view.rows])
+        return view.blocks_for_next_token(~leaving.any(dim=-1))
+
+    def _leaving(self, view: LayerCacheView, positions: Tensor) -> Tensor:
+        """``[b, hk, t]``: the slot of token ``positions - w`` if it is marked for eviction
+        (it leaves the window when the token at ``positions [b]`` is processed)."""
+        block, offset, valid = view.slot_index()
+        cache = view.cache
+        leaving = cache.slot_positions[block, offset] == (positions - self.dms_window).view(-1, 1, 1)
+        return valid & leaving & (cache.slot_mass[block, offset] > 0)
+
+    def _step(self, view: LayerCacheView, query: Tensor, key: Tensor, value: Tensor,
+              evict: Tensor, positions: Tensor, scale: float) -> Tensor:
+        """One token per row: rotated ``query [b, hq, d]``, ``key``/``value`` ``[b, hk, d]``,
+        decisions ``evict [b, hk]`` at ``positions [b]`` -> ``[b, hq, d]``."""
+        b, hq, d = query.shape
+        hk = key.shape[1]
+        cache = view.cache
+        block, offset, valid = view.slot_index()
+        key, value = key.to(cache.layout.dtype), value.to(cache.layout.dtype)  # as stored
+        dtype = torch.promote_types(query.dtype, torch.float32)
+        keys = torch.cat([cache.key_pool[block, offset], key.unsqueeze(2)], dim=2)
+        values = torch.cat([cache.value_pool[block, offset], value.unsqueeze(2)], dim=2)
+        live = F.pad(valid, (0, 1), value=True)
+        q = query.to(dtype).view(b, hk, hq // hk, d) * scale
+        logits = torch.einsum("bkgd,bktd->bkgt", q, keys.to(dtype))
+        probs = logits.masked_fill(~live.unsqueeze(2), float("-inf")).softmax(dim=-1)
+        out = torch.einsum("bkgt,bktd->bkgd", probs, values.to(dtype))
+        leaving = self._leaving(view, positions)
+        reuse = leaving.any(dim=-1)  # [b, hk]: token t takes the leaving token's slot
+        flag = evict.float()
+        if not view.append(key.unsqueeze(2), value.unsqueeze(2), (~reuse).unsqueeze(-1),
+                           positions.view(b, 1), flag.unsqueeze(-1)):
+            return torch.zeros_like(query)  # pool exhausted: cache.overflow is set
+        view.overwrite(leaving.to(torch.int64).argmax(dim=-1), reuse, key, value, positions,
+                       flag)
+        return out.reshape(b, hq, d).to(query.dtype)
+
+
 def policy_for(method: KVMethod, force_decision: Optional[str] = None) -> CachePolicy:
     """The cache policy of a layer's method object (``force_decision``: DMC only, see
     :class:`~nemo_dmc.core.DMCConfig`)."""
@@ -221,6 +317,11 @@ def policy_for(method: KVMethod, force_decision: Optional[str] = None) -> CacheP
         config = method.settings
         return DMCPolicy(config if force_decision is None
                          else replace(config, force_decision=force_decision))
+    if isinstance(method, DMSMethod):
+        if method.phase is not DMCPhase.DECIDE:
+            raise ValueError(f"the dms method is in the {method.phase.value} phase; inference "
+                             "needs the decide phase")
+        return DMSPolicy(method)
     if isinstance(method, EvictionMethod):
         return EvictionPolicy(method)
     if isinstance(method, VanillaMethod):

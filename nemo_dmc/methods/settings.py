@@ -2,6 +2,9 @@
 ``ratio=``, ``sinks=`` of ``python -m nemo_dmc.evaluate`` and ``python -m nemo_dmc.generate``):
 
 * ``dmc``: the checkpoint's own :class:`~nemo_dmc.core.DMCConfig` (hard decisions);
+* ``dms``: :class:`~nemo_dmc.methods.dms.DMSConfig` taking the decision parameterisation
+  (offset, scale, temperature, hard bias, target, loss weight) from that ``DMCConfig``, the
+  eviction window at its default;
 * ``vanilla``: plain attention, no compression (channel D-1 used as is);
 * an eviction method (``h2o``, ``tova``, ``streaming``, or any registered
   :class:`~nemo_dmc.methods.eviction.EvictionMethod`): plain attention through its evicting
@@ -15,6 +18,7 @@ from typing import Any, Optional
 
 from nemo_dmc.core import DMCConfig
 from nemo_dmc.methods.base import method_class, method_names
+from nemo_dmc.methods.dms import DMSConfig
 from nemo_dmc.methods.eviction import EvictionMethod
 from nemo_dmc.methods.vanilla import VanillaSettings
 
@@ -25,11 +29,15 @@ def settings_for(method: str, dmc: DMCConfig, ratio: Optional[float] = None,
     policy has them, ``sinks``). Errors name the ``method`` / ``ratio`` keys."""
     if method == "dmc":
         return dmc
+    if method == "dms":
+        shared = ("init_offset", "decision_scale", "temperature", "hard_bias", "target_cr",
+                  "loss_weight")
+        return DMSConfig(**{name: getattr(dmc, name) for name in shared})
     if method == "vanilla":
         return VanillaSettings()
     evicting = [n for n in method_names() if issubclass(method_class(n), EvictionMethod)]
     if method not in evicting:
-        raise ValueError(f"method: must be dmc, vanilla or one of {', '.join(evicting)}, "
+        raise ValueError(f"method: must be dmc, dms, vanilla or one of {', '.join(evicting)}, "
                          f"got {method!r}")
     if ratio is None:
         raise ValueError(f"ratio: method {method!r} evicts at a compression ratio; set "
