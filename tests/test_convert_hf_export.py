@@ -140,3 +140,26 @@ def test_hf_export_of_another_kv_method_runs_it_in_forward_and_generate(megatron
     engine = generate(model, [row.tolist() for row in ids], SamplingParams(max_new_tokens=8),
                       EngineConfig(max_batch_size=2), vocab_size=TINY_GQA.vocab_size)
     assert [row.tolist() for row in cached[:, 9:]] == [list(r.tokens) for r in engine]
+
+
+def test_hf_export_of_dms_runs_it_in_forward_and_generate_like_the_engine(megatron_tp1, tmp_path):
+    from nemo_dmc.inference import EngineConfig, SamplingParams, generate
+    from nemo_dmc.methods import DMSConfig
+
+    seed_all(7)
+    settings = DMSConfig(window=3, init_offset=0.0)  # a random init evicts about half
+    model = build_model(TINY_GQA, settings)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", method=settings)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.method_settings == settings
+    ids = _ids(seq=9)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, use_cache=False).logits, _megatron_logits(model, ids),
+                                   atol=2e-5, rtol=1e-5)
+        cached = hf.generate(ids, max_new_tokens=8, do_sample=False)
+        recomputed = hf.generate(ids, use_cache=False, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, recomputed)
+    engine = generate(model, [row.tolist() for row in ids], SamplingParams(max_new_tokens=8),
+                      EngineConfig(max_batch_size=2), vocab_size=TINY_GQA.vocab_size)
+    assert [row.tolist() for row in cached[:, 9:]] == [list(r.tokens) for r in engine]
+    assert all(r.cache.compression_ratio > 1.0 for r in engine)
