@@ -110,3 +110,28 @@ def test_forced_eviction_keeps_exactly_the_window(megatron_tp1):
     assert result.cache.compression_ratio == pytest.approx(22 / 3)
     assert math.isclose(result.cache.memory.allocated,
                         8 * 4 * 2 * TINY_GQA.head_dim * 4)  # one block of 4 slots per head
+
+
+def test_chunked_prefill_returns_the_blocks_of_tokens_that_left_the_window(megatron_tp1):
+    seed_all(7)
+    model = build_model(TINY_GQA, DMSConfig(window=2, force_decision="evict")).eval()
+    runner = DMCModelRunner(model, block_size=2, num_blocks=100, max_sequences=1,
+                            max_sequence_length=16)
+    row = runner.cache.acquire_row()
+    runner.prefill([row], [_prompts([12])[0]], chunk_size=4)
+    heads = TINY_GQA.num_layers * TINY_GQA.kv_heads
+    assert (runner.cache.lengths[row] == 2).all() and runner.cache.num_used_blocks == heads
+
+
+def test_one_prefill_can_start_new_rows_and_continue_cached_ones(megatron_tp1):
+    model = _model(window=3)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+    full = _full_logits(model, tokens)
+    runner = DMCModelRunner(model, block_size=2, num_blocks=100, max_sequences=2,
+                            max_sequence_length=12)
+    cached, new = runner.cache.acquire_row(), runner.cache.acquire_row()
+    runner.prefill([cached], [tokens[0, :5].tolist()])
+    logits = runner.prefill([cached, new], [tokens[0, 5:].tolist(), tokens[1, :9].tolist()],
+                            all_logits=True)
+    torch.testing.assert_close(logits[0], full[0, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], full[1, :9], atol=1e-5, rtol=1e-5)

@@ -220,11 +220,11 @@ class DMSPolicy(CachePolicy):
     decision (``slot_positions``; ``slot_mass`` holds 1.0 = marked for eviction). Token ``t``
     joins the head's slots and its queries attend to them all; then token ``t - w`` leaves the
     window: if marked, token ``t`` takes its slot, else token ``t`` appends one. A head thus
-    holds ``min(n, w) + survivors`` slots after ``n`` tokens and blocks only for those (a
-    surviving token is never moved). Prefill of fresh rows is one parallel pass (the training
-    form with hard decisions), committing only the kept tokens; a chunk continuing cached rows
-    goes token by token through the decode step. Decode is pure torch (gather + softmax)
-    like the eviction policies'.
+    holds ``min(n, w) + survivors`` slots after ``n`` tokens and blocks only for those.
+    Prefill is one parallel pass per chunk (the training form with hard decisions; queries
+    also see the cached slots still visible to them); the heads are then rewritten with the
+    slots kept after the chunk, so blocks of slots that left the window are returned to the
+    pool. Decode is pure torch (gather + softmax) like the eviction policies'.
     """
 
     slot_scores = True
@@ -242,20 +242,33 @@ class DMSPolicy(CachePolicy):
     def prefill(self, view, query, key, value, positions, counts, rope, scale):
         evict, query, key = self._decide(query, key)
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
+        w, hard_bias = self.dms_window, self.method.settings.hard_bias
+        bias = evict.to(torch.float32) * hard_bias
+        idx = torch.arange(key.shape[2], device=key.device)
+        last = positions[:, :1] + counts.view(-1, 1) - 1  # [b, 1] the row's last position
+        keep = (idx < counts.view(-1, 1, 1)) & ((last.unsqueeze(-1) + 1 - positions.unsqueeze(1)
+                                                 <= w) | ~evict)
         if view.fresh:
-            bias = evict.to(torch.float32) * self.method.settings.hard_bias
-            out = dmc_attention(query, key, value, bias, scale, bias_window=self.dms_window)
-            idx = torch.arange(key.shape[2], device=key.device)
-            real = idx < counts.view(-1, 1, 1)
-            in_window = idx >= (counts.view(-1, 1, 1) - self.dms_window)
-            view.append(key, value, real & (in_window | ~evict), positions, evict.float())
+            out = dmc_attention(query, key, value, bias, scale, bias_window=w)
+            view.append(key, value, keep, positions, evict.float())
             return out.to(query.dtype)
-        out = torch.zeros_like(query)
-        for i in range(query.shape[2]):
-            active = counts > i
-            out[active, :, i] = self._step(view.select(active), query[active, :, i],
-                                           key[active, :, i], value[active, :, i],
-                                           evict[active, :, i], positions[active, i], scale)
+        cache = view.cache
+        block, offset, valid = view.slot_index()
+        prior_k, prior_v = cache.key_pool[block, offset], cache.value_pool[block, offset]
+        prior_pos, marked = cache.slot_positions[block, offset], cache.slot_mass[block, offset] > 0
+        gone = (positions[:, None, :, None] - prior_pos.unsqueeze(2) > w) & marked.unsqueeze(2)
+        prior_bias = torch.where(gone, hard_bias, 0.0).masked_fill(~valid.unsqueeze(2),
+                                                                   float("-inf"))
+        out = ops.prefix_chunk_attention(query, prior_k, prior_v, prior_bias, key, value, bias,
+                                         scale, bias_window=w)
+        prior_keep = valid & ((last.unsqueeze(-1) + 1 - prior_pos <= w) | ~marked)
+        b, hk = valid.shape[:2]
+        cache.release_heads(view.rows, view.layer)  # rewrite each head with its kept slots
+        view.append(torch.cat([prior_k, key.to(prior_k.dtype)], dim=2),
+                    torch.cat([prior_v, value.to(prior_v.dtype)], dim=2),
+                    torch.cat([prior_keep, keep], dim=2),
+                    torch.cat([prior_pos, positions.unsqueeze(1).expand(b, hk, -1)], dim=2),
+                    torch.cat([marked, evict], dim=2).float())
         return out
 
     def decode(self, view, query, key, value, positions, rope, scale, step):
