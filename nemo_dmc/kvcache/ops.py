@@ -207,7 +207,8 @@ def prefix_chunk_attention(query: Tensor, prior_keys: Tensor, prior_values: Tens
     dtype = acc_dtype(query.dtype)
     q = query.reshape(b, hk, g * c, d).to(dtype) * scale
     prior = torch.matmul(q, prior_keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, t)
-    prior = prior + prior_bias.to(dtype).view(b, hk, 1, -1, t)
+    per_query = prior_bias.dim() == 4  # [b, hk, c, t] rather than [b, hk, t]
+    prior = prior + prior_bias.to(dtype).view(b, hk, 1, c if per_query else 1, t)
     own = torch.matmul(q, keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, c)
     own = own + dmc_score_bias(state_bias.to(dtype), bias_window=bias_window).unsqueeze(2)
     probs = torch.softmax(torch.cat([prior, own], dim=-1), dim=-1).to(values.dtype)
