@@ -16,8 +16,7 @@ from torch import nn
 from nemo_dmc.core import Stage, target_cr, zero_out_scale
 from nemo_dmc.megatron.stats import layer_methods
 from nemo_dmc.megatron.zero_out import zero_decision_projections
-from nemo_dmc.methods import DMCPhase
-from nemo_dmc.methods.dmc import PhasedMethod
+from nemo_dmc.methods import DMCPhase, PhasedMethod
 
 
 def set_dmc_phase(model: nn.Module, phase: DMCPhase | str, scale: float = 1.0) -> None:

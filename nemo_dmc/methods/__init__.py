@@ -19,7 +19,7 @@ from nemo_dmc.methods.base import (
     settings_to_dict,
 )
 from nemo_dmc.methods.vanilla import VanillaMethod, VanillaSettings
-from nemo_dmc.methods.dmc import DMCMethod, DMCPhase, DMCRecord
+from nemo_dmc.methods.dmc import DMCMethod, DMCPhase, DMCRecord, PhasedMethod
 from nemo_dmc.methods.dms import DMSConfig, DMSMethod, DMSRecord
 from nemo_dmc.methods.eviction import (
     EvictionMethod,
@@ -44,7 +44,7 @@ __all__ = [
     "DMCMethod", "DMCPhase", "DMCRecord", "DMSConfig", "DMSMethod", "DMSRecord",
     "DecisionRecord", "EvictionMethod",
     "EvictionRecord", "EvictionSettings", "EvictionState", "H2OMethod", "H2OSettings", "KVMethod",
-    "LayerRecord", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
+    "LayerRecord", "PhasedMethod", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
     "TOVASettings", "VanillaMethod", "VanillaSettings", "build_method", "evicted_attention",
     "eviction_methods",
     "method_class", "method_names", "method_of", "register", "settings_from_dict",
