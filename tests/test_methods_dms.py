@@ -1,5 +1,5 @@
 """DMS (learned, delayed eviction): parallel training form with hard decisions == the
-token-by-token reference, and its decisions, record and loss."""
+token-by-token reference == the paged cache policy (fp64), and its decisions and record."""
 
 import pytest
 import torch
@@ -105,3 +105,45 @@ def test_settings_round_trip_and_name_their_key():
         DMSConfig(window=0)
     with pytest.raises(ValueError, match="dms.force_decision"):
         DMSConfig(force_decision="merge")
+
+
+def _paged_run(q, k, v, settings, prefill, chunk, block_size=2):
+    """The engine's DMS cache policy in fp64: prefill in chunks, then decode one by one."""
+    from nemo_dmc.kvcache import CacheLayout, LayerCacheView, PagedKVCache, policy_for
+    from nemo_dmc.kvcache.policies import DecodeStep
+
+    b, hk, seq, d = k.shape
+    cache = PagedKVCache(CacheLayout(
+        num_layers=1, kv_heads=hk, head_dim=d, window=None, block_size=block_size,
+        num_blocks=b * hk * seq, max_sequences=b, max_sequence_length=seq,
+        dtype=torch.float64, open_runs=False, slot_scores=True))
+    rows, rope, scale = torch.arange(b), rotate_half_rope(), d ** -0.5
+    policy, view = policy_for(DMSMethod(settings)), LayerCacheView(cache, 0, rows)
+    outs, done = [], 0
+    while done < seq:
+        c = min(chunk, prefill - done) if done < prefill else 1
+        pos, sl = (done + torch.arange(c)).expand(b, c), slice(done, done + c)
+        if done < prefill:
+            outs.append(policy.prefill(view, q[:, :, sl], k[:, :, sl], v[:, :, sl], pos,
+                                       torch.full((b,), c), rope, scale))
+        else:
+            outs.append(policy.decode(view, q[:, :, sl], k[:, :, sl], v[:, :, sl], pos, rope,
+                                      scale, DecodeStep(None, done + 1)))
+        cache.positions[rows] += c
+        done += c
+    return torch.cat(outs, dim=2), cache
+
+
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("prefill,chunk", [(1, 1), (13, 13), (9, 4)],
+                         ids=["decode_only", "one_prefill", "chunked_then_decode"])
+def test_paged_cache_policy_equals_token_by_token_reference(hq, hk, window, prefill, chunk):
+    q, k, v = _inputs(hq, hk, 13)
+    settings = DMSConfig(window=window)
+    out, cache = _paged_run(q, k, v, settings, prefill, chunk)
+    ref = simulate_dms(q, k, v, settings, rope=rotate_half_rope())
+    assert 0.2 < ref.decisions.mean() < 0.8
+    assert torch.equal(cache.lengths[:, 0], ref.cache_lengths)
+    assert torch.allclose(out, ref.output, atol=1e-12, rtol=0)
+    assert cache.num_used_blocks == int(((ref.cache_lengths + 1) // 2).sum())
