@@ -9,9 +9,9 @@ max and sum per query row (online softmax) and stores ``out`` and the row log-su
 
 Backward (recomputing ``P = exp(score - lse)``, with ``Delta_i = dO_i . O_i``):
 ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - Delta)``, ``dQ = scale dS K``,
-``dK = scale dS^T Q``, and the bias gradient ``dbias_j = sum_{i - j > window} dS_ij`` (summed over the
-query heads of the group). The key-side kernel owns one KV head's key block and loops over
-its group's query heads, so no atomics are needed.
+``dK = scale dS^T Q``, and the bias gradient ``dbias_j = sum_{i - j > window} dS_ij`` (summed
+over the query heads of the group). The key-side kernel owns one KV head's key block and
+loops over its group's query heads, so no atomics are needed.
 """
 
 from __future__ import annotations

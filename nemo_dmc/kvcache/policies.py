@@ -51,6 +51,30 @@ class DecodeStep:
     max_slots: int
 
 
+def _attend_slots_and_new_token(view: LayerCacheView, slots: tuple[Tensor, Tensor, Tensor],
+                                query: Tensor, key: Tensor, value: Tensor,
+                                scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode attention of rotated ``query [b, hq, d]`` over each head's ``t`` cached slots
+    (``slots``: :meth:`LayerCacheView.slot_index`) plus the new token (``key``/``value``
+    ``[b, hk, d]``, as stored), in >= fp32.
+
+    Returns ``(out [b, hk, group, d], probs [b, hk, group, t + 1], live [b, hk, t + 1])``;
+    candidate ``t`` is the new token.
+    """
+    b, hq, d = query.shape
+    hk = key.shape[1]
+    cache = view.cache
+    block, offset, valid = slots
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    keys = torch.cat([cache.key_pool[block, offset], key.unsqueeze(2)], dim=2)
+    values = torch.cat([cache.value_pool[block, offset], value.unsqueeze(2)], dim=2)
+    live = F.pad(valid, (0, 1), value=True)
+    q = query.to(dtype).view(b, hk, hq // hk, d) * scale
+    logits = torch.einsum("bkgd,bktd->bkgt", q, keys.to(dtype))
+    probs = logits.masked_fill(~live.unsqueeze(2), float("-inf")).softmax(dim=-1)
+    return torch.einsum("bkgt,bktd->bkgd", probs, values.to(dtype)), probs, live
+
+
 class CachePolicy:
     """One layer's attention against the paged cache (see module docstring).
 
@@ -183,15 +207,9 @@ class EvictionPolicy(CachePolicy):
         block, offset, valid = view.slot_index()  # the head's cached slots, t of them
         t = valid.shape[-1]
         key, value = key.to(cache.layout.dtype), value.to(cache.layout.dtype)  # as stored
-        dtype = torch.promote_types(query.dtype, torch.float32)
-        keys = torch.cat([cache.key_pool[block, offset], key.unsqueeze(2)], dim=2)
-        values = torch.cat([cache.value_pool[block, offset], value.unsqueeze(2)], dim=2)
-        live = F.pad(valid, (0, 1), value=True)  # candidate t: the new token
-        q = query.to(dtype).view(b, hk, hq // hk, d) * scale
-        logits = torch.einsum("bkgd,bktd->bkgt", q, keys.to(dtype))
-        probs = logits.masked_fill(~live.unsqueeze(2), float("-inf")).softmax(dim=-1)
-        out = torch.einsum("bkgt,bktd->bkgd", probs, values.to(dtype))
-        mass = F.pad(cache.slot_mass[block, offset].to(dtype), (0, 1))
+        out, probs, live = _attend_slots_and_new_token(view, (block, offset, valid), query, key,
+                                                       value, scale)
+        mass = F.pad(cache.slot_mass[block, offset].to(probs.dtype), (0, 1))
         if self.method.accumulates_mass:
             mass = mass + probs.mean(dim=2)
             cache.slot_mass[block[valid], offset[valid]] = mass[..., :t][valid].float()
@@ -255,7 +273,8 @@ class DMSPolicy(CachePolicy):
         cache = view.cache
         block, offset, valid = view.slot_index()
         prior_k, prior_v = cache.key_pool[block, offset], cache.value_pool[block, offset]
-        prior_pos, marked = cache.slot_positions[block, offset], cache.slot_mass[block, offset] > 0
+        prior_pos = cache.slot_positions[block, offset]
+        marked = cache.slot_mass[block, offset] > 0
         gone = (positions[:, None, :, None] - prior_pos.unsqueeze(2) > w) & marked.unsqueeze(2)
         prior_bias = torch.where(gone, hard_bias, 0.0).masked_fill(~valid.unsqueeze(2),
                                                                    float("-inf"))
@@ -281,32 +300,25 @@ class DMSPolicy(CachePolicy):
         leaving = self._leaving(view, view.cache.positions[view.rows])
         return view.blocks_for_next_token(~leaving.any(dim=-1))
 
-    def _leaving(self, view: LayerCacheView, positions: Tensor) -> Tensor:
+    def _leaving(self, view: LayerCacheView, positions: Tensor,
+                 slots: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
         """``[b, hk, t]``: the slot of token ``positions - w`` if it is marked for eviction
         (it leaves the window when the token at ``positions [b]`` is processed)."""
-        block, offset, valid = view.slot_index()
+        block, offset, valid = view.slot_index() if slots is None else slots
         cache = view.cache
-        leaving = cache.slot_positions[block, offset] == (positions - self.dms_window).view(-1, 1, 1)
-        return valid & leaving & (cache.slot_mass[block, offset] > 0)
+        oldest = (positions - self.dms_window).view(-1, 1, 1)
+        return valid & (cache.slot_positions[block, offset] == oldest) & (
+            cache.slot_mass[block, offset] > 0)
 
     def _step(self, view: LayerCacheView, query: Tensor, key: Tensor, value: Tensor,
               evict: Tensor, positions: Tensor, scale: float) -> Tensor:
         """One token per row: rotated ``query [b, hq, d]``, ``key``/``value`` ``[b, hk, d]``,
         decisions ``evict [b, hk]`` at ``positions [b]`` -> ``[b, hq, d]``."""
         b, hq, d = query.shape
-        hk = key.shape[1]
-        cache = view.cache
-        block, offset, valid = view.slot_index()
-        key, value = key.to(cache.layout.dtype), value.to(cache.layout.dtype)  # as stored
-        dtype = torch.promote_types(query.dtype, torch.float32)
-        keys = torch.cat([cache.key_pool[block, offset], key.unsqueeze(2)], dim=2)
-        values = torch.cat([cache.value_pool[block, offset], value.unsqueeze(2)], dim=2)
-        live = F.pad(valid, (0, 1), value=True)
-        q = query.to(dtype).view(b, hk, hq // hk, d) * scale
-        logits = torch.einsum("bkgd,bktd->bkgt", q, keys.to(dtype))
-        probs = logits.masked_fill(~live.unsqueeze(2), float("-inf")).softmax(dim=-1)
-        out = torch.einsum("bkgt,bktd->bkgd", probs, values.to(dtype))
-        leaving = self._leaving(view, positions)
+        key, value = key.to(view.layout.dtype), value.to(view.layout.dtype)  # as stored
+        slots = view.slot_index()
+        out, _, _ = _attend_slots_and_new_token(view, slots, query, key, value, scale)
+        leaving = self._leaving(view, positions, slots)
         reuse = leaving.any(dim=-1)  # [b, hk]: token t takes the leaving token's slot
         flag = evict.float()
         if not view.append(key.unsqueeze(2), value.unsqueeze(2), (~reuse).unsqueeze(-1),

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, Decisions, decision_logits, sample_logistic_noise, zero_decision_channel
+from nemo_dmc.core import (
+    DMCConfig,
+    Decisions,
+    decision_logits,
+    sample_logistic_noise,
+    zero_decision_channel,
+)
 from nemo_dmc.core.attention import Accumulate
 from nemo_dmc.methods.base import DecisionRecord, Noise, Prepared, register
 from nemo_dmc.methods.dmc import PhasedMethod
