@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from nemo_dmc.core import compression_loss, realised_cr
 from nemo_dmc.megatron.attention import MethodSelfAttention
-from nemo_dmc.methods import DMCRecord, KVMethod
+from nemo_dmc.methods import DecisionRecord, KVMethod
 
 
 @dataclass
@@ -76,9 +76,10 @@ def layer_methods(model: nn.Module) -> List[KVMethod]:
 
 
 def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
-    """Statistics of the model's last forward, or ``None`` if no layer took DMC decisions."""
+    """Statistics of the model's last forward, or ``None`` if no layer took trained decisions
+    (DMC merges or DMS evictions: ``merge_fraction`` is then the eviction fraction)."""
     records = [m.method.record for m in method_attentions(model)]
-    if not records or not all(isinstance(r, DMCRecord) for r in records):
+    if not records or not all(isinstance(r, DecisionRecord) for r in records):
         return None
     decisions = [r.decisions for r in records]
     st_sum = torch.stack([d.straight_through.sum() for d in decisions])
