@@ -255,14 +255,16 @@ class DMSPolicy(CachePolicy):
         self.method = method
         self.dms_window = method.settings.window
 
-    def _decide(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Pre-RoPE q/k -> ``(evict [b, hk, c] bool, query, key)`` with hard decisions."""
-        logits, query, key = self.method.decision_logits(query, key)
+    def _decide(self, query: Tensor, key: Tensor,
+                signals: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-RoPE q/k (and adapter signals) -> ``(evict [b, hk, c] bool, query, key)`` with
+        hard decisions."""
+        logits, query, key = self.method.decision_logits(query, key, signals)
         evict = eviction_decisions(logits, self.method.settings, training=False).hard > 0
         return evict, query, key
 
-    def prefill(self, view, query, key, value, positions, counts, rope, scale):
-        evict, query, key = self._decide(query, key)
+    def prefill(self, view, query, key, value, positions, counts, rope, scale, signals=None):
+        evict, query, key = self._decide(query, key, signals)
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
         w, hard_bias = self.dms_window, self.method.settings.hard_bias
         bias = evict.to(torch.float32) * hard_bias
@@ -294,8 +296,8 @@ class DMSPolicy(CachePolicy):
                     torch.cat([marked, evict], dim=2).float())
         return out
 
-    def decode(self, view, query, key, value, positions, rope, scale, step):
-        evict, query, key = self._decide(query, key)
+    def decode(self, view, query, key, value, positions, rope, scale, step, signals=None):
+        evict, query, key = self._decide(query, key, signals)
         query, key = rotate(rope, query, positions), rotate(rope, key, positions)
         return self._step(view, query[:, :, 0], key[:, :, 0], value[:, :, 0], evict[:, :, 0],
                           positions[:, 0], scale).unsqueeze(2)

@@ -35,8 +35,10 @@ from nemo_dmc.core import (
     Decisions,
     decision_logits,
     sample_logistic_noise,
+    signal_logits,
     zero_decision_channel,
 )
+from nemo_dmc.core.config import DECISION_SOURCES
 from nemo_dmc.core.attention import Accumulate
 from nemo_dmc.methods.base import DecisionRecord, Noise, Prepared, register
 from nemo_dmc.methods.dmc import PhasedMethod
@@ -60,6 +62,9 @@ class DMSConfig:
         force_decision: ``"append"`` keeps every token, ``"evict"`` evicts every token once
             it leaves the window (tests, "DMS off"); ``None`` uses the learned decisions.
         hard_bias: additive score bias of an evicted key outside the window (hard decisions).
+        decision_source: ``"channel"`` (repurposed channel D-1, zeroed in q/k) or ``"adapter"``
+            (a zero-initialised decision adapter reads the attention input, q/k intact; see
+            :attr:`DMCConfig.decision_source`).
     """
 
     window: int = 512
@@ -70,8 +75,12 @@ class DMSConfig:
     loss_weight: float = DMCConfig.loss_weight
     force_decision: Optional[str] = None
     hard_bias: float = DMCConfig.hard_bias
+    decision_source: str = DMCConfig.decision_source
 
     def __post_init__(self) -> None:
+        if self.decision_source not in DECISION_SOURCES:
+            raise ValueError(f"dms.decision_source must be one of {', '.join(DECISION_SOURCES)}, "
+                             f"got {self.decision_source!r}")
         if self.window < 1:
             raise ValueError(f"dms.window must be >= 1, got {self.window}")
         if not self.target_cr >= 1:
@@ -87,15 +96,19 @@ class DMSConfig:
                              f"{self.force_decision!r}")
 
 
-def channel_eviction_logits(query: Tensor, key: Tensor,
-                            settings: DMSConfig) -> Tuple[Tensor, Tensor, Tensor]:
-    """The decision source: eviction logits ``s * k[D-1] - c`` ``[b, hk, s]`` (>= fp32) from
-    pre-RoPE keys ``[b, hk, s, D]``, and ``q``/``k`` with channel D-1 zeroed for attention.
-
-    The one place DMS computes its logits: another source (e.g. an adapter from the hidden
-    state, leaving q/k intact) replaces this function.
-    """
-    logits = decision_logits(key, settings.init_offset, settings.decision_scale)
+def eviction_logits(query: Tensor, key: Tensor, settings: DMSConfig,
+                    signals: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The decision source: eviction logits ``[b, hk, s]`` (>= fp32) and the q/k attention
+    sees. ``channel``: ``s * k[D-1] - c`` from pre-RoPE keys ``[b, hk, s, D]``, channel D-1
+    then zeroed in q and k; ``adapter``: ``s * x - c`` from the decision adapter's
+    ``signals [b, hk, s, 1]``, q and k intact."""
+    c, scale = settings.init_offset, settings.decision_scale
+    if settings.decision_source == "adapter":
+        if signals is None:
+            raise ValueError("dms with decision_source='adapter' needs the decision adapter's "
+                             "signals")
+        return signal_logits(signals[..., 0], c, scale), query, key
+    logits = decision_logits(key, c, scale)
     return logits, zero_decision_channel(query), zero_decision_channel(key)
 
 
@@ -146,17 +159,19 @@ class DMSMethod(PhasedMethod):
 
     name = "dms"
     settings_class = DMSConfig
+    adapter_signals = 1  # an eviction signal per KV head
 
-    def decision_logits(self, query: Tensor, key: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """``(logits [b, hk, s], query, key)`` from pre-RoPE q/k (see
-        :func:`channel_eviction_logits`); every DMS path (training, reference, cache policy)
+    def decision_logits(self, query: Tensor, key: Tensor, signals: Optional[Tensor] = None
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(logits [b, hk, s], query, key)`` from pre-RoPE q/k or the adapter's signals
+        (see :func:`eviction_logits`); every DMS path (training, reference, cache policy)
         takes its decisions from here."""
-        return channel_eviction_logits(query, key, self.settings)
+        return eviction_logits(query, key, self.settings, signals)
 
     def decide(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
                noise: Noise, accumulate: Accumulate,
                signals: Optional[Tensor] = None) -> Prepared:
-        logits, query, key = self.decision_logits(query, key)
+        logits, query, key = self.decision_logits(query, key, signals)
         sampled = noise() if training and self.settings.force_decision is None else None
         decisions = eviction_decisions(logits, self.settings, training, sampled)
         self.record = DMSRecord(slots=kept_slots(decisions.hard, self.settings.window),

@@ -21,11 +21,13 @@ from nemo_dmc.methods.dms import DMSConfig, DMSMethod
 
 def simulate_dms(query: Tensor, key: Tensor, value: Tensor, settings: DMSConfig,
                  rope: Optional[RoPE] = None,
-                 softmax_scale: Optional[float] = None) -> SimulationResult:
+                 softmax_scale: Optional[float] = None,
+                 signals: Optional[Tensor] = None) -> SimulationResult:
     """Run DMS inference one token at a time with hard decisions.
 
     Args:
         query: ``[b, hq, s, d]`` pre-RoPE queries; key, value: ``[b, hk, s, d]`` pre-RoPE.
+        signals: ``[b, hk, s, 1]`` decision-adapter signals (``decision_source="adapter"``).
 
     Returns:
         :class:`~nemo_dmc.core.SimulationResult`: ``decisions`` 1 = evict; ``cache_lengths``
@@ -35,7 +37,7 @@ def simulate_dms(query: Tensor, key: Tensor, value: Tensor, settings: DMSConfig,
     hk = key.shape[1]
     group = hq // hk
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    logits, q_zeroed, k_zeroed = DMSMethod(settings).decision_logits(query, key)
+    logits, q_zeroed, k_zeroed = DMSMethod(settings).decision_logits(query, key, signals)
     output = torch.zeros_like(query)
     decisions = torch.zeros(b, hk, s, dtype=query.dtype)
     lengths = torch.zeros(b, hk, dtype=torch.long)

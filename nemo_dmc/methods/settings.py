@@ -3,7 +3,8 @@
 
 * ``dmc``: the checkpoint's own :class:`~nemo_dmc.core.DMCConfig` (hard decisions);
 * ``dms``: :class:`~nemo_dmc.methods.dms.DMSConfig` taking the decision parameterisation
-  (offset, scale, temperature, hard bias, target, loss weight) from that ``DMCConfig``, and
+  (offset, scale, temperature, hard bias, target, loss weight, decision source) from that
+  ``DMCConfig``, and
   the eviction ``window`` (default: the settings class's);
 * ``vanilla``: plain attention, no compression (channel D-1 used as is);
 * an eviction method (``h2o``, ``tova``, ``streaming``, or any registered
@@ -34,7 +35,7 @@ def settings_for(method: str, dmc: DMCConfig, ratio: Optional[float] = None,
         return dmc
     if method == "dms":
         shared = ("init_offset", "decision_scale", "temperature", "hard_bias", "target_cr",
-                  "loss_weight")
+                  "loss_weight", "decision_source")
         values = {name: getattr(dmc, name) for name in shared}
         return DMSConfig(**values) if window is None else DMSConfig(window=window, **values)
     if method == "vanilla":
