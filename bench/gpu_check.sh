@@ -94,8 +94,8 @@ step kernels_decode 120 \
   "\$PY bench/kernels_decode.py --gpu-sizes --steps 30" \
   "\$PY bench/gpu_check_args.py bench/kernels_decode.py --gpu-sizes --steps 30 && \$PY bench/kernels_decode.py --context 256 --batch 2 --steps 2"
 step decode 200 \
-  "\$PY bench/decode.py --device cuda --shape gpu --contexts 8192 --batches 8 16 --ratios 4 --steps 10 --threads 4" \
-  "\$PY bench/gpu_check_args.py bench/decode.py --device cuda --shape gpu --contexts 8192 --batches 8 16 --ratios 4 --steps 10 --threads 4 && \$PY bench/decode.py --device cpu --contexts 128 --batches 2 --ratios 4 --steps 1 --threads 1"
+  "\$PY bench/decode.py --device cuda --shape gpu --contexts 8192 --batches 8 16 --ratios 4 --steps 10 --threads 8" \
+  "\$PY bench/gpu_check_args.py bench/decode.py --device cuda --shape gpu --contexts 8192 --batches 8 16 --ratios 4 --steps 10 --threads 8 && \$PY bench/decode.py --device cpu --contexts 128 --batches 2 --ratios 4 --steps 1 --threads 1"
 step kernels_training 120 \
   "\$PY bench/kernels_training.py --kv-heads 8 --steps 10" \
   "\$PY bench/gpu_check_args.py bench/kernels_training.py --kv-heads 8 --steps 10 && \$PY bench/kernels_training.py --seq 64 --heads 2 --kv-heads 1 --dim 16 --steps 1 --threads 1"
