@@ -67,14 +67,15 @@ def _wire_decisions(model: torch.nn.Module, shape: ModelConfig, cr: float, seed:
 
 
 def build_bench_models(ratios: List[float], shape: ModelConfig = BENCH_SHAPE,
-                       window: int = 12, seed: int = 0) -> BenchModels:
-    """One vanilla model and one DMC model per target ratio, on the same base weights."""
+                       window: int = 12, seed: int = 0, bf16: bool = False) -> BenchModels:
+    """One vanilla model and one DMC model per target ratio, on the same base weights
+    (built on CPU; ``bf16``: bf16 parameters, so the paged cache is bf16 too)."""
     torch.manual_seed(seed)
-    vanilla = build_model(shape, method=None).eval()
+    vanilla = build_model(shape, method=None, bf16=bf16).eval()
     base = vanilla.state_dict()
     models = {}
     for cr in ratios:
-        model = build_model(shape, DMCConfig(window=window)).eval()
+        model = build_model(shape, DMCConfig(window=window), bf16=bf16).eval()
         model.load_state_dict(base)
         if cr > 1.0:
             _wire_decisions(model, shape, cr, seed + int(cr * 100))
@@ -91,10 +92,15 @@ def merge_table(model: torch.nn.Module, shape: ModelConfig = BENCH_SHAPE) -> tor
     return (flags > 0).view(shape.vocab_size, shape.num_layers, shape.kv_heads)
 
 
-def timed(fn: Callable[[], object]) -> Tuple[float, float]:
-    """``(wall seconds, CPU seconds of this process)`` of one call."""
+def timed(fn: Callable[[], object], cuda: bool = False) -> Tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)`` of one call (``cuda``: synchronised
+    before and after, so the wall time covers the queued device work)."""
+    if cuda:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

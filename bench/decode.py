@@ -12,6 +12,14 @@ gets random keys/values); ``--fill prefill`` runs the real chunked prefill inste
 long contexts).
 
 Usage: python bench/decode.py [--contexts 1024 2048 ...] [--batches 1 4 8 16] [--steps 7]
+       python bench/decode.py --device cuda --shape gpu --contexts 8192 --batches 8 16 \
+           --ratios 4 --steps 10          # on a GPU: bf16, a 4-layer 7B-like shape (head dim 128)
+
+``--device cuda`` moves the models and caches to the GPU (the paged engine then runs the
+Triton kernels; megatron's static cache runs its unfused local-spec attention) and times
+each step between CUDA synchronisations. ``--shape gpu`` (bf16 by default) is 4 layers of
+a Llama-2-7B-like width with 8 KV heads, so at 8k context the KV reads are a large share of
+each decode step, as on a real model; the default ``bench`` shape is the tiny CPU one.
 """
 
 from __future__ import annotations
@@ -24,34 +32,41 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from bench_model import BENCH_SHAPE, build_bench_models, machine_line, median, merge_table, timed
+from nemo_dmc.core import ModelConfig
 from nemo_dmc.inference import DMCModelRunner
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 
 BLOCK = 16
+SHAPES = {"bench": BENCH_SHAPE,
+          "gpu": ModelConfig(num_layers=4, hidden_size=4096, num_attention_heads=32,
+                             num_query_groups=8, ffn_hidden_size=14336, vocab_size=32000,
+                             seq_length=16384)}
+SHAPE = BENCH_SHAPE  # set by main() from --shape
 
 
 def _fill_synthetic(runner: DMCModelRunner, merges: torch.Tensor, context: int) -> None:
     """Write random states for ``context`` tokens per row, merging per ``merges [b, L, hk, s]``."""
     cache, (b, layers, hk, _) = runner.cache, merges.shape
-    rows = torch.arange(b)
+    device = merges.device
+    rows = torch.arange(b, device=device)
     d = runner.head_dim
     for start in range(0, context, 2048):
         c = min(2048, context - start)
         for layer in range(layers):
-            states = torch.randn(b, hk, c, d)
+            states = torch.randn(b, hk, c, d, device=device)
             assert cache.commit(rows, layer, states, states, merges[:, layer, :, start:start + c],
-                                torch.full((b,), c))
+                                torch.full((b,), c, device=device))
     cache.positions[rows] = context
 
 
 def _engine_variant(model, force, prompts: torch.Tensor, fill: str, steps: int) -> Dict:
     b, context = prompts.shape
-    layers, hk = BENCH_SHAPE.num_layers, BENCH_SHAPE.kv_heads
+    layers, hk = SHAPE.num_layers, SHAPE.kv_heads
     if force == "append":
-        merges = torch.zeros(b, layers, hk, context, dtype=torch.bool)
+        merges = torch.zeros(b, layers, hk, context, dtype=torch.bool, device=prompts.device)
     else:
-        merges = merge_table(model)[prompts].permute(0, 2, 3, 1)  # [b, L, hk, s]
+        merges = merge_table(model, SHAPE)[prompts].permute(0, 2, 3, 1)  # [b, L, hk, s]
     merges[..., 0] = False
     lengths = context - merges.sum(-1)
     blocks = int(((lengths + steps + BLOCK) // BLOCK).sum()) + b * layers * hk
@@ -65,20 +80,23 @@ def _engine_variant(model, force, prompts: torch.Tensor, fill: str, steps: int) 
     g = torch.Generator().manual_seed(1)
 
     def step() -> None:
-        runner.decode(rows, torch.randint(0, BENCH_SHAPE.vocab_size, (b,), generator=g))
+        runner.decode(rows, torch.randint(0, SHAPE.vocab_size, (b,), generator=g))
 
     return {"step": step, "runner": runner}
 
 
 def _megatron_variant(model, prompts: torch.Tensor, fill: str, steps: int) -> Dict:
     b, context = prompts.shape
+    device = prompts.device
     ctx = StaticInferenceContext(b, context + steps + 1)
     with torch.no_grad():
         if fill == "prefill":
-            model(prompts, torch.arange(context).expand(b, context), causal_attention_mask(context),
+            model(prompts, torch.arange(context, device=device).expand(b, context),
+                  causal_attention_mask(context, device),
                   inference_context=ctx, runtime_gather_output=True)
         else:
-            model(prompts[:, :1], torch.zeros(b, 1, dtype=torch.long), causal_attention_mask(1),
+            model(prompts[:, :1], torch.zeros(b, 1, dtype=torch.long, device=device),
+                  causal_attention_mask(1, device),
                   inference_context=ctx, runtime_gather_output=True)
             for keys, values in ctx.key_value_memory_dict.values():
                 keys.normal_()
@@ -88,9 +106,9 @@ def _megatron_variant(model, prompts: torch.Tensor, fill: str, steps: int) -> Di
     g = torch.Generator().manual_seed(1)
 
     def step() -> None:
-        tokens = torch.randint(0, BENCH_SHAPE.vocab_size, (b, 1), generator=g)
+        tokens = torch.randint(0, SHAPE.vocab_size, (b, 1), generator=g).to(device)
         with torch.no_grad():
-            model(tokens, torch.full((b, 1), ctx.sequence_len_offset), None,
+            model(tokens, torch.full((b, 1), ctx.sequence_len_offset, device=device), None,
                   inference_context=ctx, runtime_gather_output=True)
         ctx.sequence_len_offset += 1
 
@@ -100,8 +118,10 @@ def _megatron_variant(model, prompts: torch.Tensor, fill: str, steps: int) -> Di
 def run_point(models, ratios: List[float], context: int, batch: int, steps: int, fill: str,
               megatron: bool) -> Dict[str, float]:
     """Median wall and CPU milliseconds per decode step of every variant, realised ratios."""
-    prompts = torch.randint(0, BENCH_SHAPE.vocab_size, (batch, context),
-                            generator=torch.Generator().manual_seed(context + batch))
+    device = models.vanilla.embedding.word_embeddings.weight.device
+    prompts = torch.randint(0, SHAPE.vocab_size, (batch, context),
+                            generator=torch.Generator().manual_seed(context + batch)).to(device)
+    cuda = device.type == "cuda"
     variants: Dict[str, Dict] = {"off": _engine_variant(models.dmc[ratios[0]], "append", prompts,
                                                         fill, steps)}
     for cr in ratios:
@@ -111,7 +131,7 @@ def run_point(models, ratios: List[float], context: int, batch: int, steps: int,
     times: Dict[str, List] = {k: [] for k in variants}
     for i in range(steps + 1):
         for name, v in variants.items():
-            t = timed(v["step"])
+            t = timed(v["step"], cuda)
             if i:  # the first step of each variant is a warm-up
                 times[name].append(t)
     result = {}
@@ -134,15 +154,30 @@ def main() -> None:
     parser.add_argument("--fill", choices=["synthetic", "prefill"], default="synthetic")
     parser.add_argument("--no-megatron", action="store_true", help="skip megatron's static cache")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                        help="auto: cuda when available")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bfloat16 for --shape gpu, else float32")
     args = parser.parse_args()
 
+    global SHAPE
+    SHAPE = SHAPES[args.shape]
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and args.shape == "gpu")
     torch.set_num_threads(args.threads)
     parallel.initialize(tensor_parallel_size=1, seed=0)
-    models = build_bench_models(args.ratios)
-    s = BENCH_SHAPE
+    models = build_bench_models(args.ratios, SHAPE, bf16=bf16)
+    models.vanilla.to(device)
+    for model in models.dmc.values():
+        model.to(device)
+    s = SHAPE
     print(f"model: {s.num_layers} layers, hidden {s.hidden_size}, {s.num_attention_heads} heads / "
-          f"{s.kv_heads} KV, head dim {s.head_dim}, vocab {s.vocab_size}, fp32; DMC window 12; "
-          f"block {BLOCK}; fill {args.fill}; median of {args.steps} interleaved steps")
+          f"{s.kv_heads} KV, head dim {s.head_dim}, vocab {s.vocab_size}, "
+          f"{'bf16' if bf16 else 'fp32'}; DMC window 12; block {BLOCK}; fill {args.fill}; "
+          f"median of {args.steps} interleaved steps; device "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     print(machine_line())
     cols = ["megatron"] * (not args.no_megatron) + ["off"] + [f"cr{r:g}" for r in args.ratios]
     header = ["context", "batch"] + [f"{c} ms (cpu ms)" for c in cols]

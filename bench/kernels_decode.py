@@ -2,7 +2,10 @@
 vanilla cache at CR 1 through the same kernel) and the fused decode cache update.
 
 Per-head lengths at CR r are spread evenly over [0.5, 1.5] x context / r (mean context / r);
-the vanilla cache holds the whole context in every head. "KV read" counts the key and value
+the vanilla cache holds the whole context in every head; at CR 1 a "torch SDPA (dense)" row
+also times PyTorch's scaled_dot_product_attention over the same keys/values gathered once into
+a contiguous [b, kv_heads, context, d] cache (a vanilla non-paged decode baseline; its
+FlashAttention / memory-efficient backends on CUDA). "KV read" counts the key and value
 bytes of the slots the attention reads (what a bandwidth-bound kernel moves). Triton rows run
 only on CUDA; on CPU the reference rows run at small default sizes.
 
@@ -69,6 +72,24 @@ def _lengths(args, cr: float, device) -> torch.Tensor:
     return (mean * (0.5 + spread)).round().clamp_min(1).long().view(shape).to(device)
 
 
+def _dense_sdpa(cache: Dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """SDPA over the paged cache's keys/values copied once into contiguous ``[b, hk, s, d]``
+    (every head full, as at CR 1); the returned function ignores the paged arguments."""
+    tables, lengths = cache["block_tables"], cache["lengths"]
+    s = int(lengths.max())
+    bs = cache["key_pool"].shape[1]
+    dense = [pool[tables.clamp_min(0)].flatten(2, 3)[:, :, :s].contiguous()
+             for pool in (cache["key_pool"], cache["value_pool"])]  # [b, hk, s, d]
+    query = cache["query"].unsqueeze(2)  # [b, h, 1, d]
+    assert s <= tables.shape[-1] * bs
+
+    def run(scale: float, **_) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, dense[0], dense[1], scale=scale, enable_gqa=True).squeeze(2)
+
+    return run
+
+
 def bench_attention(args, device, use_triton: bool) -> List[Dict]:
     """Rows for the reference (and Triton) attention at CR r and at CR 1."""
     rows, scale = [], args.head_dim ** -0.5
@@ -85,6 +106,12 @@ def bench_attention(args, device, use_triton: bool) -> List[Dict]:
             ref = references.paged_decode_attention(**cache, scale=scale)
             err = (paged_decode_attention(**cache, scale=scale).float() - ref.float()).abs().max()
             print(f"  {label}: triton vs reference max |diff| = {float(err):.2e}")
+        if cr == 1:
+            sdpa = _dense_sdpa(cache)
+            impls.append(("torch SDPA (dense)", sdpa))
+            ref = references.paged_decode_attention(**cache, scale=scale)
+            err = (sdpa(scale=scale).float() - ref.float()).abs().max()
+            print(f"  {label}: torch SDPA (dense) vs reference max |diff| = {float(err):.2e}")
         for name, fn in impls:
             ms = _median_ms(lambda: fn(**cache, scale=scale), args.steps, device.type == "cuda")
             rows.append(dict(kernel=f"decode attention, {name}", cache=label,
@@ -151,6 +178,12 @@ def _print(rows: List[Dict], args) -> None:
         print(f"| {r['kernel']} | {r['cache']} | {r['slots']:.0f} | {mib:.1f} MiB "
               f"| {r['ms']:.3f} | {rate:.1f} |")
     by = {(r["kernel"], r["cache"]): r for r in rows}
+    sdpa = by.get(("decode attention, torch SDPA (dense)", "vanilla (CR 1)"))
+    for impl in ("triton", "torch reference"):
+        dmc = by.get((f"decode attention, {impl}", f"CR {args.cr:g}"))
+        if dmc and sdpa:
+            print(f"{impl} at CR {args.cr:g} vs torch SDPA over a dense vanilla cache: "
+                  f"{sdpa['ms'] / dmc['ms']:.2f}x")
     for impl in ("triton", "torch reference"):
         dmc = by.get((f"decode attention, {impl}", f"CR {args.cr:g}"))
         van = by.get((f"decode attention, {impl}", "vanilla (CR 1)"))

@@ -70,10 +70,11 @@ def _max_head_dim(dtype: torch.dtype) -> int:
 
 def dmc_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   state_bias: torch.Tensor, softmax_scale=None, mask=None,
-                  dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention with the DMC per-key bias; see :func:`nemo_dmc.core.dmc_attention`.
-    The fused kernel covers the training case (no extra mask, no dropout, equal q/k/v
-    dtypes other than fp64); anything else takes the reference."""
+                  dropout_p: float = 0.0, bias_window: int = 0) -> torch.Tensor:
+    """Causal attention with the DMC per-key bias (applied where ``t - i > bias_window``:
+    DMS's window); see :func:`nemo_dmc.core.dmc_attention`. The fused kernel covers the
+    training case (no extra mask, no dropout, equal q/k/v dtypes other than fp64); anything
+    else takes the reference."""
     fused = (mask is None and dropout_p == 0.0 and query.dtype in _TRAINING_DTYPES
              and query.dtype == key.dtype == value.dtype
              and query.shape[-1] <= _max_head_dim(query.dtype)
@@ -81,10 +82,10 @@ def dmc_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if fused and use_triton(query):
         from nemo_dmc.kernels.dmc_attention import dmc_attention as kernel
 
-        return kernel(query, key, value, state_bias, softmax_scale)
+        return kernel(query, key, value, state_bias, softmax_scale, bias_window=bias_window)
     from nemo_dmc.core.attention import dmc_attention as reference
 
-    return reference(query, key, value, state_bias, softmax_scale, mask, dropout_p)
+    return reference(query, key, value, state_bias, softmax_scale, mask, dropout_p, bias_window)
 
 
 # -- inference: decode step ---------------------------------------------------------------------

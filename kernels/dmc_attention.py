@@ -1,16 +1,17 @@
 """Fused (FlashAttention-style) causal attention with the DMC per-key survival bias.
 
 Same result as :func:`nemo_dmc.core.dmc_attention` without a mask or dropout:
-``score[i, j] = scale * q_i . k_j + bias_j`` for ``j < i``, ``scale * q_i . k_i`` on the
-exempt diagonal, ``-inf`` for ``j > i``. Scores never leave SRAM: the forward keeps a running
+``score[i, j] = scale * q_i . k_j + bias_j`` for ``i - j > window``, ``scale * q_i . k_j`` in
+the exempt band ``0 <= i - j <= window`` (the diagonal for DMC, ``window = 0``; DMS's eviction
+window), ``-inf`` for ``j > i``. Scores never leave SRAM: the forward keeps a running
 max and sum per query row (online softmax) and stores ``out`` and the row log-sum-exp
 ``lse``; memory is ``O(S)`` per head. GQA: query head ``h`` reads KV head ``h // groups``.
 
 Backward (recomputing ``P = exp(score - lse)``, with ``Delta_i = dO_i . O_i``):
 ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - Delta)``, ``dQ = scale dS K``,
-``dK = scale dS^T Q``, and the bias gradient ``dbias_j = sum_{i > j} dS_ij`` (summed over the
-query heads of the group). The key-side kernel owns one KV head's key block and loops over
-its group's query heads, so no atomics are needed.
+``dK = scale dS^T Q``, and the bias gradient ``dbias_j = sum_{i - j > window} dS_ij`` (summed
+over the query heads of the group). The key-side kernel owns one KV head's key block and
+loops over its group's query heads, so no atomics are needed.
 """
 
 from __future__ import annotations
@@ -46,18 +47,18 @@ def _load_block(ptr, rows, dims, seq, head_dim, stride_s):
 
 
 @triton.jit
-def _scores(q, k, bias, rows, cols, seq, scale, PRECISION: tl.constexpr):
-    """DMC scores ``[rows, cols]`` (fp32): scaled dot products, per-key bias below the
-    diagonal, ``-inf`` above it and outside the sequence."""
+def _scores(q, k, bias, rows, cols, seq, scale, window, PRECISION: tl.constexpr):
+    """DMC scores ``[rows, cols]`` (fp32): scaled dot products, per-key bias more than
+    ``window`` below the diagonal, ``-inf`` above it and outside the sequence."""
     s = _dot(q, tl.trans(k), PRECISION) * scale
-    s += tl.where(cols[None, :] < rows[:, None], bias[None, :], 0.0)
+    s += tl.where(cols[None, :] + window < rows[:, None], bias[None, :], 0.0)
     valid = (cols[None, :] <= rows[:, None]) & (rows < seq)[:, None] & (cols < seq)[None, :]
     return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
 def _attn_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, seq, head_dim, heads, groups, scale,
-              sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
+              window, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr):
     """Grid ``(query blocks, b * hq)``: output rows and their log-sum-exp."""
@@ -79,7 +80,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, seq, head_dim, head
         k = _load_block(k_ptr, cols, dims, seq, head_dim, sks)
         v = _load_block(v_ptr, cols, dims, seq, head_dim, svs)
         bias = tl.load(bias_ptr + cols, mask=cols < seq, other=0.0).to(tl.float32)
-        s = _scores(q, k, bias, rows, cols, seq, scale, PRECISION)
+        s = _scores(q, k, bias, rows, cols, seq, scale, window, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         rescale = tl.exp(m_i - m_new)
@@ -97,7 +98,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr, seq, head_dim, head
 
 @triton.jit
 def _attn_bwd_kv(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
-                 dk_ptr, dv_ptr, dbias_ptr, seq, head_dim, heads, groups, scale,
+                 dk_ptr, dv_ptr, dbias_ptr, seq, head_dim, heads, groups, scale, window,
                  sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -128,11 +129,12 @@ def _attn_bwd_kv(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
             do = _load_block(do_head, rows, dims, seq, head_dim, sds)
             lse = tl.load(lse_ptr + row_head + rows, mask=rows < seq, other=0.0)
             delta = tl.load(delta_ptr + row_head + rows, mask=rows < seq, other=0.0)
-            p = tl.exp(_scores(q, k, bias, rows, cols, seq, scale, PRECISION) - lse[:, None])
+            p = tl.exp(_scores(q, k, bias, rows, cols, seq, scale, window, PRECISION)
+                       - lse[:, None])
             dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION)
             ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
             dk += _dot(tl.trans(ds).to(q.dtype), q, PRECISION)
-            dbias += tl.sum(tl.where(cols[None, :] < rows[:, None], ds, 0.0), axis=0)
+            dbias += tl.sum(tl.where(cols[None, :] + window < rows[:, None], ds, 0.0), axis=0)
     mask = (cols < seq)[:, None] & (dims < head_dim)[None, :]
     offs = bhk.to(tl.int64) * seq * head_dim + cols[:, None] * head_dim + dims[None, :]
     tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask)
@@ -143,7 +145,7 @@ def _attn_bwd_kv(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr,
 
 @triton.jit
 def _attn_bwd_q(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                seq, head_dim, heads, groups, scale,
+                seq, head_dim, heads, groups, scale, window,
                 sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -167,7 +169,8 @@ def _attn_bwd_q(q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_pt
         k = _load_block(k_ptr, cols, dims, seq, head_dim, sks)
         v = _load_block(v_ptr, cols, dims, seq, head_dim, svs)
         bias = tl.load(bias_ptr + cols, mask=cols < seq, other=0.0).to(tl.float32)
-        p = tl.exp(_scores(q, k, bias, rows, cols, seq, scale, PRECISION) - lse[:, None])
+        p = tl.exp(_scores(q, k, bias, rows, cols, seq, scale, window, PRECISION)
+                   - lse[:, None])
         ds = p * (_dot(do, tl.trans(v), PRECISION) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     mask = (rows < seq)[:, None] & (dims < head_dim)[None, :]
@@ -189,7 +192,7 @@ class DMCAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor, scale: float,
-                blocks: tuple[int, int, int, int, int]) -> Tensor:
+                blocks: tuple[int, int, int, int, int], window: int) -> Tensor:
         query, key, value = _unit_last(query), _unit_last(key), _unit_last(value)
         bias = state_bias.contiguous()
         b, hq, seq, dim = query.shape
@@ -199,10 +202,11 @@ class DMCAttention(torch.autograd.Function):
         meta = _meta(query, dim)
         grid = (triton.cdiv(seq, block_m), b * hq)
         _attn_fwd[grid](query, key, value, bias, out, lse, seq, dim, hq, hq // key.shape[1], scale,
-                        *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+                        window, *_strides(query), *_strides(key), *_strides(value), *_strides(out),
                         BLOCK_M=block_m, BLOCK_N=block_n, **meta)
         ctx.save_for_backward(query, key, value, bias, out, lse)
         ctx.scale, ctx.blocks, ctx.bias_dtype = scale, blocks, state_bias.dtype
+        ctx.window = window
         return out
 
     @staticmethod
@@ -221,11 +225,11 @@ class DMCAttention(torch.autograd.Function):
         strides = (*_strides(query), *_strides(key), *_strides(value), *_strides(grad))
         _attn_bwd_kv[(triton.cdiv(seq, kv_n), b * hk)](
             query, key, value, bias, grad, lse, delta, dk, dv, dbias, seq, dim, hq, hq // hk,
-            ctx.scale, *strides, BLOCK_M=kv_m, BLOCK_N=kv_n, **meta)
+            ctx.scale, ctx.window, *strides, BLOCK_M=kv_m, BLOCK_N=kv_n, **meta)
         _attn_bwd_q[(triton.cdiv(seq, q_m_n), b * hq)](
             query, key, value, bias, grad, lse, delta, dq, seq, dim, hq, hq // hk, ctx.scale,
-            *strides, BLOCK_M=q_m_n, BLOCK_N=kv_m, **meta)
-        return dq, dk, dv, dbias.to(ctx.bias_dtype), None, None
+            ctx.window, *strides, BLOCK_M=q_m_n, BLOCK_N=kv_m, **meta)
+        return dq, dk, dv, dbias.to(ctx.bias_dtype), None, None, None
 
 
 def _meta(query: Tensor, dim: int) -> dict:
@@ -239,7 +243,7 @@ def _meta(query: Tensor, dim: int) -> dict:
 
 def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
                   softmax_scale: Optional[float] = None, block_m: int = 64, block_n: int = 64,
-                  block_bwd: tuple[int, int, int] = (32, 64, 64)) -> Tensor:
+                  block_bwd: tuple[int, int, int] = (32, 64, 64), bias_window: int = 0) -> Tensor:
     """Triton version of :func:`nemo_dmc.core.dmc_attention` without mask and dropout.
 
     Args:
@@ -250,6 +254,7 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
         block_m, block_n: forward query/key tile sizes (>= 16, powers of two).
         block_bwd: ``(query tile, key tile)`` of the key-side backward kernel and the query
             tile of the query-side one (its key tile is the first entry).
+        bias_window: the bias applies where ``t - i > bias_window`` (0: DMC; DMS's window).
 
     Returns:
         ``[b, hq, s, d]`` in the dtype of ``value``, laid out like ``query``.
@@ -264,4 +269,7 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
     if query.shape[0] * hq > 65535:  # grid axis 1 (b * hq programs) is limited to 65535
         raise ValueError(f"batch * heads = {query.shape[0] * hq} exceeds the grid limit 65535")
     scale = softmax_scale if softmax_scale is not None else query.shape[-1] ** -0.5
-    return DMCAttention.apply(query, key, value, state_bias, scale, (block_m, block_n, *block_bwd))
+    if bias_window < 0:
+        raise ValueError(f"bias_window must be >= 0, got {bias_window}")
+    return DMCAttention.apply(query, key, value, state_bias, scale, (block_m, block_n, *block_bwd),
+                              int(bias_window))

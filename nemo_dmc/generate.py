@@ -54,7 +54,7 @@ class GenerateConfig:
     method: the KV method the model runs: ``dmc`` (the checkpoint's DMC settings),
         ``vanilla`` (plain attention, channel D-1 used as is) or an eviction method (``h2o``,
         ``tova``, ``streaming``) at compression ``ratio``, keeping ``sinks`` first tokens
-        (streaming).
+        (streaming), or ``dms`` (learned eviction from channel D-1, delayed by ``window``).
     """
 
     load: Optional[str] = None
@@ -65,6 +65,7 @@ class GenerateConfig:
     method: str = "dmc"
     ratio: Optional[float] = None
     sinks: int = 4
+    window: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     dmc: DMCConfig = field(default_factory=DMCConfig)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
@@ -132,7 +133,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
 
     if cfg.prompt_token_ids is None and not cfg.prompts:
         raise ValueError("prompts: give at least one prompt (or prompt_token_ids)")
-    settings_for(cfg.method, cfg.dmc, cfg.ratio, cfg.sinks)  # bad method/ratio: fail early
+    settings_for(cfg.method, cfg.dmc, cfg.ratio, cfg.sinks, cfg.window)  # bad keys: fail early
     params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                             top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
                             stop_token_ids=tuple(cfg.sampling.stop_token_ids),
@@ -141,7 +142,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
     try:
         model, model_cfg, dmc, resolved = build_inference_model(
             cfg.load, cfg.model, cfg.dmc, key="load",
-            method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks))
+            method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks, cfg.window))
         path = find_tokenizer_path(cfg.tokenizer, resolved)
         special = read_special_tokens(resolved.path) if resolved is not None else None
         tokenizer = load_tokenizer(path, special_tokens=special) if path is not None else None
@@ -175,7 +176,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
                           f"{cfg.engine.force_decision or 'learned'}")
             else:
                 method = f"method {cfg.method}" + (f" at ratio {cfg.ratio:g}"
-                                                   if cfg.method != "vanilla" else "")
+                                                   if cfg.ratio is not None else "")
             print(f"model: {model_cfg.num_layers} layers, {model_cfg.num_attention_heads} heads / "
                   f"{model_cfg.kv_heads} KV, weights {source}; {method}; tokenizer {path}",
                   flush=True)

@@ -60,3 +60,7 @@ def test_export_hf_method_writes_the_chosen_kv_method(tmp_path, monkeypatch):
                                    "sinks": 2}
     assert convert_main(["export-hf", "--input", str(run), "--output", str(tmp_path / "bad"),
                          "--method", "h2o"]) == 2  # an eviction method needs --ratio
+    assert convert_main(["export-hf", "--input", str(run), "--output", str(tmp_path / "dms"),
+                         "--method", "dms", "--window", "16"]) == 0
+    dms = json.loads((tmp_path / "dms" / "config.json").read_text())["kv_method"]
+    assert dms["name"] == "dms" and dms["window"] == 16

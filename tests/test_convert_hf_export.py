@@ -118,14 +118,16 @@ def test_hf_generate_creates_its_cache(megatron_tp1, tmp_path):
         assert hf.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 8)
 
 
-@pytest.mark.parametrize("method", ["vanilla", "h2o", "tova", "streaming"])
+@pytest.mark.parametrize("method", ["vanilla", "h2o", "tova", "streaming", "dms"])
 def test_hf_export_of_another_kv_method_runs_it_in_forward_and_generate(megatron_tp1, tmp_path,
                                                                         method):
     from nemo_dmc.inference import EngineConfig, SamplingParams, generate
     from nemo_dmc.methods import settings_for
 
     seed_all(7)
-    settings = settings_for(method, DMCConfig(), ratio=2.0, sinks=1)
+    dms = method == "dms"  # offset 0: a random init evicts about half, after a 3-token delay
+    settings = settings_for(method, DMCConfig(init_offset=0.0), ratio=None if dms else 2.0,
+                            sinks=1, window=3 if dms else None)
     model = build_model(TINY_GQA, settings)
     save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", method=settings)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -140,3 +142,5 @@ def test_hf_export_of_another_kv_method_runs_it_in_forward_and_generate(megatron
     engine = generate(model, [row.tolist() for row in ids], SamplingParams(max_new_tokens=8),
                       EngineConfig(max_batch_size=2), vocab_size=TINY_GQA.vocab_size)
     assert [row.tolist() for row in cached[:, 9:]] == [list(r.tokens) for r in engine]
+    assert all((r.cache.compression_ratio > 1.0) == (method != "vanilla") for r in engine)
+

@@ -257,6 +257,16 @@ def test_eviction_method_reports_its_realised_ratio(megatron_tp1, tmp_path, toke
     assert results["heatmap"] is not None
 
 
+def test_dms_method_reports_window_plus_survivors(megatron_tp1, tmp_path, tokenizer):
+    run_dir = _run_dir(tmp_path / "run", tokenizer)
+    results = run(_compose(f"load={run_dir}", "data.num_sequences=4", "passkey.enabled=false",
+                           "method=dms", "window=8"))
+    assert (run_dir / "evaluation" / "dms_w8" / "results.json").is_file()
+    cr = results["compression"]["cr"]
+    assert 1.3 < cr < 128 / 8  # init offset 0 (the run's dmc.*): about half evicted
+    assert results["config"]["window"] == 8 and results["heatmap"] is not None
+
+
 def test_a_misspelt_key_fails_naming_it():
     with pytest.raises(ConfigCompositionException) as err:
         _compose("load=x", "passkey.lenghts=[64]")
@@ -272,7 +282,8 @@ def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatc
 @pytest.mark.parametrize("overrides, key", [((), "load"), (("load=x", "method=h2o"), "ratio"),
                                             (("load=x", "method=lru"), "method"),
                                             (("load=x", "kv.dtype=int3"), "kv.dtype"),
-                                            (("load=x", "seq_length=0"), "seq_length")])
+                                            (("load=x", "seq_length=0"), "seq_length"),
+                                            (("load=x", "window=4"), "window")])
 def test_bad_values_are_errors_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"^{key}: "):
         _compose(*overrides).validate()

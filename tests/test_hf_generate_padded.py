@@ -26,8 +26,27 @@ def _prompts(*lengths: int) -> list[torch.Tensor]:
     return [torch.randint(1, TINY_GQA.vocab_size, (n,), generator=gen) for n in lengths]
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone(megatron_tp1, tmp_path):
-    _, hf = _dmc_export(tmp_path, seed=8)
+def _dms_export(tmp_path):
+    """A tiny DMS model (window 3, offset 0: about half evicted) exported to transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_dmc.checkpoints.sharding import gather_full_state
+    from nemo_dmc.convert.hf_export import save_hf_checkpoint
+    from nemo_dmc.megatron.model import build_model
+    from nemo_dmc.megatron.parallel import seed_all
+    from nemo_dmc.methods import DMSConfig
+
+    seed_all(8)
+    settings = DMSConfig(window=3, init_offset=0.0)
+    save_hf_checkpoint(gather_full_state(build_model(TINY_GQA, settings)), TINY_GQA,
+                       tmp_path / "hf", method=settings)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+
+
+@pytest.mark.parametrize("method", ["dmc", "dms"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(megatron_tp1, tmp_path,
+                                                                      method):
+    hf = _dmc_export(tmp_path, seed=8)[1] if method == "dmc" else _dms_export(tmp_path)
     prompts = _prompts(11, 6)
     ids, mask = _left_padded(prompts)
     cache = DMCCache(hf.config, batch_size=2, max_length=11 + 12)
@@ -69,3 +88,4 @@ def test_a_chunk_of_only_padding_is_rejected(megatron_tp1, tmp_path):
     cache.set_left_padding(mask)
     with torch.no_grad(), pytest.raises(ValueError, match="only padding"):
         hf(ids[:, :3], past_key_values=cache, use_cache=True)
+

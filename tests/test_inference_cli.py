@@ -165,6 +165,33 @@ def test_generate_cli_runs_the_chosen_kv_method(megatron_tp1, tmp_path, capsys, 
     assert (results[0].cache.compression_ratio == 1.0) == (method == "vanilla")
 
 
+def test_generate_cli_runs_dms_with_its_window(megatron_tp1, tmp_path, capsys):
+    _trainer_run(tmp_path / "run", stages=(("finetune", 2),))
+    prompt = [5, 17, 200, 9, 100, 3, 250, 8]
+    model, _, dmc, _ = build_inference_model(
+        tmp_path / "run", TINY_GQA, DMCConfig(),
+        method=lambda dmc: settings_for("dms", dmc, window=2))
+    vocab = load_tokenizer(tmp_path / "run" / "tokenizer").vocab_size
+    expected = _greedy_tokens(model, prompt, 6, vocab)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=[
+            f"load={tmp_path / 'run'}", f"prompt_token_ids=[{prompt}]", "method=dms",
+            "window=2", "sampling.max_new_tokens=6", "sampling.stop_at_eod=false",
+            "engine.max_sequence_length=32", "engine.block_size=2"])
+    results = run(OmegaConf.to_object(cfg))
+    assert "method dms" in capsys.readouterr().out
+    assert results[0].tokens == expected
+    assert results[0].cache.compression_ratio >= 1.0
+    assert (results[0].cache.head_lengths >= 2).all()
+
+
+def test_a_window_for_a_method_other_than_dms_is_an_error_naming_the_key(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(ValueError, match="^window: "):
+        run(GenerateConfig(method="dmc", window=4, prompt_token_ids=[[1, 2]]))
+
+
 def test_an_eviction_method_without_a_ratio_is_an_error_naming_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     with pytest.raises(ValueError, match="^ratio: "):

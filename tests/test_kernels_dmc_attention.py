@@ -132,3 +132,16 @@ def test_megatron_dmc_training_step_through_kernels_matches_torch(megatron_tp1, 
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 5, 20], ids=lambda w: f"window{w}")
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_kernel_matches_reference_with_a_windowed_bias_as_dms_uses(window, hard):
+    inputs = _inputs(1, 4, 2, 37, 16, hard=hard)
+    out, grads = _grads(lambda *a: kernel(*a, bias_window=window, **SMALL_BLOCKS), inputs)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(lambda *a: reference(*a, bias_window=window), ref_inputs)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for name, got, want in zip(("q", "k", "v", "state_bias"), grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+    assert grads[3][..., -window:].abs().max() == 0  # the last keys never left the window

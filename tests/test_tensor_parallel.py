@@ -1,5 +1,6 @@
-"""Tensor parallelism: a TP=2 DMC model equals the TP=1 model with the same weights."""
+"""Tensor parallelism: a TP=2 DMC (or DMS) model equals the TP=1 model with the same weights."""
 
+import pytest
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
@@ -11,8 +12,10 @@ from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.stats import collect_dmc_stats
+from nemo_dmc.methods import DMSConfig
 
 DMC = DMCConfig(init_offset=0.0, window=4)  # offset 0: a random init merges about half
+DMS = DMSConfig(init_offset=0.0, window=4)  # ... or evicts about half (after a 4-token delay)
 
 
 def _run(model) -> dict:
@@ -45,20 +48,21 @@ def _compare(ref: dict, got: dict, label: str) -> None:
                                    msg=f"{label} grad {name}")
 
 
-def _tp_worker(rank: int, world: int) -> None:
+def _tp_worker(rank: int, world: int, settings=DMC) -> None:
     parallel.initialize(tensor_parallel_size=1, seed=0)
-    model = build_model(TINY_GQA, DMC)
+    model = build_model(TINY_GQA, settings)
     full_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
     reference = _run(model)
     parallel.initialize(tensor_parallel_size=2, seed=0)
-    sharded = build_model(TINY_GQA, DMC)
+    sharded = build_model(TINY_GQA, settings)
     sharded.load_state_dict(shard_full_state(full_state, sharded))
     _compare(reference, _run(sharded), f"rank {rank} tp=2")
     parallel.shutdown()
 
 
-def test_tp2_matches_tp1_logits_dmc_loss_and_gradients_for_gqa():
-    run_distributed(_tp_worker, 2)
+@pytest.mark.parametrize("settings", [DMC, DMS], ids=["dmc", "dms"])
+def test_tp2_matches_tp1_logits_dmc_loss_and_gradients_for_gqa(settings):
+    run_distributed(_tp_worker, 2, settings)
 
 
 def _heads_not_dividing_worker(rank: int, world: int) -> None:

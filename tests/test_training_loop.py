@@ -353,3 +353,20 @@ def test_progress_bar_is_drawn_on_the_logging_rank_only(tmp_path, capsys):
     assert other._bar is None and not (tmp_path / "rank1").exists()
     err = capsys.readouterr().err
     assert "retrofit" in err and "5/10" in err
+
+
+def test_method_dms_trains_eviction_through_the_same_stages(train, tmp_path):
+    summaries = train(tmp_path, "method=dms", "window=4", "stage=[zero_out,retrofit]",
+                      "stage.zero_out.steps=2", "stage.retrofit.steps=3")
+    assert [s.stage for s in summaries] == ["zero_out", "retrofit"]
+    retrofit = records(tmp_path, "retrofit")
+    assert retrofit and all(r["dmc_loss"] > 0 for r in retrofit)  # zeroed channel: keeps all
+    cfg = micro_config(tmp_path, "method=dms", "window=4")
+    assert cfg.method_settings().window == 4
+
+
+def test_a_window_without_method_dms_is_an_error_naming_the_key(tmp_path):
+    from nemo_dmc.training.config import validate_config
+
+    with pytest.raises(ConfigError, match="^window: "):
+        validate_config(micro_config(tmp_path, "window=4"), world_size=1, cuda_available=False)

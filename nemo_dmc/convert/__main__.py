@@ -125,7 +125,8 @@ def _export_hf(args: argparse.Namespace) -> int:
             from nemo_dmc.core import DMCConfig
             from nemo_dmc.methods import settings_for
 
-            method = settings_for(args.method, dmc or DMCConfig(), args.ratio, args.sinks)
+            method = settings_for(args.method, dmc or DMCConfig(), args.ratio, args.sinks,
+                                  args.window)
             print(f"[convert] exporting with the {args.method} KV method: {method}", flush=True)
         tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
         special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
@@ -163,12 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             exp.add_argument("--tokenizer", type=Path, default=None,
                              help="HF dir, tokenizer.json or .gguf (default: the run's)")
             exp.add_argument("--method", default=None,
-                             help="KV method of the export (dmc, vanilla, h2o, tova, streaming; "
-                                  "default: the checkpoint's own, see --format)")
+                             help="KV method of the export (dmc, dms, vanilla, h2o, tova, "
+                                  "streaming; default: the checkpoint's own, see --format)")
             exp.add_argument("--ratio", type=float, default=None,
                              help="compression ratio of an eviction --method")
             exp.add_argument("--sinks", type=int, default=4,
                              help="attention sinks of --method streaming")
+            exp.add_argument("--window", type=int, default=None,
+                             help="eviction delay of --method dms (default: DMSConfig's)")
         exp.set_defaults(func=func)
     args = parser.parse_args(argv)
     from nemo_dmc.checkpoints.atomic import check_output

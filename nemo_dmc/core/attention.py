@@ -3,6 +3,9 @@
 Query ``t`` attends to its own open state ``t`` (no bias) and to every earlier state ``i``
 with the additive bias ``log(1 - alpha_{i+1})``: the log probability that state ``i`` is
 still in the cache, i.e. that token ``i + 1`` did not merge into it.
+
+The per-key bias applies where ``t - i > bias_window``: 0 for DMC (every earlier state), the
+eviction delay ``w`` for DMS (``nemo_dmc.methods.dms``: a key is exempt while in the window).
 """
 
 from __future__ import annotations
@@ -26,17 +29,19 @@ from nemo_dmc.core.decisions import (
 )
 
 
-def dmc_score_bias(state_bias: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def dmc_score_bias(state_bias: Tensor, mask: Optional[Tensor] = None,
+                   bias_window: int = 0) -> Tensor:
     """Dense additive score bias ``[b, hk, s, s]`` from per-key ``state_bias`` ``[b, hk, s]``.
 
-    ``bias[t, i] = state_bias[i]`` for ``i < t``, ``0`` for ``i == t``, ``-inf`` for ``i > t``.
+    ``bias[t, i] = state_bias[i]`` for ``t - i > bias_window``, ``0`` for
+    ``0 <= t - i <= bias_window``, ``-inf`` for ``i > t``.
     ``mask`` (bool, True = masked, broadcastable to ``[b, 1, s, s]``) is applied on top.
     """
     s = state_bias.shape[-1]
     ones = torch.ones(s, s, dtype=torch.bool, device=state_bias.device)
     causal = torch.zeros(s, s, dtype=state_bias.dtype, device=state_bias.device)
     causal = causal.masked_fill(ones.triu(1), float("-inf"))
-    bias = torch.where(ones.tril(-1), state_bias.unsqueeze(-2), causal)
+    bias = torch.where(ones.tril(-1 - bias_window), state_bias.unsqueeze(-2), causal)
     if mask is not None:
         bias = bias.masked_fill(mask, float("-inf"))
     return bias
@@ -44,7 +49,7 @@ def dmc_score_bias(state_bias: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 
 def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
                   softmax_scale: Optional[float] = None, mask: Optional[Tensor] = None,
-                  dropout_p: float = 0.0) -> Tensor:
+                  dropout_p: float = 0.0, bias_window: int = 0) -> Tensor:
     """Attention of queries over DMC states (same result as adding :func:`dmc_score_bias`).
 
     The per-key bias rides in the score GEMM as one extra channel
@@ -59,6 +64,7 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
         mask: optional extra bool mask (True = masked), e.g. for padding; causality is
             always applied. The own-state diagonal is never masked, so a fully masked
             (padding) query row stays finite instead of turning into NaN.
+        bias_window: the bias applies where ``t - i > bias_window`` (0: DMC; DMS's window).
 
     Returns:
         ``[b, hq, s, d]``.
@@ -70,6 +76,9 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
     dtype = torch.promote_types(query.dtype, torch.float32)  # scores and softmax in >= fp32
     q = query.reshape(b * hk, groups * s, d).to(dtype) * scale
     k = key.reshape(b * hk, s, d).to(dtype)
+    if bias_window > 0:
+        return _windowed_bias_attention(q, k, value, state_bias, mask, dropout_p, bias_window,
+                                        query.shape)
     q_ext = torch.cat([q, q.new_ones(b * hk, groups * s, 1)], dim=-1)
     k_ext = torch.cat([k, state_bias.reshape(b * hk, s, 1).to(dtype)], dim=-1)
     scores = torch.matmul(q_ext, k_ext.transpose(1, 2)).view(b, hk, groups, s, s)
@@ -84,6 +93,26 @@ def dmc_attention(query: Tensor, key: Tensor, value: Tensor, state_bias: Tensor,
         probs = F.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, value.reshape(b * hk, s, d))
     return out.view(b, hq, s, d)
+
+
+def _windowed_bias_attention(q: Tensor, k: Tensor, value: Tensor, state_bias: Tensor,
+                             mask: Optional[Tensor], dropout_p: float, bias_window: int,
+                             shape: torch.Size) -> Tensor:
+    """:func:`dmc_attention` for ``bias_window > 0``: scaled ``q [b*hk, G*s, d]`` and
+    ``k [b*hk, s, d]`` (>= fp32) with the bias added only outside the window band."""
+    b, hq, s, d = shape
+    hk = state_bias.shape[1]
+    scores = torch.matmul(q, k.transpose(1, 2)).view(b, hk, hq // hk, s, s)
+    bias = dmc_score_bias(state_bias.to(q.dtype), bias_window=bias_window)  # [b, hk, s, s]
+    scores = scores + bias.unsqueeze(2)
+    if mask is not None:  # the query's own key stays visible (finite padding rows)
+        diagonal = torch.eye(s, dtype=torch.bool, device=q.device)
+        scores = scores.masked_fill(mask.reshape(mask.shape[0], 1, 1, s, s) & ~diagonal,
+                                    float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b * hk, -1, s)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, value.reshape(b * hk, s, d)).view(b, hq, s, d)
 
 
 RoPE = Callable[[Tensor, Tensor], Tensor]

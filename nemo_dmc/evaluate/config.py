@@ -72,8 +72,9 @@ class EvaluateConfig:
 
     load: the checkpoint (as for ``nemo_dmc.generate``: run / stage / step dir, NeMo 2 dir,
         convert weights dir, or ``.pt``). tokenizer: ``null`` = the training run's.
-    method: ``dmc`` | ``vanilla`` (plain attention) | ``h2o`` | ``tova`` | ``streaming``
-        (eviction at compression ``ratio``, keeping ``sinks`` first tokens).
+    method: ``dmc`` | ``dms`` (learned eviction delayed by ``window``) | ``vanilla`` (plain
+        attention) | ``h2o`` | ``tova`` | ``streaming`` (eviction at compression ``ratio``,
+        keeping ``sinks`` first tokens).
     output_dir: ``null`` = ``<checkpoint dir>/evaluation/<method>[_<ratio>]``.
     heatmap: write the per-(layer, KV head) CR heatmap PNG (not for ``vanilla``; matplotlib).
     seq_length: tokens per held-out sequence and longest passkey prompt (``null`` = the
@@ -86,6 +87,7 @@ class EvaluateConfig:
     method: str = "dmc"
     ratio: Optional[float] = None
     sinks: int = 4
+    window: Optional[int] = None
     output_dir: Optional[str] = None
     seed: int = 1234
     heatmap: bool = True
@@ -120,6 +122,9 @@ class EvaluateConfig:
         elif self.ratio is not None:
             raise ValueError(f"ratio: only the eviction methods ({', '.join(eviction_methods())}) "
                              f"take a ratio; method={self.method} sets its own")
+        if self.window is not None and (self.method != "dms" or self.window < 1):
+            raise ValueError(f"window: only method=dms takes an eviction window (>= 1), got "
+                             f"window={self.window} with method={self.method}")
         if self.sinks < 0:
             raise ValueError(f"sinks: must be >= 0, got {self.sinks}")
         if self.data.valid_prefixes and self.data.source not in (None, "indexed"):

@@ -46,7 +46,8 @@ class NemoDMCLM(TemplateLM):
     """A nemo-dmc checkpoint as an lm-eval ``LM`` (see module docstring)."""
 
     def __init__(self, load: str, tokenizer: Optional[str] = None, method: str = "dmc",
-                 ratio: Optional[float] = None, sinks: int = 4, max_length: Optional[int] = None,
+                 ratio: Optional[float] = None, sinks: int = 4, window: Optional[int] = None,
+                 max_length: Optional[int] = None,
                  max_gen_toks: int = 256, batch_size: int | str = 1,
                  tensor_model_parallel_size: int = 1, seed: int = 1234,
                  device: Optional[str] = None, **unused: Any) -> None:
@@ -65,6 +66,7 @@ class NemoDMCLM(TemplateLM):
                              f"methods {', '.join(eviction_methods())}")
         self.method, self.sinks = method, int(sinks)
         self.ratio = None if ratio is None else float(ratio)
+        self.window = None if window is None else int(window)  # dms: eviction delay
         # A free port unless a launcher set one; the launcher variables are restored once the
         # process group exists, so later subprocesses do not inherit this one's rank and port.
         with local_rendezvous():
@@ -72,7 +74,7 @@ class NemoDMCLM(TemplateLM):
                                 seed=int(seed))
         self.model, self.model_config, _, resolved = build_inference_model(
             load, ModelConfig(), DMCConfig(), key="load",
-            method=lambda dmc: settings_for(method, dmc, self.ratio, self.sinks))
+            method=lambda dmc: settings_for(method, dmc, self.ratio, self.sinks, self.window))
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)

@@ -37,7 +37,9 @@ HEATMAP_FILE = "head_cr_heatmap.png"
 
 
 def method_tag(cfg: EvaluateConfig) -> str:
-    """``dmc``, ``vanilla`` or ``<eviction>_<ratio>`` (e.g. ``h2o_4``)."""
+    """``dmc``, ``vanilla``, ``dms[_w<window>]`` or ``<eviction>_<ratio>`` (e.g. ``h2o_4``)."""
+    if cfg.window is not None:
+        return f"{cfg.method}_w{cfg.window}"
     return cfg.method if cfg.ratio is None else f"{cfg.method}_{cfg.ratio:g}"
 
 
@@ -103,7 +105,7 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     started = time.time()
     model, model_cfg, dmc, resolved = build_inference_model(
         cfg.load, cfg.model, cfg.dmc, key="load",
-        method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks))
+        method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks, cfg.window))
     model_seq_length = model_cfg.seq_length
     model_cfg = replace(model_cfg, seq_length=cfg.sequence_length(model_seq_length))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \

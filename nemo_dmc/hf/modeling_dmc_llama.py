@@ -1,8 +1,8 @@
 """DMC Llama for Hugging Face transformers: Llama whose attention runs a KV method.
 
 Same weights and names as ``LlamaForCausalLM``; each layer builds the method of
-``config.kv_method`` (:mod:`nemo_dmc.methods`: ``dmc`` by default, or ``vanilla``, ``h2o``,
-``tova``, ``streaming``) and calls the same hooks as the megatron model (DMC's decisions,
+``config.kv_method`` (:mod:`nemo_dmc.methods`: ``dmc`` by default, or ``dms``, ``vanilla``,
+``h2o``, ``tova``, ``streaming``) and calls the same hooks as the megatron model (DMC's decisions,
 accumulation and survival bias through ``nemo_dmc.core`` and ``nemo_dmc.kernels.dispatch``),
 so eval logits match the megatron model; ``generate`` keeps the method's compressed cache
 through the inference engine's cache policies (:mod:`nemo_dmc.kvcache.policies`).
@@ -199,7 +199,7 @@ class DMCLlamaAttention(LlamaAttention):
                 torch.zeros(b, hk, s, device=k.device, dtype=torch.float32)
             out = dispatch.dmc_attention(q, k, prepared.value, bias, self.scaling, mask=mask,
                                          dropout_p=self.attention_dropout if self.training
-                                         else 0.0)
+                                         else 0.0, bias_window=prepared.bias_window)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
 
 

@@ -196,16 +196,17 @@ def rope_tables(rope: Optional[RoPE], positions: Tensor, dim: int, dtype: torch.
 
 def prefix_chunk_attention(query: Tensor, prior_keys: Tensor, prior_values: Tensor,
                            prior_bias: Tensor, keys: Tensor, values: Tensor, state_bias: Tensor,
-                           scale: float) -> Tensor:
+                           scale: float, bias_window: int = 0) -> Tensor:
     """Chunk queries over the cached slots of earlier chunks plus the chunk's own states.
 
-    The chunk part follows :func:`nemo_dmc.core.dmc_score_bias` (causal, survival bias, no
-    bias on a query's own state).
+    The chunk part follows :func:`nemo_dmc.core.dmc_score_bias` (causal, survival bias where
+    ``t - i > bias_window``: DMC's exempt own state, or DMS's window).
 
     Args:
         query: ``[b, hq, c, d]``; prior_keys, prior_values: ``[b, hk, t, d]`` cached slots;
         prior_bias: ``[b, hk, t]`` (0, ``hard_bias`` for a superseded open slot, ``-inf``
-        for padding); keys, values: ``[b, hk, c, d]`` chunk states; state_bias: ``[b, hk, c]``.
+        for padding), or ``[b, hk, c, t]`` per query (DMS: a marked slot out of the query's
+        window); keys, values: ``[b, hk, c, d]`` chunk states; state_bias: ``[b, hk, c]``.
 
     Returns:
         ``[b, hq, c, d]``.
@@ -216,9 +217,10 @@ def prefix_chunk_attention(query: Tensor, prior_keys: Tensor, prior_values: Tens
     dtype = acc_dtype(query.dtype)
     q = query.reshape(b, hk, g * c, d).to(dtype) * scale
     prior = torch.matmul(q, prior_keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, t)
-    prior = prior + prior_bias.to(dtype).view(b, hk, 1, 1, t)
+    per_query = prior_bias.dim() == 4  # [b, hk, c, t] rather than [b, hk, t]
+    prior = prior + prior_bias.to(dtype).view(b, hk, 1, c if per_query else 1, t)
     own = torch.matmul(q, keys.to(dtype).transpose(-1, -2)).view(b, hk, g, c, c)
-    own = own + dmc_score_bias(state_bias.to(dtype)).unsqueeze(2)
+    own = own + dmc_score_bias(state_bias.to(dtype), bias_window=bias_window).unsqueeze(2)
     probs = torch.softmax(torch.cat([prior, own], dim=-1), dim=-1).to(values.dtype)
     probs = probs.view(b, hk, g * c, t + c)
     out = (torch.matmul(probs[..., :t], prior_values)

@@ -202,6 +202,17 @@ class PagedKVCache:
         if row not in self._free_rows:
             self._free_rows.append(row)
 
+    def release_heads(self, rows: Tensor, layer: int) -> None:
+        """Return the blocks of ``layer`` of ``rows`` to the pool and empty those heads (a
+        policy that drops slots from the middle of a head rewrites it: DMS's chunk prefill)."""
+        table = self.block_tables[rows, layer]
+        used = table[table >= 0]
+        n = used.numel()
+        self._free_blocks[self._num_free:self._num_free + n] = used
+        self._num_free += n
+        self.block_tables[rows, layer] = -1
+        self.lengths[rows, layer] = 0
+
     # -- writing -------------------------------------------------------------------------------
 
     def blocks_needed_for_next_token(self, rows: Tensor) -> int:

@@ -58,7 +58,8 @@ class BiasedCoreAttention(MegatronModule):
     """Causal softmax attention with a per-key score bias (DMC's survival bias) and GQA.
 
     ``attention_bias`` is the compact per-key bias ``[b, hk_local, s]`` from
-    :class:`~nemo_dmc.core.Decisions` (``None``: plain causal attention).
+    :class:`~nemo_dmc.core.Decisions` (``None``: plain causal attention), added where
+    ``t - i > bias_window`` (0: DMC; DMS: its eviction window).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int,
@@ -76,7 +77,8 @@ class BiasedCoreAttention(MegatronModule):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None,
-                attention_bias: Optional[Tensor] = None, packed_seq_params=None) -> Tensor:
+                attention_bias: Optional[Tensor] = None, packed_seq_params=None,
+                bias_window: int = 0) -> Tensor:
         """q ``[s, b, hq, d]``, k/v ``[s, b, hk, d]`` -> ``[s, b, hq * d]``."""
         if packed_seq_params is not None:
             raise ValueError("KV-method attention does not support packed sequences (THD format)")
@@ -89,7 +91,7 @@ class BiasedCoreAttention(MegatronModule):
             attention_bias = torch.zeros(b, hk, s, device=key.device, dtype=torch.float32)
         dropout_p = self.dropout_p if self.training else 0.0
         args = (_to_bhsd(query), _to_bhsd(key), _to_bhsd(value), attention_bias,
-                self.softmax_scale, attention_mask, dropout_p)
+                self.softmax_scale, attention_mask, dropout_p, bias_window)
         if dropout_p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = dispatch.dmc_attention(*args)
@@ -185,21 +187,25 @@ class MethodSelfAttention(SelfAttention):
                                      self.core_attention.softmax_scale)
             core_out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
         else:
-            core_out = self._core_attention(query, key, value, attention_mask, prepared.bias)
+            core_out = self._core_attention(query, key, value, attention_mask, prepared.bias,
+                                            prepared.bias_window)
         return self.linear_proj(core_out)
 
     def _core_attention(self, query: Tensor, key: Tensor, value: Tensor,
-                        mask: Optional[Tensor], score_bias: Optional[Tensor]) -> Tensor:
+                        mask: Optional[Tensor], score_bias: Optional[Tensor],
+                        bias_window: int = 0) -> Tensor:
         """Core attention, recomputed in backward under selective recompute.
 
         megatron's own checkpointed path closes over ``attention_bias``, which would cut its
         gradient; here the bias is an explicit checkpoint input.
         """
         if not (self.checkpoint_core_attention and self.training):
-            return self.core_attention(query, key, value, mask, attention_bias=score_bias)
+            return self.core_attention(query, key, value, mask, attention_bias=score_bias,
+                                       bias_window=bias_window)
 
         def run(q: Tensor, k: Tensor, v: Tensor, m: Optional[Tensor], *bias: Tensor) -> Tensor:
-            return self.core_attention(q, k, v, m, attention_bias=bias[0] if bias else None)
+            return self.core_attention(q, k, v, m, attention_bias=bias[0] if bias else None,
+                                       bias_window=bias_window)
 
         extra = () if score_bias is None else (score_bias,)
         return tensor_parallel.checkpoint(run, False, query, key, value, mask, *extra)

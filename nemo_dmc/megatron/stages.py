@@ -3,7 +3,8 @@ NeMo model alike.
 
 ``pretrain`` trains the model as it is (DMC layers in their ``plain`` phase), ``zero_out``
 decays channel D-1 of q/k and ends by zeroing its projection rows, ``retrofit`` and
-``finetune`` take DMC decisions against the step's target CR.
+``finetune`` take DMC decisions against the step's target CR. DMS layers (decisions from the
+same repurposed channel) follow the same phases.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from torch import nn
 from nemo_dmc.core import Stage, target_cr, zero_out_scale
 from nemo_dmc.megatron.stats import layer_methods
 from nemo_dmc.megatron.zero_out import zero_decision_projections
-from nemo_dmc.methods import DMCMethod, DMCPhase
+from nemo_dmc.methods import DMCPhase, PhasedMethod
 
 
 def set_dmc_phase(model: nn.Module, phase: DMCPhase | str, scale: float = 1.0) -> None:
-    """Put every DMC layer of ``model`` in ``phase`` (error if the model is not DMC)."""
+    """Put every layer of ``model`` in ``phase`` (error unless every layer runs dmc or dms)."""
     methods = layer_methods(model)
-    if not all(isinstance(m, DMCMethod) for m in methods):
+    if not all(isinstance(m, PhasedMethod) for m in methods):
         names = sorted({m.name for m in methods})
-        raise ValueError(f"the DMC stages need a model built with the dmc method, got {names}")
+        raise ValueError(f"the DMC stages need a model built with the dmc or dms method, "
+                         f"got {names}")
     for method in methods:
         method.set_phase(phase, scale)
 

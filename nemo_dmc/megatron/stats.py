@@ -11,7 +11,7 @@ trainer and for NeMo's loss reduction alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from nemo_dmc.core import DMCConfig, dmc_compression_loss, realised_cr
 from nemo_dmc.megatron.attention import MethodSelfAttention
-from nemo_dmc.methods import DMCRecord, KVMethod
+from nemo_dmc.methods import DecisionRecord, KVMethod
 
 
 @dataclass
@@ -46,12 +46,15 @@ class DMCStats:
         """Realised compression ratio of the whole model."""
         return realised_cr(self.merge_fraction)
 
-    def loss(self, target_cr: float, settings: Optional[DMCConfig] = None) -> Tensor:
-        """Compression loss against ``target_cr`` in the form ``settings`` selects
-        (``loss_reduction``, ``balance``, ``balance_cap``; default: the global hinge)."""
-        form = settings or DMCConfig()
-        return dmc_compression_loss(self.head_fraction, target_cr, form.loss_reduction,
-                                    form.balance, form.balance_cap)
+    def loss(self, target_cr: float, settings: Optional[Any] = None) -> Tensor:
+        """Compression loss against ``target_cr`` in the form ``settings`` select
+        (:class:`~nemo_dmc.core.DMCConfig`'s ``loss_reduction``, ``balance``,
+        ``balance_cap``); settings without those fields (DMS's) or none: the global hinge."""
+        default = DMCConfig()
+        form = {key: getattr(settings, key, getattr(default, key))
+                for key in ("loss_reduction", "balance", "balance_cap")}
+        return dmc_compression_loss(self.head_fraction, target_cr, form["loss_reduction"],
+                                    form["balance"], form["balance_cap"])
 
 
 @dataclass
@@ -79,9 +82,10 @@ def layer_methods(model: nn.Module) -> List[KVMethod]:
 
 
 def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
-    """Statistics of the model's last forward, or ``None`` if no layer took DMC decisions."""
+    """Statistics of the model's last forward, or ``None`` if no layer took trained decisions
+    (DMC merges or DMS evictions: ``merge_fraction`` is then the eviction fraction)."""
     records = [m.method.record for m in method_attentions(model)]
-    if not records or not all(isinstance(r, DMCRecord) for r in records):
+    if not records or not all(isinstance(r, DecisionRecord) for r in records):
         return None
     decisions = [r.decisions for r in records]
     # Straight-through decisions averaged over each sequence: [batch, layers, local_kv_heads].

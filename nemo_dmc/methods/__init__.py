@@ -1,11 +1,13 @@
 """KV-compression methods behind one seam (:mod:`.base`); a method is one file here.
 
-Registered: ``vanilla`` (plain attention), ``dmc`` (Dynamic Memory Compression), and the
+Registered: ``vanilla`` (plain attention), ``dmc`` (Dynamic Memory Compression), ``dms``
+(Dynamic Memory Sparsification: learned, delayed eviction), and the
 training-free eviction policies ``h2o``, ``tova``, ``streaming`` (:mod:`.eviction`).
 """
 
 from nemo_dmc.methods.base import (
     ADAPTER_MODULE,
+    DecisionRecord,
     KVMethod,
     LayerRecord,
     Prepared,
@@ -18,7 +20,8 @@ from nemo_dmc.methods.base import (
     settings_to_dict,
 )
 from nemo_dmc.methods.vanilla import VanillaMethod, VanillaSettings
-from nemo_dmc.methods.dmc import DMCMethod, DMCPhase, DMCRecord
+from nemo_dmc.methods.dmc import DMCMethod, DMCPhase, DMCRecord, PhasedMethod
+from nemo_dmc.methods.dms import DMSConfig, DMSMethod, DMSRecord
 from nemo_dmc.methods.eviction import (
     EvictionMethod,
     EvictionRecord,
@@ -40,9 +43,10 @@ def eviction_methods() -> tuple[str, ...]:
 
 __all__ = [
     "ADAPTER_MODULE",
-    "DMCMethod", "DMCPhase", "DMCRecord", "EvictionMethod",
+    "DMCMethod", "DMCPhase", "DMCRecord", "DMSConfig", "DMSMethod", "DMSRecord",
+    "DecisionRecord", "EvictionMethod",
     "EvictionRecord", "EvictionSettings", "EvictionState", "H2OMethod", "H2OSettings", "KVMethod",
-    "LayerRecord", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
+    "LayerRecord", "PhasedMethod", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
     "TOVASettings", "VanillaMethod", "VanillaSettings", "build_method", "evicted_attention",
     "eviction_methods",
     "method_class", "method_names", "method_of", "register", "settings_from_dict",

@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Type
 
 from torch import Tensor
 
+from nemo_dmc.core import Decisions
 from nemo_dmc.core.attention import Accumulate
 
 ADAPTER_MODULE = "decision_adapter"
@@ -49,14 +50,25 @@ class LayerRecord:
 
 
 @dataclass
+class DecisionRecord(LayerRecord):
+    """A layer that took trained per-token decisions (DMC merges, DMS evictions): its
+    :class:`~nemo_dmc.core.Decisions` (``[b, hk, s]`` each), which the model-level statistics
+    and the compression loss read (``hard``, ``straight_through``; 1 = compress)."""
+
+    decisions: Decisions
+
+
+@dataclass
 class Prepared:
     """Tensors attention sees (pre-RoPE, ``[b, h, s, d]``) and the per-key score bias
-    ``[b, hk, s]`` added for every later query (``None``: plain causal attention)."""
+    ``[b, hk, s]`` (``None``: plain causal attention), added to the score of query ``t`` and
+    key ``i`` where ``t - i > bias_window`` (0: every later query, as DMC; DMS: its window)."""
 
     query: Tensor
     key: Tensor
     value: Tensor
     bias: Optional[Tensor] = None
+    bias_window: int = 0
 
 
 class KVMethod:

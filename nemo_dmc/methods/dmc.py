@@ -6,7 +6,8 @@ Training runs in one of three phases, set per step by the stage schedule
 (``nemo_dmc.megatron.stages``): ``plain`` (the model as it was: channel D-1 used as is, no
 decisions; pretraining and the continued-training baseline), ``zero_out`` (channel D-1 of q
 and k scaled towards 0), and ``decide`` (DMC proper; the default, and what evaluation and
-inference use).
+inference use). The phases live in :class:`PhasedMethod`, shared with ``dms``, whose
+decisions come from the same repurposed channel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from nemo_dmc.core import DMCConfig, Decisions, dmc_states
 from nemo_dmc.core.attention import Accumulate
-from nemo_dmc.methods.base import KVMethod, LayerRecord, Noise, Prepared, register
+from nemo_dmc.methods.base import DecisionRecord, KVMethod, Noise, Prepared, register
 
 
 class DMCPhase(str, Enum):
@@ -32,29 +33,28 @@ class DMCPhase(str, Enum):
 
 
 @dataclass
-class DMCRecord(LayerRecord):
-    """A DMC layer's forward: its :class:`~nemo_dmc.core.Decisions` (``[b, hk, s]`` each)."""
-
-    decisions: Decisions
+class DMCRecord(DecisionRecord):
+    """A DMC layer's forward: its :class:`~nemo_dmc.core.Decisions` (1 = merge)."""
 
 
-@register
-class DMCMethod(KVMethod):
-    """Dynamic Memory Compression (Nawrot et al. 2024)."""
+class PhasedMethod(KVMethod):
+    """A method whose trained decisions come from the repurposed channel D-1, switched through
+    the stage schedule's phases (module docstring); subclasses implement :meth:`decide`."""
 
-    name = "dmc"
-    settings_class = DMCConfig
     trains_decisions = True
 
-    def __init__(self, settings: DMCConfig | None = None) -> None:
+    def __init__(self, settings=None) -> None:
         super().__init__(settings)
         self.phase = DMCPhase.DECIDE
         self.zero_out_scale = 1.0
 
+    adapter_signals: int = 1  # signals per KV head a decision adapter gives the method
+
     @property
     def adapter_outputs(self) -> int:
-        """A decision and an importance signal per KV head with ``decision_source="adapter"``."""
-        return 2 if self.settings.decision_source == "adapter" else 0
+        """:attr:`adapter_signals` with ``decision_source="adapter"``, else 0."""
+        adapter = getattr(self.settings, "decision_source", "channel") == "adapter"
+        return self.adapter_signals if adapter else 0
 
     def set_phase(self, phase: DMCPhase | str, zero_out_scale: float = 1.0) -> None:
         """Switch the phase (``zero_out_scale`` multiplies channel D-1 in ``zero_out``)."""
@@ -68,11 +68,32 @@ class DMCMethod(KVMethod):
     def prepare(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
                 noise: Noise, accumulate: Accumulate,
                 signals: Optional[Tensor] = None) -> Prepared:
-        if self.phase is not DMCPhase.DECIDE:
-            if self.phase is DMCPhase.ZERO_OUT:
-                query, key = _scale_decision_channel(query, key, self.zero_out_scale)
-            return super().prepare(query, key, value, training=training, noise=noise,
-                                   accumulate=accumulate)
+        if self.phase is DMCPhase.DECIDE:
+            return self.decide(query, key, value, training=training, noise=noise,
+                               accumulate=accumulate, signals=signals)
+        if self.phase is DMCPhase.ZERO_OUT:
+            query, key = _scale_decision_channel(query, key, self.zero_out_scale)
+        return super().prepare(query, key, value, training=training, noise=noise,
+                               accumulate=accumulate)
+
+    def decide(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
+               noise: Noise, accumulate: Accumulate,
+               signals: Optional[Tensor] = None) -> Prepared:
+        """:meth:`prepare` in the ``decide`` phase (sets a :class:`DecisionRecord`)."""
+        raise NotImplementedError
+
+
+@register
+class DMCMethod(PhasedMethod):
+    """Dynamic Memory Compression (Nawrot et al. 2024)."""
+
+    name = "dmc"
+    settings_class = DMCConfig
+    adapter_signals = 2  # a decision and an importance signal per KV head
+
+    def decide(self, query: Tensor, key: Tensor, value: Tensor, *, training: bool,
+               noise: Noise, accumulate: Accumulate,
+               signals: Optional[Tensor] = None) -> Prepared:
         sampled = noise() if training and self.settings.force_decision is None else None
         query, key, value, decisions = dmc_states(query, key, value, self.settings, training,
                                                   sampled, accumulate=accumulate,

@@ -208,12 +208,19 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
-    """Root of a training run (``python -m nemo_dmc.train``)."""
+    """Root of a training run (``python -m nemo_dmc.train``).
+
+    method: the trained KV method: ``dmc``, or ``dms`` (learned eviction with the decision
+        settings of ``dmc.*`` and the eviction delay ``window``; see
+        :func:`nemo_dmc.methods.settings_for`).
+    """
 
     name: str = "dmc"
     run_dir: str = "runs/dmc"
     seed: int = 1234
     precision: str = "auto"
+    method: str = "dmc"
+    window: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     dmc: DMCSettings = field(default_factory=DMCSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
@@ -224,6 +231,12 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def method_settings(self):
+        """The settings the attention layers run (``method`` over ``dmc.*``)."""
+        from nemo_dmc.methods import settings_for
+
+        return settings_for(self.method, self.dmc.core(), window=self.window)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -284,6 +297,11 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
         raise _named_error(err, "model") from err
     _check_min(cfg.model.pretrain_tokens, "model.pretrain_tokens", 1, allow_none=True)
     _validate_dmc(cfg.dmc)
+    _require(cfg.method in ("dmc", "dms"), "method", f"must be dmc or dms, got {cfg.method!r}")
+    try:
+        cfg.method_settings()
+    except ValueError as err:
+        raise _named_error(err, "window" if cfg.window is not None else "dmc") from err
     _validate_distill(cfg)
     _validate_data(cfg, world_size)
     _validate_optim(cfg.optim)
@@ -321,7 +339,8 @@ def _resume_key(key: str) -> bool:
     if key in RESUME_EXEMPT:
         return False
     dmc_method = key.startswith("dmc.") and key[4:] in {f.name for f in fields(DMCConfig)}
-    return key in RESUME_KEYS or key.startswith("model.") or dmc_method
+    return (key in RESUME_KEYS or key.startswith("model.") or dmc_method
+            or key in ("method", "window"))
 
 
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:

@@ -222,7 +222,7 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
     cuda = torch.cuda.is_available()
     bf16 = use_bf16(cfg, cuda)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    model = build_model(cfg.model, cfg.dmc.core(), sequence_parallel=cfg.parallel.sequence_parallel,
+    model = build_model(cfg.model, cfg.method_settings(), sequence_parallel=cfg.parallel.sequence_parallel,
                         bf16=bf16, recompute_core_attention=cfg.parallel.recompute == "selective")
     frozen_note = None
     if cfg.optim.trainable == "decisions":
