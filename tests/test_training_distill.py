@@ -75,3 +75,12 @@ def test_per_layer_cr_reaches_tensorboard_every_step_and_the_progress_bar(train,
         logged = [e.step for e in events.Scalars(f"retrofit/train/layer_cr/{layer}")]
         assert logged == [1, 2, 3]
     assert "layer_cr=" in capsys.readouterr().err
+
+
+def test_a_dms_student_distils_from_the_same_teacher(train, tmp_path, base):
+    run_dir = tmp_path / "dms"
+    [summary] = train(run_dir, "method=dms", "window=4", "stage=retrofit",
+                      "stage.retrofit.steps=2", "distill=kl", f"checkpoint.pretrained={base}",
+                      "dmc.balance=layer")  # a DMC-only loss form: DMS keeps the global one
+    assert all(r["kl"] >= 0 for r in records(run_dir, "retrofit"))
+    assert summary.validation.kl is not None and summary.validation.lm_loss_noisy is not None
