@@ -16,11 +16,13 @@ from nemo_dmc.methods import VanillaSettings
 
 
 def _logits(seed: int, shape=(2, 5, 64)) -> torch.Tensor:
-    return 3 * torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    return 3 * torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
 def _dense_kl(student, teacher, temperature, direction):
-    """``T^2 KL`` per token with torch's ``kl_div`` (``kl_div(input, target) = KL(target || input)``)."""
+    """``T^2 KL`` per token with torch's ``kl_div`` (``kl_div(input, target)`` =
+    ``KL(target || input)``)."""
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
     pair = (log_s, log_t) if direction == "forward" else (log_t, log_s)

@@ -44,7 +44,8 @@ from nemo_dmc.core.reference import SimulationResult, rotate_half_rope, simulate
 from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 
 __all__ = [
-    "DMCConfig", "Decisions", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult", "Stage",
+    "DMCConfig", "Decisions", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult",
+    "Stage",
     "cap_fraction", "compression_loss", "decision_inputs", "decision_logits",
     "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
