@@ -53,10 +53,19 @@ VANILLA = ["stage=pretrain", f"stage.pretrain.steps={TRAIN_STEPS}",
            "stage.pretrain.warmup_steps=10", "optim.lr=3e-5", "optim.min_lr=3e-6"]
 RETROFIT_SPLIT = (0.8, 0.2)  # retrofit (CR ramp) / fine-tune (at the target) steps
 # name -> (label, trainer overrides); each is run at every --ratios value.
+# Both: decisions from a zero-initialised adapter (q/k intact, so training starts from the
+# original model), only the adapters trained, distilled from the original (KL only: the
+# frozen base has nothing to learn from the tokens themselves).
+ADAPTER = ["dmc.decision_source=adapter", "optim.trainable=decisions", "optim.lr=1e-2",
+           "optim.min_lr=1e-3", "distill=kl", "distill.lm_weight=0", "distill.kl_weight=1"]
 RECIPES: Dict[str, tuple[str, List[str]]] = {
-    "dmc_adapter": ("DMC, adapter decisions, base frozen, distilled",
-                    ["dmc.decision_source=adapter", "optim.trainable=decisions",
-                     "optim.lr=1e-2", "optim.min_lr=1e-3", "distill.enabled=true"]),
+    # A probe at loss weight 1 lagged its ramp (CR 1.27 for target 4 after 80 steps) with one
+    # layer at 10-25x: hinge each layer at the target, cap layers at 3x it, push harder.
+    "dmc_adapter": ("DMC (adapter, base frozen, distilled)",
+                    [*ADAPTER, "dmc.balance=layer", "dmc.balance_cap=3", "dmc.loss_weight=4"]),
+    # A probe (LM loss, weight 1) followed its ramp (4.2x for target 4 after 80 steps).
+    "dms_adapter": ("DMS, window 32 (adapter, base frozen, distilled)",
+                    [*ADAPTER, "method=dms", "window=32"]),
 }
 EVICTION = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (4 sinks + window)"}
 TEXTS = {"pydocs": ["data.source=pydocs", "data.cache_dir=data_cache/pydocs_smollm2"],
@@ -123,6 +132,14 @@ def run_training(run: Runner, layout: Layout, ratios: Sequence[float],
     run.parallel([lambda job=job: train(run, *job) for job in jobs])
 
 
+def eval_method(recipe: str) -> str:
+    """The ``method=`` (and ``window=``) a recipe's checkpoint is evaluated with."""
+    args = RECIPES[recipe][1]
+    method = next((a.split("=", 1)[1] for a in args if a.startswith("method=")), "dmc")
+    window = next((a for a in args if a.startswith("window=")), None)
+    return method if window is None else f"{method} {window}"
+
+
 def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str, text: str,
              ratio: Optional[float] = None, passkey: bool = False) -> None:
     out = layout.eval_dir(f"{name}_{text}")
@@ -131,7 +148,8 @@ def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str, te
         done.unlink()  # evaluated at another ratio: redo
     if done.is_file():
         return
-    args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}",
+    method, *window = method.split()
+    args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}", *window,
             f"output_dir={out}", f"tokenizer={GGUF}", *EVAL, *TEXTS[text],
             *(PASSKEY if passkey else ["passkey.enabled=false"])]
     run(args + ([f"ratio={ratio}"] if ratio is not None else []))
@@ -147,7 +165,7 @@ def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[float],
                    recipes: Sequence[str]) -> None:
     models = [("original", layout.imported, "vanilla"), ("vanilla_continued", layout.vanilla,
                                                          "vanilla")]
-    models += [(f"{name}_cr{ratio:g}", layout.recipe(name, ratio), "dmc")
+    models += [(f"{name}_cr{ratio:g}", layout.recipe(name, ratio), eval_method(name))
                for name in recipes for ratio in ratios]
     first = [(name, load, method, text, None, text == "pydocs")
              for name, load, method in models for text in TEXTS]
