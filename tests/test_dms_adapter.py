@@ -84,3 +84,22 @@ def test_fresh_dms_adapter_model_is_the_original_model(megatron_tp1):
     with torch.no_grad():
         torch.testing.assert_close(dms(*_batch()), vanilla(*_batch()), atol=1e-5, rtol=1e-5)
         assert collect_dmc_stats(dms).merge_fraction.item() == 0.0
+
+
+def test_dms_adapter_hf_export_forward_equals_megatron(megatron_tp1, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nemo_dmc.checkpoints.sharding import gather_full_state
+    from nemo_dmc.convert.hf_export import save_hf_checkpoint
+    from test_convert_hf_export import _ids, _megatron_logits
+
+    seed_all(5)
+    model = build_model(TINY_GQA, DMS).eval()
+    _randomise_adapters(model)
+    save_hf_checkpoint(gather_full_state(model), TINY_GQA, tmp_path / "hf", method=DMS)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = _ids()
+    want = _megatron_logits(model, ids)
+    assert 0.2 < collect_dmc_stats(model).merge_fraction.item() < 0.8
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, use_cache=False).logits, want, atol=2e-5, rtol=1e-5)
