@@ -161,18 +161,36 @@ def state_ratio(layout: Layout, name: str) -> float:
     return kv["vanilla"] / (kv["logical"] + kv["open_state"])
 
 
+def finished(run_dir: Path, stage: str) -> bool:
+    """Whether ``stage`` of the training in ``run_dir`` ran to its last step."""
+    from nemo_dmc.checkpoints.run_dir import latest_checkpoint, read_progress
+
+    latest = latest_checkpoint(REPO / run_dir / "checkpoints" / stage)
+    return latest is not None and read_progress(latest).complete
+
+
 def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[float],
                    recipes: Sequence[str]) -> None:
-    models = [("original", layout.imported, "vanilla"), ("vanilla_continued", layout.vanilla,
-                                                         "vanilla")]
-    models += [(f"{name}_cr{ratio:g}", layout.recipe(name, ratio), eval_method(name))
-               for name in recipes for ratio in ratios]
+    """Evaluate the finished trainings (an unfinished one is skipped, saying so), then the
+    eviction baselines at the KV state each finished retrofit held."""
+    models = [("original", layout.imported, "vanilla")]
+    trained = [("vanilla_continued", layout.vanilla, "vanilla", "pretrain")]
+    trained += [(f"{name}_cr{ratio:g}", layout.recipe(name, ratio), eval_method(name), "finetune")
+                for name in recipes for ratio in ratios]
+    for name, run_dir, method, stage in trained:
+        if run.dry or finished(run_dir, stage):
+            models.append((name, run_dir, method))
+        else:
+            print(f"[eval] {name}: training unfinished in {run_dir}; rerun --steps train first")
     first = [(name, load, method, text, None, text == "pydocs")
              for name, load, method in models for text in TEXTS]
     run.parallel([lambda job=job: evaluate(run, layout, *job) for job in first])
     evictions = []
+    done = {name for name, _, _ in models}
     for name in recipes:
         for ratio in ratios:
+            if f"{name}_cr{ratio:g}" not in done or "vanilla_continued" not in done:
+                continue
             matched = 1.0 if run.dry else round(state_ratio(layout, f"{name}_cr{ratio:g}_pydocs"), 2)
             evictions += [(f"{method}_for_{name}_cr{ratio:g}", layout.vanilla, method, text,
                            matched, text == "pydocs")
