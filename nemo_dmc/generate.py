@@ -36,7 +36,7 @@ from nemo_dmc.inference.config import (  # noqa: E402
     SamplingSettings,
 )
 from nemo_dmc.inference.sampling import SamplingParams  # noqa: E402
-from nemo_dmc.methods import settings_for  # noqa: E402
+from nemo_dmc.methods import choose_method, settings_for  # noqa: E402
 
 if TYPE_CHECKING:  # the engine imports megatron: not for --help
     from nemo_dmc.inference.engine import GenerationResult
@@ -54,7 +54,11 @@ class GenerateConfig:
     method: the KV method the model runs: ``dmc`` (the checkpoint's DMC settings),
         ``vanilla`` (plain attention, channel D-1 used as is) or an eviction method (``h2o``,
         ``tova``, ``streaming``) at compression ``ratio``, keeping ``sinks`` first tokens
-        (streaming), or ``dms`` (learned eviction from channel D-1, delayed by ``window``).
+        (streaming), or ``dms`` (learned eviction from channel D-1, delayed by ``window``);
+        ``null`` = the method the checkpoint's training run recorded (``dmc`` or ``dms``, see
+        :func:`nemo_dmc.methods.choose_method`), else ``dmc``.
+    window: ``dms``'s eviction delay (``null`` = the run's when it trained ``dms``, else
+        DMSConfig's).
     """
 
     load: Optional[str] = None
@@ -62,7 +66,7 @@ class GenerateConfig:
     prompts: List[str] = field(default_factory=list)
     prompt_token_ids: Optional[List[List[int]]] = None
     seed: int = 1234
-    method: str = "dmc"
+    method: Optional[str] = None
     ratio: Optional[float] = None
     sinks: int = 4
     window: Optional[int] = None
@@ -124,7 +128,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
     """Build the model (and tokenizer), generate, print on rank 0, return the results."""
     import torch.distributed as dist
 
-    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path, resolve_checkpoint
     from nemo_dmc.checkpoints.weights import read_special_tokens
     from nemo_dmc.data.tokenizer import load_tokenizer
     from nemo_dmc.inference.engine import generate
@@ -133,7 +137,11 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
 
     if cfg.prompt_token_ids is None and not cfg.prompts:
         raise ValueError("prompts: give at least one prompt (or prompt_token_ids)")
-    settings_for(cfg.method, cfg.dmc, cfg.ratio, cfg.sinks, cfg.window)  # bad keys: fail early
+    resolved = resolve_checkpoint(cfg.load, "load") if cfg.load is not None else None
+    choice = choose_method(cfg.method, cfg.window,
+                           resolved.recorded_method() if resolved is not None else None)
+    method_name, window = choice.method, choice.window
+    settings_for(method_name, cfg.dmc, cfg.ratio, cfg.sinks, window)  # bad keys: fail early
     params = SamplingParams(temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
                             top_p=cfg.sampling.top_p, max_new_tokens=cfg.sampling.max_new_tokens,
                             stop_token_ids=tuple(cfg.sampling.stop_token_ids),
@@ -141,8 +149,8 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
     parallel.initialize(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, seed=cfg.seed)
     try:
         model, model_cfg, dmc, resolved = build_inference_model(
-            cfg.load, cfg.model, cfg.dmc, key="load",
-            method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks, cfg.window))
+            resolved, cfg.model, cfg.dmc, key="load",
+            method=lambda dmc: settings_for(method_name, dmc, cfg.ratio, cfg.sinks, window))
         path = find_tokenizer_path(cfg.tokenizer, resolved)
         special = read_special_tokens(resolved.path) if resolved is not None else None
         tokenizer = load_tokenizer(path, special_tokens=special) if path is not None else None
@@ -171,12 +179,19 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
                                         cfg.engine.max_sequence_length):
                 print(line, file=sys.stderr, flush=True)
             source = resolved.path if resolved is not None else "random initialisation"
-            if cfg.method == "dmc":
+            if choice.note is not None:
+                print(choice.note, flush=True)
+            if method_name == "dmc":
                 method = (f"DMC window {dmc.window}, decisions "
                           f"{cfg.engine.force_decision or 'learned'}")
+            elif method_name == "dms":
+                method = (f"method dms, window "
+                          f"{settings_for('dms', dmc, window=window).window}")
             else:
-                method = f"method {cfg.method}" + (f" at ratio {cfg.ratio:g}"
-                                                   if cfg.ratio is not None else "")
+                method = f"method {method_name}" + (f" at ratio {cfg.ratio:g}"
+                                                    if cfg.ratio is not None else "")
+            if choice.source == "run":
+                method += " (the checkpoint's trained method)"
             print(f"model: {model_cfg.num_layers} layers, {model_cfg.num_attention_heads} heads / "
                   f"{model_cfg.kv_heads} KV, weights {source}; {method}; tokenizer {path}",
                   flush=True)

@@ -283,7 +283,8 @@ def test_missing_checkpoint_is_an_error_naming_the_load_key(tmp_path, monkeypatc
                                             (("load=x", "method=lru"), "method"),
                                             (("load=x", "kv.dtype=int3"), "kv.dtype"),
                                             (("load=x", "seq_length=0"), "seq_length"),
-                                            (("load=x", "window=4"), "window")])
+                                            (("load=x", "method=dmc", "window=4"), "window"),
+                                            (("load=x", "ratio=4"), "ratio")])
 def test_bad_values_are_errors_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"^{key}: "):
         _compose(*overrides).validate()

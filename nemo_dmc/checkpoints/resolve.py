@@ -7,7 +7,7 @@ Accepted ``checkpoint`` paths:
   :func:`nemo_dmc.checkpoints.weights.load_weights_checkpoint`; the run's ``run_config.yaml``
   (written by the trainer into run_dir) or Hydra's ``.hydra/config.yaml``, found only in that
   ``<run>`` (:func:`~nemo_dmc.checkpoints.run_config.find_run_config`), supplies ``model``,
-  ``dmc`` and the tokenizer;
+  ``dmc``, the trained KV ``method`` (and DMS ``window``) and the tokenizer;
 * a NeMo 2 directory (``context/`` + ``weights/``, same loader); its context supplies
   ``model`` and, for a DMC model, ``dmc`` (the shape needs ``nemo`` installed; without it
   the ``model`` settings given are used);
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -38,6 +38,7 @@ from nemo_dmc.checkpoints.nemo_context import (
 from nemo_dmc.checkpoints.run_config import (
     dmc_config_from_run,
     find_run_config,
+    method_from_run,
     model_config_from_run,
 )
 from nemo_dmc.checkpoints.run_dir import latest_in_run
@@ -83,6 +84,17 @@ class ResolvedCheckpoint:
             return self.dmc_config
         if self.model_config is None and self.run_config is not None:
             return dmc_config_from_run(self.run_config)
+        return None
+
+    def recorded_method(self) -> Optional[Tuple[str, Optional[int]]]:
+        """``(method, window)`` of the KV method the checkpoint was trained with: ``("dmc",
+        None)`` for a NeMo 2 DMC context, else the run's ``method``/``window`` (when the
+        checkpoint records no shape of its own, as :meth:`recorded_dmc_config`), else ``None``
+        (nothing recorded: consumers then default to ``dmc``)."""
+        if self.dmc_config is not None:
+            return "dmc", None
+        if self.model_config is None and self.run_config is not None:
+            return method_from_run(self.run_config)
         return None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -66,3 +66,11 @@ def dmc_config_from_run(run_config: Any) -> DMCConfig:
     typed = OmegaConf.merge(OmegaConf.structured(DMCConfig),
                             {k: v for k, v in data.items() if k in known})
     return OmegaConf.to_object(typed)
+
+
+def method_from_run(run_config: Any) -> Tuple[str, Optional[int]]:
+    """``(method, window)`` the run trained: its ``method`` (``dmc`` for runs that predate the
+    key) and, for ``dms``, its eviction ``window`` (``None`` = DMSConfig's default)."""
+    method = run_config.get("method") or "dmc"
+    window = run_config.get("window") if method == "dms" else None
+    return str(method), (None if window is None else int(window))

@@ -4,8 +4,12 @@
     python -m nemo_dmc.convert export-nemo --input <run | stage | step_N | weights dir> --output <dir>
     python -m nemo_dmc.convert export-hf   --input <run | stage | step_N | weights dir> --output <dir>
 
-Exports are DMC models when the checkpoint comes from a nemo-dmc training run (which records
-the DMC settings), plain Llama otherwise; ``--format dmc|plain`` overrides.
+Exports are compressed models when the checkpoint comes from a nemo-dmc training run (which
+records the DMC settings and the trained ``method``): ``export-hf`` writes the run's KV method
+(DMC, or DMS with the run's ``window``; ``--method`` / ``--window`` pick another),
+``export-nemo`` a DMC model (a NeMo 2 context records DMC settings only: a DMS run is refused
+unless ``--format plain`` or ``--format dmc`` says which model to write); plain Llama
+otherwise. ``--format dmc|plain`` overrides.
 
 ``--output`` must be a new or empty folder (``--overwrite`` replaces an existing one, old
 contents kept until the new output is complete), and may not equal or contain the input.
@@ -83,8 +87,8 @@ def _load_for_export(args: argparse.Namespace):
     trained = resolved.run_config is not None
     use_dmc = args.format == "dmc" or (args.format == "auto" and trained)
     print(f"[convert] {shape.num_layers} layers, {shape.num_attention_heads} heads / "
-          f"{shape.kv_heads} KV groups; exporting {'DMC' if use_dmc else 'plain Llama'}",
-          flush=True)
+          f"{shape.kv_heads} KV groups; exporting "
+          f"{'a compressed model' if use_dmc else 'plain Llama'}", flush=True)
     return model, shape, (dmc if use_dmc else None), resolved
 
 
@@ -93,9 +97,20 @@ def _export_nemo(args: argparse.Namespace) -> int:
 
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
+        model, shape, dmc, resolved = _load_for_export(args)
+        trained = resolved.recorded_method()  # (method, window) or None
+        if dmc is not None and trained is not None and trained[0] != "dmc":
+            if args.format == "auto":
+                raise ValueError(
+                    f"--input: {resolved.path} was trained with method={trained[0]}, which a "
+                    "NeMo 2 checkpoint cannot record (its context holds DMC settings only): "
+                    "use export-hf (records the method), --format plain (a plain Llama) or "
+                    "--format dmc (the weights run as DMC: not the model that was trained)")
+            print(f"[convert] note: the checkpoint was trained with method={trained[0]}; "
+                  "exporting it as DMC (--format dmc) is a different model from the one "
+                  "trained", flush=True)
         from nemo_dmc.nemo.checkpoint import export_nemo_checkpoint, recorded_stage_settings
 
-        model, shape, dmc, resolved = _load_for_export(args)
         settings = recorded_stage_settings(resolved)
         if dmc is not None:
             print(f"[convert] NeMo DMC settings: {dmc}, " +
@@ -120,14 +135,21 @@ def _export_hf(args: argparse.Namespace) -> int:
     parallel.initialize(tensor_parallel_size=1, seed=0)
     try:
         model, shape, dmc, resolved = _load_for_export(args)
-        method = dmc
-        if args.method is not None:  # a KV method other than the checkpoint's own
-            from nemo_dmc.core import DMCConfig
-            from nemo_dmc.methods import settings_for
+        from nemo_dmc.core import DMCConfig
+        from nemo_dmc.methods import choose_method, settings_for
 
-            method = settings_for(args.method, dmc or DMCConfig(), args.ratio, args.sinks,
-                                  args.window)
-            print(f"[convert] exporting with the {args.method} KV method: {method}", flush=True)
+        method = dmc
+        if args.method is not None or args.window is not None or dmc is not None:
+            # --method, else the run's own (dmc or dms, with its window) when exporting its method
+            choice = choose_method(args.method, args.window, resolved.recorded_method(),
+                                   method_key="--method", window_key="--window")
+            if choice.note is not None:
+                print(f"[convert] {choice.note}", flush=True)
+            method = settings_for(choice.method, dmc or DMCConfig(), args.ratio, args.sinks,
+                                  choice.window)
+            print(f"[convert] exporting with the {choice.method} KV method"
+                  + (" (the run's)" if choice.source == "run" else "") + f": {method}",
+                  flush=True)
         tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
         special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
         tokenizer = (load_tokenizer(tokenizer_path, special_tokens=special)
@@ -158,20 +180,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exp = sub.add_parser(name, help=text)
         exp.add_argument("--input", required=True, type=Path)
         exp.add_argument("--output", required=True, type=Path)
-        exp.add_argument("--format", choices=("auto", "dmc", "plain"), default="auto")
+        exp.add_argument("--format", choices=("auto", "dmc", "plain"), default="auto",
+                         help="auto: the run's compressed model for a training run, plain "
+                              "Llama otherwise; dmc: a compressed model (export-hf: the run's "
+                              "method, DMC or DMS; export-nemo: DMC); plain: plain Llama")
         exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         if name == "export-hf":
             exp.add_argument("--tokenizer", type=Path, default=None,
                              help="HF dir, tokenizer.json or .gguf (default: the run's)")
             exp.add_argument("--method", default=None,
                              help="KV method of the export (dmc, dms, vanilla, h2o, tova, "
-                                  "streaming; default: the checkpoint's own, see --format)")
+                                  "streaming; default: the checkpoint's own, the method its "
+                                  "run trained, see --format)")
             exp.add_argument("--ratio", type=float, default=None,
                              help="compression ratio of an eviction --method")
             exp.add_argument("--sinks", type=int, default=4,
                              help="attention sinks of --method streaming")
             exp.add_argument("--window", type=int, default=None,
-                             help="eviction delay of --method dms (default: DMSConfig's)")
+                             help="eviction delay of --method dms (default: the run's "
+                                  "when it trained dms, else DMSConfig's)")
         exp.set_defaults(func=func)
     args = parser.parse_args(argv)
     from nemo_dmc.checkpoints.atomic import check_output

@@ -74,8 +74,12 @@ class EvaluateConfig:
         convert weights dir, or ``.pt``). tokenizer: ``null`` = the training run's.
     method: ``dmc`` | ``dms`` (learned eviction delayed by ``window``) | ``vanilla`` (plain
         attention) | ``h2o`` | ``tova`` | ``streaming`` (eviction at compression ``ratio``,
-        keeping ``sinks`` first tokens).
-    output_dir: ``null`` = ``<checkpoint dir>/evaluation/<method>[_<ratio>]``.
+        keeping ``sinks`` first tokens); ``null`` = the method the checkpoint's training run
+        recorded (``dmc`` or ``dms``, see :func:`nemo_dmc.methods.choose_method`), else ``dmc``.
+    window: ``dms``'s eviction delay (``null`` = the run's when it trained ``dms``, else
+        DMSConfig's).
+    output_dir: ``null`` = ``<checkpoint dir>/evaluation/<method>[_w<window>|_<ratio>]`` of
+        the method that runs.
     heatmap: write the per-(layer, KV head) CR heatmap PNG (not for ``vanilla``; matplotlib).
     seq_length: tokens per held-out sequence and longest passkey prompt (``null`` = the
         checkpoint's ``model.seq_length``, at most 1024), e.g. to compare an imported model
@@ -84,7 +88,7 @@ class EvaluateConfig:
 
     load: Optional[str] = None
     tokenizer: Optional[str] = None
-    method: str = "dmc"
+    method: Optional[str] = None
     ratio: Optional[float] = None
     sinks: int = 4
     window: Optional[int] = None
@@ -112,17 +116,19 @@ class EvaluateConfig:
             raise ValueError("load: give the checkpoint to evaluate (load=<run or checkpoint>)")
         if self.seq_length is not None and self.seq_length < 1:
             raise ValueError(f"seq_length: must be >= 1 (or null), got {self.seq_length}")
-        if self.method not in method_names():
-            raise ValueError(f"method: must be one of {', '.join(method_names())}, "
-                             f"got {self.method!r}")
+        if self.method is not None and self.method not in method_names():
+            raise ValueError(f"method: must be one of {', '.join(method_names())} (or null: "
+                             f"the checkpoint's own), got {self.method!r}")
         if self.method in eviction_methods():
             if self.ratio is None or self.ratio < 1.0:
                 raise ValueError(f"ratio: method={self.method} needs a compression ratio >= 1 "
                                  f"(e.g. ratio=4), got {self.ratio}")
         elif self.ratio is not None:
+            method = self.method or "null (the checkpoint's own method)"
             raise ValueError(f"ratio: only the eviction methods ({', '.join(eviction_methods())}) "
-                             f"take a ratio; method={self.method} sets its own")
-        if self.window is not None and (self.method != "dms" or self.window < 1):
+                             f"take a ratio; method={method} sets its own")
+        # method=null: the run's method decides (window on a dmc run fails once it is known)
+        if self.window is not None and (self.method not in (None, "dms") or self.window < 1):
             raise ValueError(f"window: only method=dms takes an eviction window (>= 1), got "
                              f"window={self.window} with method={self.method}")
         if self.sinks < 0:

@@ -3,16 +3,17 @@
 ``loglikelihood`` / ``loglikelihood_rolling`` score whole sequences with one parallel forward
 under the chosen cache policy (hard DMC decisions score exactly as the compressed cache
 would); ``generate_until`` decodes with DMC's compressed paged cache
-(:func:`nemo_dmc.inference.generate`), or, for ``vanilla`` and the eviction policies, greedily
-by full forwards. Model arguments: ``load`` (required), ``tokenizer``, ``method``
-(``dmc`` | ``vanilla`` | ``h2o`` | ``tova`` | ``streaming``), ``ratio``, ``sinks``,
+(:func:`nemo_dmc.inference.generate`), or, for ``dms``, ``vanilla`` and the eviction policies,
+greedily by full forwards. Model arguments: ``load`` (required), ``tokenizer``, ``method``
+(``dmc`` | ``dms`` | ``vanilla`` | ``h2o`` | ``tova`` | ``streaming``; default: the method the
+checkpoint's training run recorded, else ``dmc``), ``ratio``, ``sinks``, ``window`` (``dms``),
 ``max_length`` (default: the model's ``seq_length``), ``max_gen_toks``,
 ``tensor_model_parallel_size``.
 
 Needs the ``eval`` extra (``pip install -c constraints.txt -e ".[eval]"``). Command line::
 
     python -m nemo_dmc.evaluate.lm_eval_adapter --model nemo_dmc \\
-        --model_args load=runs/dmc_tiny,method=dmc --tasks dmc_demo \\
+        --model_args load=runs/dmc_tiny --tasks dmc_demo \\
         --include_path nemo_dmc/evaluate/tasks
 """
 
@@ -35,7 +36,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.methods import eviction_methods, method_names
 from nemo_dmc.evaluate.passkey import full_logits
-from nemo_dmc.methods import settings_for
+from nemo_dmc.methods import choose_method, settings_for
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 """The local demo tasks (``--include_path``): ``dmc_demo`` = choice + continue + rolling."""
@@ -45,36 +46,43 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 class NemoDMCLM(TemplateLM):
     """A nemo-dmc checkpoint as an lm-eval ``LM`` (see module docstring)."""
 
-    def __init__(self, load: str, tokenizer: Optional[str] = None, method: str = "dmc",
+    def __init__(self, load: str, tokenizer: Optional[str] = None, method: Optional[str] = None,
                  ratio: Optional[float] = None, sinks: int = 4, window: Optional[int] = None,
                  max_length: Optional[int] = None,
                  max_gen_toks: int = 256, batch_size: int | str = 1,
                  tensor_model_parallel_size: int = 1, seed: int = 1234,
                  device: Optional[str] = None, **unused: Any) -> None:
         super().__init__()
-        from nemo_dmc.checkpoints.resolve import find_tokenizer_path
+        from nemo_dmc.checkpoints.resolve import find_tokenizer_path, resolve_checkpoint
         from nemo_dmc.data.tokenizer import load_tokenizer
         from nemo_dmc.inference.loading import build_inference_model
         from nemo_dmc.megatron import parallel
         from nemo_dmc.training.launch import local_rendezvous
 
-        if method not in method_names():
+        if method is not None and method not in method_names():
             raise ValueError(f"method: must be one of {', '.join(method_names())}, "
                              f"got {method!r}")
         if (method in eviction_methods()) != (ratio is not None):
             raise ValueError("ratio: give ratio=<float> with (and only with) the eviction "
                              f"methods {', '.join(eviction_methods())}")
-        self.method, self.sinks = method, int(sinks)
+        resolved = resolve_checkpoint(load, "load")
+        # method=None: the method the checkpoint's run trained (dmc or dms), else dmc
+        choice = choose_method(method, None if window is None else int(window),
+                               resolved.recorded_method())
+        if choice.note is not None:
+            print(choice.note, flush=True)
+        self.method, self.sinks = choice.method, int(sinks)
         self.ratio = None if ratio is None else float(ratio)
-        self.window = None if window is None else int(window)  # dms: eviction delay
+        self.window = choice.window  # dms: eviction delay
         # A free port unless a launcher set one; the launcher variables are restored once the
         # process group exists, so later subprocesses do not inherit this one's rank and port.
         with local_rendezvous():
             parallel.initialize(tensor_parallel_size=int(tensor_model_parallel_size),
                                 seed=int(seed))
         self.model, self.model_config, _, resolved = build_inference_model(
-            load, ModelConfig(), DMCConfig(), key="load",
-            method=lambda dmc: settings_for(method, dmc, self.ratio, self.sinks, self.window))
+            resolved, ModelConfig(), DMCConfig(), key="load",
+            method=lambda dmc: settings_for(self.method, dmc, self.ratio, self.sinks,
+                                            self.window))
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
         self.model.to(self.device)

@@ -28,7 +28,7 @@ from nemo_dmc.evaluate.data import (
 )
 from nemo_dmc.evaluate.passkey import PasskeyPrompt, passkey_accuracy, passkey_prompts
 from nemo_dmc.evaluate.perplexity import heldout_perplexity
-from nemo_dmc.methods import settings_for
+from nemo_dmc.methods import MethodChoice, choose_method, settings_for, settings_to_dict
 from nemo_dmc.kvcache.paged import CacheLayout
 from nemo_dmc.megatron.stats import layer_slots
 
@@ -37,10 +37,22 @@ HEATMAP_FILE = "head_cr_heatmap.png"
 
 
 def method_tag(cfg: EvaluateConfig) -> str:
-    """``dmc``, ``vanilla``, ``dms[_w<window>]`` or ``<eviction>_<ratio>`` (e.g. ``h2o_4``)."""
+    """``dmc``, ``vanilla``, ``dms[_w<window>]`` or ``<eviction>_<ratio>`` (e.g. ``h2o_4``) of
+    a config whose method is resolved (:func:`resolve_method`)."""
     if cfg.window is not None:
         return f"{cfg.method}_w{cfg.window}"
     return cfg.method if cfg.ratio is None else f"{cfg.method}_{cfg.ratio:g}"
+
+
+def resolve_method(cfg: EvaluateConfig, resolved) -> Tuple[EvaluateConfig, MethodChoice]:
+    """``cfg`` with ``method`` / ``window`` resolved against the checkpoint ``resolved``
+    (``method: null`` = the method its training run recorded, else ``dmc``; see
+    :func:`~nemo_dmc.methods.choose_method`), and the choice."""
+    recorded = resolved.recorded_method() if resolved is not None else None
+    choice = choose_method(cfg.method, cfg.window, recorded)
+    cfg = replace(cfg, method=choice.method, window=choice.window)
+    cfg.validate()
+    return cfg, choice
 
 
 def output_dir(cfg: EvaluateConfig) -> Path:
@@ -98,14 +110,23 @@ def run(cfg: EvaluateConfig) -> Dict[str, Any]:
 
 
 def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
-    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path, resolve_checkpoint
     from nemo_dmc.data.tokenizer import load_tokenizer
     from nemo_dmc.inference.loading import build_inference_model
 
     started = time.time()
+    resolved = resolve_checkpoint(cfg.load, "load")
+    cfg, choice = resolve_method(cfg, resolved)
+    if choice.note is not None and dist.get_rank() == 0:
+        print(choice.note, flush=True)
+    built: Dict[str, Any] = {}
+
+    def method_settings(dmc):
+        built["settings"] = settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks, cfg.window)
+        return built["settings"]
+
     model, model_cfg, dmc, resolved = build_inference_model(
-        cfg.load, cfg.model, cfg.dmc, key="load",
-        method=lambda dmc: settings_for(cfg.method, dmc, cfg.ratio, cfg.sinks, cfg.window))
+        resolved, cfg.model, cfg.dmc, key="load", method=method_settings)
     model_seq_length = model_cfg.seq_length
     model_cfg = replace(model_cfg, seq_length=cfg.sequence_length(model_seq_length))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
@@ -158,7 +179,9 @@ def _evaluate(cfg: EvaluateConfig) -> Dict[str, Any]:
     out = output_dir(cfg)
     results: Dict[str, Any] = {
         "checkpoint": str(resolved.path) if resolved is not None else None,
-        "load": cfg.load, "method": cfg.method, "ratio": cfg.ratio,
+        "load": cfg.load, "method": cfg.method, "window": cfg.window, "ratio": cfg.ratio,
+        "method_source": choice.source, "method_note": choice.note,
+        "method_settings": settings_to_dict(built["settings"]),
         "model": asdict(model_cfg), "dmc": asdict(dmc),
         "seq_length": {"evaluated": model_cfg.seq_length, "model": model_seq_length,
                        "capped_by_default": cfg.seq_length is None
@@ -201,6 +224,13 @@ def summary(results: Dict[str, Any], out: Optional[Path] = None) -> str:
     ppl, comp = results["perplexity"], results["compression"]
     kv = comp["kv_bytes"]
     method = results["method"] + (f" (ratio {results['ratio']:g})" if results["ratio"] else "")
+    window = (results.get("method_settings") or {}).get("window", results.get("window"))
+    if results["method"] == "dms" and window is not None:
+        method += f" (window {window})"
+    source = results.get("method_source")
+    if source in ("run", "default"):
+        method += (" (the checkpoint's trained method)" if source == "run"
+                   else " (default: the checkpoint records no method)")
     lines = [
         f"checkpoint: {results['checkpoint']}",
         f"method: {method}",

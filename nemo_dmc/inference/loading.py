@@ -7,13 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from nemo_dmc.checkpoints.resolve import load_weights, resolve_checkpoint
+from nemo_dmc.checkpoints.resolve import ResolvedCheckpoint, load_weights, resolve_checkpoint
 from nemo_dmc.checkpoints.weights import stores_decision_adapters
 from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.megatron.model import build_model
 
 
-def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelConfig,
+def build_inference_model(checkpoint: Optional[str | Path | ResolvedCheckpoint],
+                          model_config: ModelConfig,
                           dmc: DMCConfig, prefer_checkpoint_config: bool = True,
                           key: str = "checkpoint",
                           method: Optional[Callable[[DMCConfig], Any]] = None):
@@ -23,7 +24,8 @@ def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelC
     (``prefer_checkpoint_config``), else from the arguments. The layers run DMC, or the KV
     method whose settings ``method(dmc)`` returns (e.g. an eviction policy, or plain
     attention). ``checkpoint=None`` keeps the random initialisation (smoke tests,
-    benchmarks). Errors name the config ``key``. Weights with decision adapters were trained
+    benchmarks); a :class:`ResolvedCheckpoint` is used as resolved. Errors name the config
+    ``key``. Weights with decision adapters were trained
     with ``dmc.decision_source=adapter``: with ``prefer_checkpoint_config`` that source is
     used even where the checkpoint records no DMC settings (a weights checkpoint).
 
@@ -32,7 +34,8 @@ def build_inference_model(checkpoint: Optional[str | Path], model_config: ModelC
     """
     resolved = None
     if checkpoint is not None:
-        resolved = resolve_checkpoint(checkpoint, key)
+        resolved = (checkpoint if isinstance(checkpoint, ResolvedCheckpoint)
+                    else resolve_checkpoint(checkpoint, key))
         if prefer_checkpoint_config:
             model_config = resolved.recorded_model_config() or model_config
             dmc = resolved.recorded_dmc_config() or dmc

@@ -33,7 +33,7 @@ from nemo_dmc.methods.eviction import (
 from nemo_dmc.methods.h2o import H2OMethod, H2OSettings
 from nemo_dmc.methods.tova import TOVAMethod, TOVASettings
 from nemo_dmc.methods.streaming import StreamingMethod, StreamingSettings
-from nemo_dmc.methods.settings import settings_for
+from nemo_dmc.methods.settings import MethodChoice, choose_method, settings_for
 
 
 def eviction_methods() -> tuple[str, ...]:
@@ -46,8 +46,9 @@ __all__ = [
     "DMCMethod", "DMCPhase", "DMCRecord", "DMSConfig", "DMSMethod", "DMSRecord",
     "DecisionRecord", "EvictionMethod",
     "EvictionRecord", "EvictionSettings", "EvictionState", "H2OMethod", "H2OSettings", "KVMethod",
-    "LayerRecord", "PhasedMethod", "Prepared", "StreamingMethod", "StreamingSettings", "TOVAMethod",
-    "TOVASettings", "VanillaMethod", "VanillaSettings", "build_method", "evicted_attention",
+    "LayerRecord", "MethodChoice", "PhasedMethod", "Prepared", "StreamingMethod",
+    "StreamingSettings", "TOVAMethod", "TOVASettings", "VanillaMethod", "VanillaSettings",
+    "build_method", "choose_method", "evicted_attention",
     "eviction_methods",
     "method_class", "method_names", "method_of", "register", "settings_from_dict",
     "settings_for", "settings_to_dict", "simulate_eviction",
