@@ -66,3 +66,8 @@ def test_adapter_retrofit_from_an_original_checkpoint(train, tmp_path, trainable
 def test_adapter_settings_are_checked_by_name(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(micro_config(tmp_path, *overrides), 1, False)
+
+
+def test_decision_lr_mult_is_checked_by_name(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.decision_lr_mult"):
+        validate_config(micro_config(tmp_path, "optim.decision_lr_mult=0"), 1, False)

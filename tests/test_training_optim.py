@@ -50,6 +50,22 @@ def test_norm_weights_get_no_weight_decay(megatron_tp1):
         assert decay_of[id(param)] == (0.0 if param.ndim == 1 else 0.1), name
 
 
+def test_decision_adapters_learn_at_their_own_lr_multiple(megatron_tp1):
+    model = build_model(MICRO, DMCConfig(decision_source="adapter"))
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optim = OptimConfig(decision_lr_mult=100.0)
+    optimizer = build_optimizer(ddp, optim, plan(), bf16=False)
+    scheduler = build_scheduler(optimizer, optim, plan())
+    scheduler.step(1)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    names = [name for name, _ in ddp.named_parameters()]
+    assert any("decision_adapter" in n for n in names)
+    adapter = {lr_of[id(p)] for n, p in ddp.named_parameters() if "decision_adapter" in n}
+    rest = {lr_of[id(p)] for n, p in ddp.named_parameters() if "decision_adapter" not in n}
+    assert len(adapter) == len(rest) == 1
+    assert adapter.pop() == pytest.approx(100.0 * rest.pop())
+
+
 def test_gradients_are_clipped_to_the_global_norm(megatron_tp1):
     ddp = micro_ddp()
     optimizer = build_optimizer(ddp, OptimConfig(clip_grad=1.0), plan(), bf16=False)

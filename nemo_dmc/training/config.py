@@ -145,6 +145,8 @@ class OptimConfig:
     trainable: ``all`` trains every weight; ``decisions`` trains only the decision
         parameters (the decision adapters of ``dmc.decision_source=adapter``) with the base
         model frozen: less optimizer state and a retrofit that cannot drift from the original.
+    decision_lr_mult: the decision adapters' lr as a multiple of the lr (e.g. with
+        ``trainable=all``: the base continues at a low lr while fresh adapters learn fast).
     """
 
     lr: float = 3.0e-5
@@ -158,6 +160,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
     trainable: str = "all"
+    decision_lr_mult: float = 1.0
 
 
 @dataclass
@@ -512,6 +515,8 @@ def _validate_optim(optim: OptimConfig) -> None:
         _require(0 <= value < 1, f"optim.{key}", f"must be in [0, 1), got {value}")
     _require(optim.eps > 0, "optim.eps", f"must be > 0, got {optim.eps}")
     _check_min(optim.clip_grad, "optim.clip_grad", 0.0)
+    _require(optim.decision_lr_mult > 0, "optim.decision_lr_mult",
+             f"must be > 0, got {optim.decision_lr_mult}")
     _require(optim.trainable in TRAINABLE, "optim.trainable",
              f"must be one of {TRAINABLE}, got {optim.trainable!r}")
 

@@ -18,6 +18,7 @@ from megatron.core.optimizer.optimizer import FP32Optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import nn
 
+from nemo_dmc.methods import ADAPTER_MODULE
 from nemo_dmc.training.config import OptimConfig
 from nemo_dmc.training.plan import StagePlan
 
@@ -33,19 +34,27 @@ def megatron_optimizer_config(optim: OptimConfig, plan: StagePlan, bf16: bool) -
     )
 
 
-def param_groups(model: nn.Module) -> List[Dict]:
-    """megatron's grouping: no weight decay for biases and 1-D (norm) params.
+def is_decision_param(name: str, param: nn.Parameter | None = None) -> bool:
+    """Whether a parameter belongs to a decision adapter (``optim.decision_lr_mult``)."""
+    return ADAPTER_MODULE in name
+
+
+def param_groups(model: nn.Module, decision_lr_mult: float = 1.0) -> List[Dict]:
+    """megatron's grouping: no weight decay for biases and 1-D (norm) params; decision-adapter
+    parameters at ``decision_lr_mult`` x the lr (groups only where they have parameters).
 
     Groups carry megatron's identifier keys (``wd_mult``, ``lr_mult``, ...) so checkpoints
     match groups by key, and the scheduler scales lr/wd per group.
     """
-    decay, no_decay = [], []
+    groups: Dict[tuple, List[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
-    common = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
-    return [{"params": decay, "wd_mult": 1.0, **common},
-            {"params": no_decay, "wd_mult": 0.0, **common}]
+            wd = 0.0 if name.endswith(".bias") or param.ndim == 1 else 1.0
+            lr = decision_lr_mult if is_decision_param(name) else 1.0
+            groups.setdefault((wd, lr), []).append(param)
+    common = {"is_expert_parallel": False, "is_decoupled_lr": False}
+    return [{"params": params, "wd_mult": wd, "lr_mult": lr, **common}
+            for (wd, lr), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1]))]
 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer, config: OptimizerConfig | None = None) -> None:
@@ -64,8 +73,9 @@ class CPUAdamW(FP32Optimizer):
     summed over the model-parallel group, as megatron computes it on GPU.
     """
 
-    def __init__(self, model: nn.Module, config: OptimizerConfig) -> None:
-        adamw = torch.optim.AdamW(param_groups(model), lr=config.lr,
+    def __init__(self, model: nn.Module, config: OptimizerConfig,
+                 decision_lr_mult: float = 1.0) -> None:
+        adamw = torch.optim.AdamW(param_groups(model, decision_lr_mult), lr=config.lr,
                                   betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_eps, weight_decay=config.weight_decay)
         MegatronOptimizer.__init__(self, adamw, config, _init_adam_state)  # skips CUDA tensors
@@ -96,8 +106,9 @@ def build_optimizer(ddp_model: nn.Module, optim: OptimConfig, plan: StagePlan,
     """The stage's optimizer: megatron's on GPU, :class:`CPUAdamW` on CPU."""
     config = megatron_optimizer_config(optim, plan, bf16)
     if torch.cuda.is_available():
-        return get_megatron_optimizer(config, [ddp_model])
-    return CPUAdamW(ddp_model, config)
+        return get_megatron_optimizer(config, [ddp_model], scale_lr_cond=is_decision_param,
+                                      lr_mult=optim.decision_lr_mult)
+    return CPUAdamW(ddp_model, config, optim.decision_lr_mult)
 
 
 def build_scheduler(optimizer: MegatronOptimizer, optim: OptimConfig,
