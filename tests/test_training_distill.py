@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nemo_dmc.checkpoints.run_dir import latest_checkpoint
-from nemo_dmc.training.runner import run
-from test_training_loop import micro_config, records
-
-
-@pytest.fixture
-def train():
-    """``train(run_dir, *overrides)``: one in-process run of conf/config.yaml (micro model)."""
-    saved = dict(os.environ)
-
-    def _train(run_dir: Path, *overrides: str):
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            os.environ.pop(key, None)
-        return run(micro_config(run_dir, *overrides))
-
-    yield _train
-    os.environ.clear()
-    os.environ.update(saved)
+from test_training_loop import records, train  # noqa: F401 (train: the fixture)
 
 
 @pytest.fixture
