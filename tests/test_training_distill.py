@@ -51,7 +51,7 @@ def test_validation_reports_the_noisy_decision_loss_and_its_gap(train, tmp_path)
 def test_per_layer_cr_reaches_tensorboard_every_step_and_the_progress_bar(train, tmp_path,
                                                                          capsys):
     train(tmp_path, "stage=retrofit", "stage.retrofit.steps=3", "logging=default",
-          "logging.log_interval=2")
+          "logging.log_interval=2", "logging.progress_bar=true")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     for layer in (0, 1):

@@ -334,6 +334,23 @@ def test_bf16_distributed_optimizer_run_saves_and_resumes_on_gpu(train, tmp_path
     assert again[-1]["cr"] == pytest.approx(first[-1]["cr"], rel=1e-3)
 
 
+def test_progress_bar_by_default_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from nemo_dmc.training.config import LoggingConfig
+    from nemo_dmc.training.metrics import RunLogger
+
+    cfg = LoggingConfig(tensorboard=False)  # progress_bar: null
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        logger = RunLogger(tmp_path / str(tty), cfg, enabled=True)
+        logger.start_stage("retrofit", steps=4, first_step=0, message="[retrofit] start")
+        logger.advance({"lm_loss": 2.5})
+        assert (logger._bar is not None) == tty
+        logger.close()
+    assert LoggingConfig(progress_bar=False).progress_bar is False
+
+
 def test_progress_bar_is_drawn_on_the_logging_rank_only(tmp_path, capsys):
     """rank 0 (enabled) draws a tqdm bar that counts steps from the resume point; other ranks
     write nothing (no bar, no files)."""

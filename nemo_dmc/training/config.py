@@ -175,11 +175,15 @@ class ParallelConfig:
 
 @dataclass
 class LoggingConfig:
-    """TensorBoard scalars, ``metrics.jsonl`` and the progress bar (rank 0 only)."""
+    """TensorBoard scalars, ``metrics.jsonl`` and the progress bar (rank 0 only).
+
+    progress_bar: ``null`` draws the tqdm bar only when stderr is a terminal (so log files of
+        batch jobs hold the step lines, not bar redraws); ``true``/``false`` force it.
+    """
 
     tensorboard: bool = True
     log_interval: int = 1
-    progress_bar: bool = True
+    progress_bar: Optional[bool] = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -91,13 +92,19 @@ class RunLogger:
 
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def draws_bar(self) -> bool:
+        """``logging.progress_bar``, or (``null``) whether stderr is a terminal."""
+        if self.cfg.progress_bar is not None:
+            return self.cfg.progress_bar
+        return sys.stderr.isatty()
+
     def start_stage(self, stage: str, steps: int, first_step: int, message: str) -> None:
         """Begin ``stage`` at ``first_step`` of ``steps`` (after :meth:`truncate`)."""
         if not self.enabled:
             return
         self.truncate(stage, first_step, steps)
         tqdm.write(message)
-        if self.cfg.progress_bar:
+        if self.draws_bar():
             self._bar = tqdm(total=steps, initial=first_step, desc=stage, unit="step",
                              dynamic_ncols=True)
 
