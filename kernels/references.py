@@ -29,13 +29,12 @@ from torch import Tensor
 
 from nemo_dmc.core import (
     DMCConfig,
-    decision_logits,
+    attended,
     decision_inputs,
     hard_merges,
     normalize_sums,
-    signal_logits,
+    source_logits,
     weighted_entries,
-    zero_decision_channel,
 )
 
 Workspace = Union[Tuple[Tensor, Tensor], Callable[[int], Tuple[Tensor, Tensor]]]
@@ -44,23 +43,6 @@ Workspace = Union[Tuple[Tensor, Tensor], Callable[[int], Tuple[Tensor, Tensor]]]
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of open runs and scores: at least fp32 (as core's accumulation)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def attended(x: Tensor, config: DMCConfig) -> Tensor:
-    """A query or key as attention sees it: channel D-1 zeroed for the ``channel`` decision
-    source, intact for the ``adapter`` one (:attr:`DMCConfig.decision_source`)."""
-    return zero_decision_channel(x) if config.decision_source == "channel" else x
-
-
-def token_logits(key: Tensor, config: DMCConfig, signals: Optional[Tensor] = None) -> Tensor:
-    """Decision logits ``[b, hk, ...]`` of pre-RoPE keys ``[b, hk, ..., d]`` (channel D-1) or
-    of the decision adapter's ``signals [b, hk, ..., 2]``, as
-    :func:`nemo_dmc.core.decision_inputs`."""
-    if config.decision_source == "adapter":
-        if signals is None:
-            raise ValueError("dmc.decision_source='adapter' needs the decision adapter's signals")
-        return signal_logits(signals[..., 0], config.init_offset, config.decision_scale)
-    return decision_logits(key, config.init_offset, config.decision_scale)
 
 
 def weigh_chunk(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,
@@ -80,7 +62,7 @@ def decode_merges(key: Tensor, positions: Tensor, config: DMCConfig,
     :func:`nemo_dmc.kvcache.ops.chunk_decisions`'s ``merge[..., 0]`` of a one-token
     chunk without its survival biases, which a decode step does not need (merge where
     the logit ``s * x - c > 0``, or as forced; position 0 appends)."""
-    logits = token_logits(key, config, signals)
+    logits = source_logits(key, config, signals)
     return hard_merges(logits, config) & (positions != 0).unsqueeze(-1)
 
 

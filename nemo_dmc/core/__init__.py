@@ -23,6 +23,7 @@ from nemo_dmc.core.config import DMCConfig
 from nemo_dmc.core.distill import DistillConfig
 from nemo_dmc.core.decisions import (
     Decisions,
+    attended,
     decision_logits,
     hard_merges,
     importance,
@@ -30,6 +31,7 @@ from nemo_dmc.core.decisions import (
     sample_logistic_noise,
     signal_importance,
     signal_logits,
+    source_logits,
     zero_decision_channel,
 )
 from nemo_dmc.core.loss import (
@@ -44,12 +46,12 @@ from nemo_dmc.core.reference import SimulationResult, rotate_half_rope, simulate
 from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 
 __all__ = [
-    "DMCConfig", "Decisions", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult",
+    "DMCConfig", "Decisions", "attended", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult",
     "Stage",
     "cap_fraction", "compression_loss", "decision_inputs", "decision_logits",
     "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
-    "signal_importance", "signal_logits", "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
+    "signal_importance", "signal_logits", "source_logits", "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
     "zero_out_scale",
 ]

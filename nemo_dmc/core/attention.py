@@ -20,12 +20,11 @@ from nemo_dmc.core.accumulation import partial_accumulate
 from nemo_dmc.core.config import DMCConfig
 from nemo_dmc.core.decisions import (
     Decisions,
-    decision_logits,
+    attended,
     importance,
     make_decisions,
     signal_importance,
-    signal_logits,
-    zero_decision_channel,
+    source_logits,
 )
 
 
@@ -143,8 +142,7 @@ def dmc_states(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig, tra
     """
     logits, omega = decision_inputs(query, key, config, signals)
     decisions = make_decisions(logits, config, training, noise)
-    if config.decision_source == "channel":
-        query, key = zero_decision_channel(query), zero_decision_channel(key)
+    query, key = attended(query, config), attended(key, config)
     # keys and values share decisions and weights: one accumulation over [k | v]
     states = accumulate(torch.cat([key, value], dim=-1), decisions.alpha, omega, config.window)
     key, value = states.split([key.shape[-1], value.shape[-1]], dim=-1)
@@ -155,12 +153,11 @@ def decision_inputs(query: Tensor, key: Tensor, config: DMCConfig,
                     signals: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Decision logits and importance ``[b, hk, s]`` each, from channel D-1 of the pre-RoPE
     ``key``/``query`` or from the adapter's ``signals [b, hk, s, 2]`` (``config.decision_source``)."""
+    logits = source_logits(key, config, signals)
     c, scale = config.init_offset, config.decision_scale
     if config.decision_source == "adapter":
-        if signals is None:
-            raise ValueError("dmc.decision_source='adapter' needs the decision adapter's signals")
-        return signal_logits(signals[..., 0], c, scale), signal_importance(signals[..., 1], c, scale)
-    return decision_logits(key, c, scale), importance(query, key.shape[1], c, scale)
+        return logits, signal_importance(signals[..., 1], c, scale)
+    return logits, importance(query, key.shape[1], c, scale)
 
 
 def dmc_self_attention(query: Tensor, key: Tensor, value: Tensor, config: DMCConfig,

@@ -74,6 +74,25 @@ def signal_importance(signal: Tensor, init_offset: float, scale: float = 1.0) ->
     return torch.sigmoid(signal + init_offset)
 
 
+def source_logits(key: Tensor, settings, signals: Optional[Tensor] = None) -> Tensor:
+    """Decision logits ``[b, hk, ...]`` from the settings' ``decision_source``: channel D-1 of
+    pre-RoPE keys ``[b, hk, ..., d]``, or signal 0 of the decision adapter's ``signals
+    [b, hk, ..., n]``. ``settings``: any settings with ``init_offset``, ``decision_scale``
+    and ``decision_source`` (DMC's, DMS's)."""
+    c, scale = settings.init_offset, settings.decision_scale
+    if settings.decision_source == "adapter":
+        if signals is None:
+            raise ValueError("decision_source='adapter' needs the decision adapter's signals")
+        return signal_logits(signals[..., 0], c, scale)
+    return decision_logits(key, c, scale)
+
+
+def attended(x: Tensor, settings) -> Tensor:
+    """A query or key as attention sees it: channel D-1 zeroed for the ``channel`` decision
+    source (it carried the decision), intact for the ``adapter`` one."""
+    return zero_decision_channel(x) if settings.decision_source == "channel" else x
+
+
 def zero_decision_channel(x: Tensor) -> Tensor:
     """Return ``x`` with its last channel (the repurposed one) set to zero."""
     return F.pad(x[..., :-1], (0, 1))

@@ -49,20 +49,21 @@ def dmc_compression_loss(head_fraction: Tensor, target_cr: float, reduction: str
     if head_fraction.dim() != 3:
         raise ValueError("head_fraction must be [batch, layers, kv_heads], "
                          f"got {tuple(head_fraction.shape)}")
-    units = {"none": (1, 2), "layer": (2,), "head": ()}[balance]
-    per_unit = head_fraction.mean(dim=units) if units else head_fraction
-    if reduction == "global":
-        per_unit = per_unit.mean(dim=0)
-    elif reduction != "sequence":
-        raise ValueError(f"dmc.loss_reduction must be 'global' or 'sequence', got {reduction!r}")
-    loss = compression_loss(per_unit, target_cr)
-    if cap is not None:
-        unit_cap = per_unit if balance != "none" else _layer_fractions(head_fraction, reduction)
-        loss = loss + torch.relu(unit_cap - cap_fraction(target_cr, cap)).mean()
+    loss = compression_loss(_unit_fractions(head_fraction, balance, reduction), target_cr)
+    if cap is not None:  # capped units: heads with balance=head, else layers
+        capped = _unit_fractions(head_fraction, "head" if balance == "head" else "layer",
+                                 reduction)
+        loss = loss + torch.relu(capped - cap_fraction(target_cr, cap)).mean()
     return loss
 
 
-def _layer_fractions(head_fraction: Tensor, reduction: str) -> Tensor:
-    """Per-layer merge fractions (per sequence, or pooled over the batch)."""
-    layers = head_fraction.mean(dim=2)
-    return layers.mean(dim=0) if reduction == "global" else layers
+def _unit_fractions(head_fraction: Tensor, unit: str, reduction: str) -> Tensor:
+    """Merge fractions of each unit (``none``: the model, ``layer``, ``head``), per sequence
+    or pooled over the batch (``reduction``)."""
+    dims = {"none": (1, 2), "layer": (2,), "head": ()}[unit]
+    fractions = head_fraction.mean(dim=dims) if dims else head_fraction
+    if reduction == "global":
+        return fractions.mean(dim=0)
+    if reduction != "sequence":
+        raise ValueError(f"dmc.loss_reduction must be 'global' or 'sequence', got {reduction!r}")
+    return fractions

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE, dmc_attention, normalize_sums
+from nemo_dmc.core import DMCConfig, RoPE, attended, dmc_attention, normalize_sums
 from nemo_dmc.kernels import dispatch, references
 from nemo_dmc.kvcache import ops
 from nemo_dmc.kvcache.paged import PagedKVCache
@@ -96,7 +96,7 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
             cache.key_pool, cache.value_pool, free, tables, config, cache.layout.window,
             None if signals is None else signals[:, :, 0])
         cache.pop_taken_blocks(free)
-    query = references.apply_rope_tables(references.attended(query, config), tables)
+    query = references.apply_rope_tables(attended(query, config), tables)
     out = dispatch.paged_decode_attention(query, cache.key_pool, cache.value_pool,
                                           cache.block_tables[:, layer].index_select(0, rows),
                                           cache.lengths[:, layer].index_select(0, rows), scale,

@@ -26,17 +26,17 @@ from torch import Tensor
 from nemo_dmc.core import (
     DMCConfig,
     RoPE,
+    attended,
     dmc_score_bias,
     linear_scan,
     make_decisions,
+    source_logits,
     windowed_scan,
 )
 from nemo_dmc.kernels.references import (
     RopeTables,
     acc_dtype,
     apply_rope_tables,
-    attended,
-    token_logits,
     weigh_chunk,
 )
 
@@ -72,7 +72,7 @@ def chunk_decisions(key: Tensor, starts_sequence: Tensor, config: DMCConfig,
             cached open slot.
         signals: ``[b, hk, c, 2]`` decision-adapter signals (``decision_source="adapter"``).
     """
-    logits = token_logits(key, config, signals)
+    logits = source_logits(key, config, signals)
     # A leading stand-in for the cached open slot lets make_decisions see the chunk's first
     # token as a continuation (and gives the open slot's survival bias at index 0).
     cont = make_decisions(F.pad(logits, (1, 0)), config, training=False)

@@ -50,8 +50,7 @@ class DMCStats:
         """Compression loss against ``target_cr`` in the form ``settings`` select
         (:class:`~nemo_dmc.core.DMCConfig`'s ``loss_reduction``, ``balance``,
         ``balance_cap``); settings without those fields (DMS's) or none: the global hinge."""
-        default = DMCConfig()
-        form = {key: getattr(settings, key, getattr(default, key))
+        form = {key: getattr(settings, key, getattr(DMCConfig, key))
                 for key in ("loss_reduction", "balance", "balance_cap")}
         return dmc_compression_loss(self.head_fraction, target_cr, form["loss_reduction"],
                                     form["balance"], form["balance_cap"])

@@ -33,10 +33,9 @@ from torch import Tensor
 from nemo_dmc.core import (
     DMCConfig,
     Decisions,
-    decision_logits,
+    attended,
     sample_logistic_noise,
-    signal_logits,
-    zero_decision_channel,
+    source_logits,
 )
 from nemo_dmc.core.config import DECISION_SOURCES
 from nemo_dmc.core.attention import Accumulate
@@ -102,14 +101,8 @@ def eviction_logits(query: Tensor, key: Tensor, settings: DMSConfig,
     sees. ``channel``: ``s * k[D-1] - c`` from pre-RoPE keys ``[b, hk, s, D]``, channel D-1
     then zeroed in q and k; ``adapter``: ``s * x - c`` from the decision adapter's
     ``signals [b, hk, s, 1]``, q and k intact."""
-    c, scale = settings.init_offset, settings.decision_scale
-    if settings.decision_source == "adapter":
-        if signals is None:
-            raise ValueError("dms with decision_source='adapter' needs the decision adapter's "
-                             "signals")
-        return signal_logits(signals[..., 0], c, scale), query, key
-    logits = decision_logits(key, c, scale)
-    return logits, zero_decision_channel(query), zero_decision_channel(key)
+    return (source_logits(key, settings, signals), attended(query, settings),
+            attended(key, settings))
 
 
 def eviction_decisions(logits: Tensor, settings: DMSConfig, training: bool,
