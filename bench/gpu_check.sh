@@ -32,13 +32,14 @@
 # "setup decode"; default all; setup is needed first on a fresh machine).
 #
 # Wheels: the device image has Python 3.12, torch 2.11 (CUDA 13), triton 3.6, transformers 5,
-# numpy 2 and pytest, but no megatron-core, hydra or omegaconf, and megatron-core 0.15's
-# dist_checkpointing needs numpy < 2 (np.product). They travel in .whl/ (about 21 MB, see
-# --fetch-wheels for the exact pip commands); Transformer Engine and NeMo are not carried
-# (too large / too many pins), so their gpu tests skip. torch and triton are the image's.
+# numpy 2 and pytest, but no megatron-core, hydra or omegaconf; those travel in .whl/ (about
+# 2.6 MB, see --fetch-wheels for the exact pip commands). numpy stays the image's (its compiled
+# packages need 2.x); setup aliases np.product, which megatron-core 0.15 calls. Transformer
+# Engine and NeMo are not carried (too large / too many pins), so their gpu tests skip.
+# torch and triton are the image's.
 set -u -o pipefail
 
-WHEEL_PINS=(megatron-core==0.15.3 hydra-core==1.3.2 omegaconf==2.3.0 numpy==1.26.4)
+WHEEL_PINS=(megatron-core==0.15.3 hydra-core==1.3.2 omegaconf==2.3.0)
 SDIST_PINS=(antlr4-python3-runtime==4.9.3)  # omegaconf/hydra's parser; published as sdist only
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64
            manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
@@ -127,10 +128,10 @@ setup_env() {  # run inside the setup step; exports reach later steps through EN
         --target "$SITE" "$WHEELS"/*.whl || return 1
     echo "export PYTHONPATH=$SITE:$REPO\${PYTHONPATH:+:\$PYTHONPATH}" >>"$ENV_FILE"
     . "$ENV_FILE"
-    if ! "$PY" -c 'import numpy, torch; torch.from_numpy(numpy.ones(2)).sum()'; then
-      # Fallback: keep the image's numpy 2 and give megatron-core the alias it calls.
-      echo "+ torch rejects the carried numpy: removed it; np.product shimmed (sitecustomize)"
-      rm -rf "$SITE"/numpy "$SITE"/numpy-*.dist-info "$SITE"/numpy.libs
+    # The image's numpy 2 stays (its compiled packages need it); megatron-core 0.15's
+    # dist_checkpointing calls np.product, removed in numpy 2: alias it at start-up.
+    if ! "$PY" -c 'import numpy; numpy.product' 2>/dev/null; then
+      echo "+ numpy $("$PY" -c 'import numpy; print(numpy.__version__)') lacks np.product: aliased to np.prod (sitecustomize)"
       printf '%s\n' 'try:' '    import numpy' \
         '    if not hasattr(numpy, "product"):' '        numpy.product = numpy.prod' \
         'except Exception:' '    pass' >"$SITE/sitecustomize.py"

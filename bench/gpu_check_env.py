@@ -1,7 +1,8 @@
 """Environment check of bench/gpu_check.sh: versions, the GPU, and the imports its steps need.
 
 Prints one line per item and exits non-zero when something the steps need is missing:
-torch, triton, numpy (< 2: megatron-core 0.15's dist_checkpointing calls ``np.product``),
+torch, triton, numpy (with ``np.product``, which megatron-core 0.15's dist_checkpointing calls;
+numpy 2 needs the alias setup writes),
 megatron.core, hydra, omegaconf, and ``nemo_dmc.kernels`` resolving to this checkout's
 ``kernels/``. With ``--require-cuda`` a missing CUDA device is an error too. Transformer Engine
 and NeMo are reported only (their gpu tests skip without them).
@@ -54,10 +55,10 @@ def main() -> int:
         import numpy
         import torch
 
-        torch.from_numpy(numpy.ones(2))  # torch built against numpy 2 must accept the 1.x here
+        torch.from_numpy(numpy.ones(2))  # torch and numpy must agree on the ABI
         if not hasattr(numpy, "product"):
             errors.append(f"numpy {numpy.__version__} lacks np.product (megatron-core 0.15's "
-                          "dist_checkpointing needs numpy < 2)")
+                          "dist_checkpointing calls it; setup aliases it to np.prod)")
     except Exception as err:  # noqa: BLE001
         errors.append(f"numpy/torch interop: {type(err).__name__}: {err}")
     try:

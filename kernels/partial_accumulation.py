@@ -201,15 +201,17 @@ def _scan_fwd(x_ptr, alpha_ptr, omega_ptr, out_ptr, weight_ptr, carry_ptr, seq, 
     carry_ptr += bh * chunks * (dim + 1)
     offs = tl.arange(0, BLOCK_S)
     carry = tl.zeros([BLOCK_D], tl.float32)
-    carry_z = tl.zeros([1], tl.float32)
+    carry_z = 0.0
     for c in range(0, chunks):
         rows = c * BLOCK_S + offs
         alpha = _load_rows(alpha_ptr, rows, seq)
         e = _entries(x_ptr, omega_ptr, rows, cols, seq, dim)
         y = _scan_chunk(alpha[:, None] + tl.zeros_like(e), e, carry)
-        z = tl.sum(_scan_chunk(alpha[:, None], _load_rows(omega_ptr, rows, seq)[:, None], carry_z), axis=1)
+        # Z by a 1-D scan: a [BLOCK_S, 1] scan fails to lower in Triton 3.6 (ScanOpToLLVM)
+        prod_z, acc_z = tl.associative_scan((alpha, _load_rows(omega_ptr, rows, seq)), 0, _recurrence)
+        z = acc_z + prod_z * carry_z
         carry = tl.sum(tl.where((offs == BLOCK_S - 1)[:, None], y, 0.0), axis=0)
-        carry_z = tl.sum(tl.where(offs == BLOCK_S - 1, z, 0.0), axis=0, keep_dims=True)
+        carry_z = tl.sum(tl.where(offs == BLOCK_S - 1, z, 0.0), axis=0)
         tl.store(carry_ptr + c * (dim + 1) + cols, carry, mask=cols <= dim)
         tl.store(weight_ptr + rows, z, mask=rows < seq)
         mask = (rows < seq)[:, None] & (cols < dim)[None, :]

@@ -78,6 +78,6 @@ def test_carried_wheel_pins_match_setup_py():
     setup = dict(re.findall(r"\"([a-z-]+)==([0-9.]+)\"", (REPO / "setup.py").read_text()))
     for name in ("megatron-core", "hydra-core", "omegaconf"):
         assert pins[name] == setup[name], name
-    assert int(pins["numpy"].split(".")[0]) < 2  # setup.py: numpy<2 (megatron's np.product)
+    assert "numpy" not in pins  # the image's compiled packages need its own numpy 2
     budget = int(re.search(r"GPU_CHECK_BUDGET_S:-(\d+)", text).group(1))
     assert budget <= 570  # inside the device tool's 600 s per command, with setup margin

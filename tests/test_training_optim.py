@@ -93,3 +93,25 @@ def test_optimizer_state_is_sharded_like_its_parameters(megatron_tp1):
     exp_avg = shards[(f"optimizer.state.exp_avg.{param.key}", param.global_offset)]
     assert exp_avg.global_shape == param.global_shape
     assert exp_avg.axis_fragmentations == param.axis_fragmentations
+
+
+def test_a_fresh_optimizer_is_primed_with_one_common_step_before_loading(megatron_tp1):
+    """megatron's distributed optimizer over torch Adam reads one common ``step`` from the
+    inner state while building a loading request; a fresh optimizer has none until primed."""
+    from nemo_dmc.training.optim import prime_state_for_loading
+
+    optimizer = build_optimizer(micro_ddp(), OptimConfig(), plan(), bf16=False)
+    inner = optimizer.optimizer
+    assert not inner.state
+    prime_state_for_loading(optimizer)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    assert len(inner.state) == len(params) > 0
+    steps = {s["step"].item() for s in inner.state_dict()["state"].values()}
+    assert steps == {0.0}
+    for param in params:
+        state = inner.state[param]
+        assert state["exp_avg"].shape == param.shape and not state["exp_avg"].any()
+        assert not state["exp_avg_sq"].any()
+    trained = {id(p): inner.state[p]["exp_avg"] for p in params}
+    prime_state_for_loading(optimizer)  # a state already there is kept
+    assert all(inner.state[p]["exp_avg"] is trained[id(p)] for p in params)

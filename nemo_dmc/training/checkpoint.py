@@ -36,6 +36,7 @@ from nemo_dmc.checkpoints.run_dir import (
     step_dir_name,
 )
 from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint
+from nemo_dmc.training.optim import prime_state_for_loading
 
 
 def _rng_objects(progress: Progress, include_common: bool, include_tracker: bool) -> Dict[str, Any]:
@@ -120,6 +121,7 @@ def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: Megat
                       "data_parallel_size": parallel_state.get_data_parallel_world_size()})
     same_dp = saved.data_parallel_size == now.data_parallel_size
     same_tp = saved.tensor_parallel_size == now.tensor_parallel_size
+    prime_state_for_loading(optimizer)
     request = _training_state(model, optimizer, is_loading=True)
     request.update(_rng_objects(now, include_common=same_dp, include_tracker=same_dp and same_tp))
     loaded = load_dist_checkpoint(request, path)

@@ -66,6 +66,23 @@ def _init_adam_state(optimizer: torch.optim.Optimizer, config: OptimizerConfig |
                 optimizer.state[param]["exp_avg_sq"] = torch.zeros_like(param.data)
 
 
+def prime_state_for_loading(optimizer: MegatronOptimizer) -> None:
+    """Give a fresh optimizer's torch Adam(W) state zero moments and step 0 before a checkpoint
+    is loaded into it (the loaded values replace them).
+
+    megatron-core 0.15's distributed optimizer over torch Adam (no Apex or Transformer Engine)
+    reads one common ``step`` from its inner optimizer's state while it builds the loading
+    request, and asserts on a fresh optimizer, which has none (found on the first GPU run).
+    Fused Apex/TE optimizers keep ``step`` elsewhere and are left alone.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(sub, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and not inner.state:
+            _init_adam_state(inner)
+            for state in inner.state.values():
+                state["step"] = torch.zeros((), dtype=torch.float32)
+
+
 class CPUAdamW(FP32Optimizer):
     """megatron's ``FP32Optimizer`` over ``torch.optim.AdamW`` without CUDA-only helpers.
 
