@@ -10,11 +10,11 @@ Examples::
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
-# megatron-core on CPU: optional fused kernels (Apex, Transformer Engine, CUDA mempools) absent.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|unified memory).*")
+from nemo_dmc.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron / torch print their notices
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402

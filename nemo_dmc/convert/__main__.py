@@ -167,6 +167,9 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from nemo_dmc.quiet import quiet_third_party
+
+    quiet_third_party()
     parser = argparse.ArgumentParser(prog="python -m nemo_dmc.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -113,6 +113,9 @@ def convert(src: Path, dst: Path, groups: int) -> Tuple[Path, ModelConfig, Model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from nemo_dmc.quiet import quiet_third_party
+
+    quiet_third_party()
     parser = argparse.ArgumentParser(prog="python -m nemo_dmc.convert.gqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, type=Path,

@@ -152,6 +152,9 @@ def build_python_docs_corpus(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m nemo_dmc.data.corpus --output-dir data/pydocs``."""
+    from nemo_dmc.quiet import quiet_third_party
+
+    quiet_third_party()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--valid-every", type=int, default=DEFAULT_VALID_EVERY)

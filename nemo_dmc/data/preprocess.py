@@ -186,6 +186,9 @@ def preprocess(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
+    from nemo_dmc.quiet import quiet_third_party
+
+    quiet_third_party()
     parser = argparse.ArgumentParser(
         prog="python -m nemo_dmc.data.preprocess",
         description="Tokenize .jsonl/.txt files into a megatron indexed dataset (.bin/.idx).",

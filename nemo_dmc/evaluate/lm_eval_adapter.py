@@ -217,6 +217,10 @@ def main() -> None:
     """lm-eval's command line with the ``nemo_dmc`` model type registered."""
     from lm_eval.__main__ import cli_evaluate
 
+    from nemo_dmc.quiet import quiet_third_party
+
+    quiet_third_party()
+
     cli_evaluate()
 
 
