@@ -14,13 +14,15 @@ skipped, so re-running the script continues an interrupted experiment. Called by
    recipe of :data:`RECIPES` at each ratio.
 3. ``eval``: ``python -m nemo_dmc.evaluate`` at 1024-token contexts on the corpus's held-out
    split and on the plays (perplexity), passkey at 256-1024 tokens; H2O, TOVA and
-   StreamingLLM on the continued vanilla model at the total KV state (slots + open DMC runs)
-   each retrofit realised.
+   StreamingLLM at the total KV state (slots + open DMC runs + DMS windows) each retrofit
+   realised, on the weights that retrofit kept (the original for a frozen base, the continued
+   vanilla model otherwise), so memory is the only difference.
 4. ``report``: the table (written between the ``smollm2`` markers of BENCHMARKS.md with
    ``--write-benchmarks``) and ``docs/smollm2_quality.png``.
 
-Recipes are chosen on training curves only (training loss, KL, realised ratio); neither
-held-out text was looked at before the final evaluation.
+Recipes are chosen on training curves only (training loss, KL, realised ratio), never on
+the held-out texts (one mid-run DMS checkpoint was evaluated and reported as an interim
+figure; no choice followed from it).
 """
 
 from __future__ import annotations
@@ -142,6 +144,17 @@ def run_training(run: Runner, layout: Layout, ratios: Sequence[float],
     run.parallel([lambda job=job: train(run, *job) for job in jobs])
 
 
+def frozen_base(recipe: str) -> bool:
+    """Whether a recipe trains only the decision adapters (its base stays the original)."""
+    return "optim.trainable=decisions" in RECIPES[recipe][1]
+
+
+def eviction_base(layout: Layout, recipe: str) -> tuple[Path, str]:
+    """The weights eviction runs on beside a recipe: the ones the retrofit kept (the original
+    for a frozen base, the continued vanilla model otherwise), so memory is the only change."""
+    return (layout.imported, "original") if frozen_base(recipe) else (layout.vanilla, "continued")
+
+
 def eval_method(recipe: str) -> str:
     """The ``method=`` (and ``window=``) a recipe's checkpoint is evaluated with."""
     args = RECIPES[recipe][1]
@@ -198,11 +211,13 @@ def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[float],
     evictions = []
     done = {name for name, _, _ in models}
     for name in recipes:
+        base, base_name = eviction_base(layout, name)
         for ratio in ratios:
-            if f"{name}_cr{ratio:g}" not in done or "vanilla_continued" not in done:
+            needed = "original" if base_name == "original" else "vanilla_continued"
+            if f"{name}_cr{ratio:g}" not in done or needed not in done:
                 continue
             matched = 1.0 if run.dry else round(state_ratio(layout, f"{name}_cr{ratio:g}_pydocs"), 2)
-            evictions += [(f"{method}_for_{name}_cr{ratio:g}", layout.vanilla, method, text,
+            evictions += [(f"{method}_for_{name}_cr{ratio:g}", base, method, text,
                            matched, text == "pydocs")
                           for method in EVICTION for text in TEXTS]
     run.parallel([lambda job=job: evaluate(run, layout, *job) for job in evictions])
@@ -211,6 +226,7 @@ def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[float],
 @dataclass
 class Row:
     label: str
+    base: str  # the weights the row's deltas compare with: "original" or "continued"
     target: Optional[float]
     slots_ratio: float
     state_fraction: float
@@ -225,14 +241,16 @@ def _result(layout: Layout, name: str, text: str) -> Optional[dict]:
 
 
 def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -> List[Row]:
-    names = [("original", "SmolLM2-135M as imported (plain attention)", None),
-             ("vanilla_continued", "vanilla, continued (the reference)", None)]
+    names = [("original", "SmolLM2-135M as imported (plain attention)", None, "original"),
+             ("vanilla_continued", "vanilla, continued (the reference)", None, "continued")]
     for ratio in ratios:
         for name in recipes:
-            names.append((f"{name}_cr{ratio:g}", RECIPES[name][0], ratio))
-            names += [(f"{m}_for_{name}_cr{ratio:g}", label, ratio) for m, label in EVICTION.items()]
+            base = eviction_base(layout, name)[1]
+            names.append((f"{name}_cr{ratio:g}", RECIPES[name][0], ratio, base))
+            names += [(f"{m}_for_{name}_cr{ratio:g}", f"{label}, at the KV state of the row above",
+                       ratio, base) for m, label in EVICTION.items()]
     rows = []
-    for name, label, target in names:
+    for name, label, target, base in names:
         results = {text: _result(layout, name, text) for text in TEXTS}
         if any(r is None for r in results.values()):
             continue
@@ -240,7 +258,7 @@ def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -
         kv = first["compression"]["kv_bytes"]
         state = (kv["logical"] + kv["open_state"]) / kv["vanilla"]
         passkey = first["passkey"].get("accuracy")
-        rows.append(Row(label, target, float(first["compression"]["cr"]), state,
+        rows.append(Row(label, base, target, float(first["compression"]["cr"]), state,
                         {t: float(r["perplexity"]["perplexity"]) for t, r in results.items()},
                         None if passkey is None else float(passkey),
                         [float(x) for x in first["compression"].get("layer_cr", [])]))
@@ -248,19 +266,22 @@ def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -
 
 
 def results_table(rows: Sequence[Row]) -> str:
-    reference = next((r for r in rows if r.label.startswith("vanilla, continued")), None)
-    lines = ["| model / method | target CR | tokens per slot | KV state vs vanilla | "
-             "ppl, Python docs (held out) | vs reference | ppl, Shakespeare plays | "
-             "vs reference | passkey 256-1024 |", "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown table; each row's deltas are against its base weights in plain attention
+    (the original for frozen-base retrofits and their eviction rows, else continued vanilla)."""
+    bases = {"original": next((r for r in rows if r.label.startswith("SmolLM2-135M as imported")), None),
+             "continued": next((r for r in rows if r.label.startswith("vanilla, continued")), None)}
+    lines = ["| model / method | base weights | target CR | tokens per slot | KV state vs vanilla | "
+             "ppl, Python docs (held out) | vs base | ppl, Shakespeare plays | vs base | "
+             "passkey 256-1024 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = []
+        base = bases.get(r.base)
         for text in TEXTS:
             ppl = r.perplexity[text]
-            delta = (f"{100 * (ppl / reference.perplexity[text] - 1):+.1f}%"
-                     if reference else "-")
+            delta = f"{100 * (ppl / base.perplexity[text] - 1):+.1f}%" if base else "-"
             cells += [f"{ppl:.2f}", delta]
         passkey = "-" if r.passkey is None else f"{100 * r.passkey:.0f}%"
-        lines.append(f"| {r.label} | {r.target or '-'} | {r.slots_ratio:.2f} | "
+        lines.append(f"| {r.label} | {r.base} | {r.target or '-'} | {r.slots_ratio:.2f} | "
                      f"{r.state_fraction:.3f} | {' | '.join(cells)} | {passkey} |")
     return "\n".join(lines)
 
@@ -272,14 +293,17 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2))
-    reference = next((r for r in rows if r.label.startswith("vanilla, continued")), None)
+    def series(r: Row) -> str:
+        return f"{r.label.split(', at the KV state')[0]} ({r.base} weights)"
+
+    references = [r for r in rows if not r.target]
     for ax, text in zip(axes, TEXTS):
-        for label in dict.fromkeys(r.label for r in rows if r.target):
+        for name in dict.fromkeys(series(r) for r in rows if r.target):
             points = sorted((1 / r.state_fraction, r.perplexity[text]) for r in rows
-                            if r.label == label)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        if reference:
-            ax.axhline(reference.perplexity[text], color="gray", linestyle="--",
+                            if r.target and series(r) == name)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for reference, style in zip(references, ("--", ":")):
+            ax.axhline(reference.perplexity[text], color="gray", linestyle=style,
                        label=reference.label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression of the total KV state (vanilla / held)")
