@@ -67,3 +67,16 @@ def test_config_modules_import_without_megatron(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_train_help_and_key_check_import_no_torch(tmp_path):
+    """``nemo_dmc.core``'s settings import without torch (its math loads on first use), so
+    the trainer's help and key check skip torch's seconds of import too."""
+    shim = tmp_path / "shim" / "torch"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('torch is blocked: imported too early')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), str(REPO)])}
+    result = _run("nemo_dmc.train", ["--help"], env, tmp_path)
+    assert result.returncode == 0 and "blocked" not in result.stderr, result.stderr[-2000:]
+    result = _run("nemo_dmc.train", ["no_such_key=1"], env, tmp_path)
+    assert "no_such_key" in result.stderr and "blocked" not in result.stderr, result.stderr[-2000:]
