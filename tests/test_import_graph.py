@@ -18,6 +18,8 @@ SOURCES = ((REPO / "nemo_dmc", "nemo_dmc"), (REPO / "kernels", "nemo_dmc.kernels
 
 # Each unit's floor: a unit imports only units on strictly lower floors.
 FLOORS: dict[str, int] = {
+    # F0: the command-line tools' output settings (nothing of nemo_dmc; every entry point)
+    "nemo_dmc.quiet": 0,
     "nemo_dmc": 1,  # the root package (its version only)
     # F1: pure-torch DMC math and plain shared dataclasses; tokenizers and corpora
     "nemo_dmc.core": 1,
