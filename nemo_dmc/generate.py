@@ -28,6 +28,7 @@ quiet_third_party()  # before megatron / torch print their notices
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from nemo_dmc.config_help import register_help  # noqa: E402
 from nemo_dmc.core import DMCConfig, ModelConfig  # noqa: E402
 from nemo_dmc.inference.config import (  # noqa: E402
     EngineConfig,
@@ -49,7 +50,12 @@ class GenerateConfig:
         weights checkpoint of ``nemo_dmc.convert``, or a ``.pt`` state_dict (``null``: random
         weights). (Not ``checkpoint``: that name is a config group of the trainer in ``conf/``.)
     tokenizer: HF directory, ``tokenizer.json`` or ``.gguf`` (``null``: the run's tokenizer).
-    prompts: text prompts; prompt_token_ids: token-id prompts instead (no tokenizer needed).
+    prompts: text prompts.
+    prompt_token_ids: token-id prompts instead of text, e.g. ``[[1,2,3],[4,5]]`` (no
+        tokenizer needed).
+    seed: seed of torch's and megatron's generators (random weights without ``load``).
+    ratio: eviction methods: the compression ratio (required for them).
+    sinks: ``streaming``: first tokens always kept.
     method: the KV method the model runs: ``dmc`` (the checkpoint's DMC settings),
         ``vanilla`` (plain attention, channel D-1 used as is) or an eviction method (``h2o``,
         ``tova``, ``streaming``) at compression ``ratio``, keeping ``sinks`` first tokens
@@ -206,6 +212,7 @@ def run(cfg: GenerateConfig) -> List[GenerationResult]:
 
 
 register_schema()
+register_help("generate", GenerateConfig)
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")

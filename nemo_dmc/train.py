@@ -19,9 +19,11 @@ quiet_third_party()  # before megatron / torch print their notices
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from nemo_dmc.config_help import register_help  # noqa: E402
 from nemo_dmc.training.config import ConfigError, TrainConfig, register_schema  # noqa: E402
 
 register_schema()
+register_help("train", TrainConfig)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 """The Hydra config tree (``conf/`` of the source checkout or editable install)."""
 

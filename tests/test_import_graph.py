@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     # F1: pure-torch DMC math and plain shared dataclasses; tokenizers and corpora
     "nemo_dmc.core": 1,
     "nemo_dmc.data": 1,
+    "nemo_dmc.config_help": 1,  # config keys' meanings from the schema docstrings (--help)
     # F2: Triton kernels and their references; KV-compression methods
     "nemo_dmc.kernels": 2,
     "nemo_dmc.methods": 2,

@@ -10,8 +10,23 @@ from typing import Optional
 class ModelConfig:
     """Shape of a Llama-family decoder (RMSNorm, SwiGLU, RoPE, no biases).
 
-    ``vocab_size`` is the tokenizer's; the embedding is padded to a multiple of
-    ``make_vocab_size_divisible_by * tensor_parallel_size``.
+    Attributes:
+        num_layers: decoder layers.
+        hidden_size: model width.
+        num_attention_heads: query heads (head dim = hidden_size / num_attention_heads).
+        num_query_groups: KV heads (GQA); null = one per query head (MHA).
+        ffn_hidden_size: SwiGLU inner width.
+        vocab_size: the tokenizer's vocabulary; the embedding is padded to a multiple of
+            make_vocab_size_divisible_by x the tensor-parallel size.
+        seq_length: training sequence length (tokens per sample).
+        rotary_base: RoPE base (theta).
+        rope_scaling_factor: Llama-3.1 RoPE frequency scaling factor; null = off.
+        norm_epsilon: RMSNorm epsilon.
+        share_embeddings_and_output_weights: tie the output layer to the input embedding.
+        init_method_std: std of the random initialisation (runs without a checkpoint).
+        make_vocab_size_divisible_by: padding multiple of the embedding rows.
+        pretrain_tokens: tokens the model was pretrained on; with dmc.budget_pct it sets the
+            token budget of the stages that have a budget_share.
     """
 
     num_layers: int = 4
@@ -22,7 +37,7 @@ class ModelConfig:
     vocab_size: int = 8192
     seq_length: int = 256
     rotary_base: float = 10000.0
-    rope_scaling_factor: Optional[float] = None  # Llama-3.1 frequency scaling (None: off)
+    rope_scaling_factor: Optional[float] = None
     norm_epsilon: float = 1e-5
     share_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02

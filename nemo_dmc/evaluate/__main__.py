@@ -23,9 +23,11 @@ quiet_third_party()  # before megatron / torch print their notices
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from nemo_dmc.config_help import register_help  # noqa: E402
 from nemo_dmc.evaluate.config import EvaluateConfig, register_schema  # noqa: E402
 
 register_schema()
+register_help("evaluate", EvaluateConfig)
 
 
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")

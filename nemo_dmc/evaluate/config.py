@@ -28,7 +28,12 @@ class HeldOutData:
 
     source: ``pydocs``, ``indexed`` (``valid_prefixes`` + tokenizer) or ``random``;
         ``null`` with ``valid_prefixes`` given = ``indexed`` (your own preprocessed text).
+    cache_dir: where the pydocs corpus is prepared (written to; never the run's).
+    valid_prefixes: ``indexed``: the ``.bin/.idx`` prefixes of the text to score.
+    max_documents: pydocs: use at most this many documents (as the run did: null = its).
+    seed: seed of the held-out sample order (null = the run's).
     num_sequences: held-out sequences of ``seq_length`` tokens to score.
+    micro_batch_size: sequences per forward.
     """
 
     source: Optional[str] = None
@@ -47,6 +52,9 @@ class PasskeySettings:
     lengths: prompt lengths in tokens (``[]`` = 1/4, 1/2 and all of ``model.seq_length``).
     depths: needle position as a fraction of the filler (0 = start, 1 = end).
     samples: prompts per (length, depth), each with its own pass key.
+    enabled: run passkey retrieval.
+    digits: digits of the pass key.
+    seed: seed of the pass keys and filler.
     """
 
     enabled: bool = True
@@ -59,8 +67,12 @@ class PasskeySettings:
 
 @dataclass
 class KVSettings:
-    """How KV bytes are counted (``kv.*``): ``dtype`` of the cache (``model`` = the weights'
-    dtype) and ``block_size`` (slots per block of the paged cache, for allocated bytes)."""
+    """How KV bytes are counted (``kv.*``).
+
+    Attributes:
+        dtype: the cache's dtype (``model`` = the weights' dtype).
+        block_size: slots per block of the paged cache (for allocated bytes).
+    """
 
     dtype: str = "model"
     block_size: int = 16
@@ -71,7 +83,11 @@ class EvaluateConfig:
     """Root of ``conf/evaluate.yaml``.
 
     load: the checkpoint (as for ``nemo_dmc.generate``: run / stage / step dir, NeMo 2 dir,
-        convert weights dir, or ``.pt``). tokenizer: ``null`` = the training run's.
+        convert weights dir, or ``.pt``).
+    tokenizer: HF dir, tokenizer.json or .gguf; ``null`` = the training run's.
+    ratio: eviction methods: the compression ratio (required for them).
+    sinks: ``streaming``: first tokens always kept.
+    seed: seed of torch's and megatron's generators (random weights without ``load``).
     method: ``dmc`` | ``dms`` (learned eviction delayed by ``window``) | ``vanilla`` (plain
         attention) | ``h2o`` | ``tova`` | ``streaming`` (eviction at compression ``ratio``,
         keeping ``sinks`` first tokens); ``null`` = the method the checkpoint's training run

@@ -17,9 +17,11 @@ class EngineConfig:
 
     max_batch_size: sequences decoded together (cache rows).
     max_sequence_length: prompt plus generated tokens per sequence.
-    block_size: slots per cache block. num_blocks / kv_memory_mb: pool size per rank, as
-        blocks or as MiB of keys and values (at most one of them; neither = enough for
-        ``max_batch_size`` uncompressed sequences of ``max_sequence_length``).
+    block_size: slots per cache block.
+    num_blocks: pool size per rank in blocks (set at most one of num_blocks and
+        kv_memory_mb; neither = enough for ``max_batch_size`` uncompressed sequences of
+        ``max_sequence_length``).
+    kv_memory_mb: pool size per rank in MiB of keys and values (instead of num_blocks).
     prefill_chunk_size: prompt tokens per sequence per forward (``null``: whole prompts).
     force_decision: dmc models only: ``"append"`` = DMC off (a vanilla cache in the same
         engine), ``"merge"``, or ``null`` for the model's own decisions.
@@ -71,7 +73,13 @@ class SamplingSettings:
     """Sampling of every prompt (``sampling.*``); see
     :class:`~nemo_dmc.inference.sampling.SamplingParams`.
 
+    temperature: softmax temperature; 0 = greedy.
+    top_k: sample among the k most likely tokens; 0 = off.
+    top_p: nucleus sampling mass; 1.0 = off.
+    max_new_tokens: tokens generated per prompt at most.
+    stop_token_ids: token ids that end a sequence.
     stop_at_eod: also stop at the tokenizer's end-of-document token.
+    seed: sampling seed of every request; null = engine.seed + the request's index.
     """
 
     temperature: float = 0.0
@@ -85,4 +93,11 @@ class SamplingSettings:
 
 @dataclass
 class ParallelSettings:
+    """``parallel.*``.
+
+    Attributes:
+        tensor_model_parallel_size: tensor-parallel ranks (launch that many processes with
+            torchrun); must divide the query and KV heads.
+    """
+
     tensor_model_parallel_size: int = 1

@@ -85,8 +85,18 @@ class StageSettings:
     """One stage (``stage.<name>.*``); selected stages have ``enabled: true``.
 
     Length precedence: ``dmc.budget_pct * budget_share`` (when both are set), else
-    ``tokens``, else ``steps``. ``lr``/``min_lr``/``warmup_steps``/``decay_style`` override
-    ``optim.*`` for this stage.
+    ``tokens``, else ``steps``.
+
+    Attributes:
+        enabled: run this stage (a ``stage=[...]`` group list sets it).
+        steps: optimizer steps of the stage.
+        tokens: tokens of the stage (overrides steps; rounded up to whole steps).
+        budget_share: this stage's share of the dmc.budget_pct token budget.
+        lr: peak lr of this stage; null = optim.lr.
+        min_lr: final lr of this stage; null = optim.min_lr.
+        warmup_steps: linear warmup steps of this stage; null = optim.warmup_steps.
+        decay_style: lr decay of this stage (cosine | linear | constant); null =
+            optim.decay_style.
     """
 
     enabled: bool = False
@@ -120,10 +130,20 @@ class DataConfig:
     source: ``pydocs`` (the built-in Python-docs corpus, prepared once into ``cache_dir``),
         ``indexed`` (megatron ``.bin/.idx`` prefixes with a tokenizer), or ``random``
         (uniform random tokens; for tests and smoke runs).
-    train_prefixes / valid_prefixes: ``indexed`` blends: prefixes, or megatron's weighted
+    cache_dir: where the pydocs corpus is prepared (a subfolder per given tokenizer).
+    tokenizer: HF tokenizer dir, tokenizer.json or .gguf; null = pydocs trains its own BPE
+        of model.vocab_size in cache_dir (``indexed`` needs one).
+    train_prefixes: ``indexed``: training data, prefixes or megatron's weighted
         ``[w1, prefix1, w2, prefix2, ...]``.
+    valid_prefixes: ``indexed``: validation data (same forms); empty = split the training
+        blend by ``split``.
     split: megatron's ``train,valid,test`` split string (e.g. ``969,30,1``) dividing the
         ``train_prefixes`` blend by document ranges when ``valid_prefixes`` is empty.
+    max_documents: pydocs: use at most this many documents (null = all).
+    micro_batch_size: sequences per forward/backward on each data-parallel rank.
+    global_batch_size: sequences per optimizer step over all ranks (a multiple of
+        micro_batch_size x data-parallel size; the rest is gradient accumulation).
+    seed: the data order's seed (sample shuffling of megatron's datasets).
     """
 
     source: str = "pydocs"
@@ -142,6 +162,17 @@ class DataConfig:
 class OptimConfig:
     """Adam with weight decay, clipping and a warmup + decay schedule (``optim.*``).
 
+    lr: peak learning rate (a stage's lr overrides it).
+    min_lr: learning rate at the end of each stage's decay.
+    warmup_steps: linear warmup from 0 at the start of each stage.
+    decay_style: decay after warmup: cosine | linear | constant.
+    weight_decay: AdamW decoupled weight decay (none on biases and norm weights).
+    beta1: Adam beta1.
+    beta2: Adam beta2.
+    eps: Adam epsilon.
+    clip_grad: clip the global gradient norm to this (0 = off).
+    use_distributed_optimizer: shard optimizer state over data-parallel ranks (megatron's
+        distributed optimizer; GPU only).
     trainable: ``all`` trains every weight; ``decisions`` trains only the decision
         parameters (the decision adapters of ``dmc.decision_source=adapter``) with the base
         model frozen: less optimizer state and a retrofit that cannot drift from the original.
@@ -165,7 +196,14 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout (``parallel.*``); ``data_parallel_size: null`` = world / TP."""
+    """Parallel layout (``parallel.*``).
+
+    Attributes:
+        tensor_model_parallel_size: tensor-parallel ranks; must divide the query and KV heads.
+        data_parallel_size: data-parallel ranks; null = world size / tensor-parallel size.
+        sequence_parallel: megatron's sequence parallelism (with tensor parallelism).
+        recompute: activation recomputation: none | selective | full.
+    """
 
     tensor_model_parallel_size: int = 1
     data_parallel_size: Optional[int] = None
@@ -177,6 +215,8 @@ class ParallelConfig:
 class LoggingConfig:
     """TensorBoard scalars, ``metrics.jsonl`` and the progress bar (rank 0 only).
 
+    tensorboard: write TensorBoard scalars under ``<run_dir>/tensorboard``.
+    log_interval: log a step line and metrics every N steps.
     progress_bar: ``null`` draws the tqdm bar only when stderr is a terminal (so log files of
         batch jobs hold the step lines, not bar redraws); ``true``/``false`` force it.
     """
@@ -188,7 +228,12 @@ class LoggingConfig:
 
 @dataclass
 class ValidationConfig:
-    """Validation with hard decisions every ``interval`` steps (0: only at stage end)."""
+    """Validation with hard decisions (``validation.*``).
+
+    Attributes:
+        interval: validate every N steps; 0 = only at the end of each stage.
+        batches: validation micro-batches per data-parallel rank.
+    """
 
     interval: int = 0
     batches: int = 4
@@ -198,7 +243,11 @@ class ValidationConfig:
 class CheckpointConfig:
     """dist_checkpointing saves (``checkpoint.*``).
 
-    dir: ``null`` = ``<run_dir>/checkpoints``. save_interval: ``null`` = only at stage end.
+    dir: where checkpoints go; ``null`` = ``<run_dir>/checkpoints``.
+    save_interval: save every N steps; ``null`` = only at the end of each stage.
+    keep_last: checkpoints kept per stage (older ones are deleted after a save).
+    resume: continue each stage from its latest intact checkpoint in the run; false =
+        start the stages afresh.
     pretrained: base weights for the first stage when the run holds no earlier stage (a
         checkpoint of this trainer, or a NeMo 2 checkpoint directory with ``weights/``).
     allow_config_change: continue a run whose recorded ``run_config.yaml`` differs in a
@@ -217,6 +266,12 @@ class CheckpointConfig:
 class TrainConfig:
     """Root of a training run (``python -m nemo_dmc.train``).
 
+    name: the run's name (the default run directory is ``runs/<name>``).
+    run_dir: checkpoints, ``metrics.jsonl``, ``run_config.yaml`` and TensorBoard logs;
+        re-running the same command resumes from it.
+    seed: seed of the initialisation and the decision noise (the data order: data.seed).
+    precision: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32.
+    window: ``dms``: eviction delay w in tokens; null = DMSConfig's default (512).
     method: the trained KV method: ``dmc``, or ``dms`` (learned eviction with the decision
         settings of ``dmc.*`` and the eviction delay ``window``; see
         :func:`nemo_dmc.methods.settings_for`).
