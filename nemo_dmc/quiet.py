@@ -28,14 +28,19 @@ NOISE_WARNINGS = (
     r".*(OneLogger|one_logger|nemo_run|NeMo-Run)",
     r".*(deploy|Deploy) .*(not available|unavailable|not installed)",
 )
+CHILD_WARNINGS = ("ignore:The pynvml package is deprecated:FutureWarning",)
 NOISE_MODULES = r"(torch|megatron|nemo|transformers|lightning|pytorch_lightning|modelopt)\b"
 
 # logging: INFO of these libraries stays out (their levels become WARNING); the records below,
 # warnings about the libraries' own internals, are dropped where they are logged.
 QUIET_LOGGERS = ("megatron", "nemo", "nemo_logger", "numexpr", "datasets", "lightning",
                  "pytorch_lightning", "torch.distributed.elastic")
+# Only errors from these: telemetry nobody enabled, and a model family NeMo imports eagerly.
+ERRORS_ONLY = ("nv_one_logger", "nemo.collections.llm.gpt.model.megatron.hyena")
 NOISE_RECORDS = {
     "megatron.core.utils": re.compile(r".* has reached end of life\. Please migrate"),
+    # NeMo 2.7's llm package names its optional deploy / evaluate extras on every import
+    "nemo_logger": re.compile(r"The (deploy|evaluate) module could not be imported"),
     # a notice, not a problem: SmolLM2/Llama tokenizers loaded from a GGUF or a tokenizer.json
     "transformers.models.llama.tokenization_llama_fast": re.compile(r"You are using the default legacy"),
     "transformers.models.llama.tokenization_llama": re.compile(r"You are using the default legacy"),
@@ -64,9 +69,14 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning, module=NOISE_MODULES)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=NOISE_MODULES)
+    # Worker processes (dist_checkpointing's writers, dataloaders) import torch afresh.
+    inherited = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    os.environ["PYTHONWARNINGS"] = ",".join(dict.fromkeys([*inherited, *CHILD_WARNINGS]))
     for name in QUIET_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.WARNING)
+    for name in ERRORS_ONLY:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for name, pattern in NOISE_RECORDS.items():
         logging.getLogger(name).addFilter(_Drop(pattern))

@@ -4,6 +4,9 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -16,7 +19,11 @@ from nemo.collections.llm.gpt.model.llama import LlamaConfig  # noqa: E402
 from nemo.lightning import io  # noqa: E402
 
 from megatron_utils import TINY_GQA  # noqa: E402
-from nemo_dmc.checkpoints.nemo_context import cpu_overrides, read_nemo_model_config  # noqa: E402
+from nemo_dmc.checkpoints.nemo_context import (  # noqa: E402
+    cpu_overrides,
+    load_context_model,
+    read_nemo_model_config,
+)
 from nemo_dmc.checkpoints.run_dir import Progress, step_dir_name  # noqa: E402
 from nemo_dmc.checkpoints.weights import load_weights_checkpoint  # noqa: E402
 from nemo_dmc.convert.__main__ import main as convert_main  # noqa: E402
@@ -81,9 +88,10 @@ def test_nemo_context_keeps_gpu_defaults_not_cpu_overrides(megatron_tp1, tmp_pat
     export_nemo_checkpoint(model, TINY_GQA, DMC, tmp_path / "nemo")
     saved = _context(tmp_path / "nemo").config
     defaults = {f.name: f.default for f in fields(DMCLlamaConfig)}
-    for key in ("use_cpu_initialization", "apply_rope_fusion", "bias_activation_fusion",
+    for key in ("use_cpu_initialization", "bias_activation_fusion",
                 "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion"):
         assert getattr(saved, key) == defaults[key], key
+    assert saved.apply_rope_fusion is False  # needs Transformer Engine just to load
     assert load_nemo_model(tmp_path / "nemo").config.use_cpu_initialization == (
         cpu_overrides().get("use_cpu_initialization", False))
 
@@ -122,6 +130,49 @@ def test_export_cli_writes_the_runs_dmc_training_settings(megatron_tp1, tmp_path
     assert (config.dmc.loss_weight, config.dmc.target_cr) == (7.5, 3.0)
     assert config.dmc.decision_scale == 2.0
     assert (config.dmc_stage, config.dmc_stage_steps, config.dmc.window) == ("retrofit", 40, 4)
+
+
+LOAD_IN_FRESH_PROCESS = """
+import sys
+from nemo.lightning import io
+model = io.load_context(sys.argv[1], subpath="model")
+print(type(model).__name__, model.config.apply_rope_fusion, type(model.tokenizer).__name__)
+print(model.tokenizer.text_to_ids("def f(x): return x"))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["dmc", "plain"])
+def test_export_loads_with_nemos_own_call_in_a_fresh_process_and_carries_the_tokenizer(
+        megatron_tp1, tmp_path, fmt):
+    """``io.load_context(<export>/context, subpath="model")`` (NeMo's documented call) in a new
+    process without Transformer Engine, tokenizer included (issue 17 item 7)."""
+    from nemo_dmc.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    train_bpe_tokenizer(["def f(x): return x", "class A: pass"] * 50, tokenizer_dir,
+                        vocab_size=300)
+    _trainer_run(tmp_path / "run", RUN_DMC, Progress("finetune", 2, 2, 0, 1, 1))
+    assert convert_main(["export-nemo", "--input", str(tmp_path / "run"), "--output",
+                         str(tmp_path / "nemo"), "--format", fmt,
+                         "--tokenizer", str(tokenizer_dir)]) == 0
+    assert (tmp_path / "nemo" / "context" / "nemo_tokenizer" / "tokenizer.json").is_file()
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS,
+                           str(tmp_path / "nemo" / "context")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kind, ids = done.stdout.strip().splitlines()[-2:]
+    model = "DMCGPTModel" if fmt == "dmc" else "LlamaModel"
+    assert kind == f"{model} False AutoTokenizer"
+    ours = load_tokenizer(tokenizer_dir)
+    assert ids == str(ours.tokenize("def f(x): return x"))
+    # our own loaders skip building the tokenizer, and find the carried one
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path, resolve_checkpoint
+
+    resolved = resolve_checkpoint(tmp_path / "nemo")
+    assert find_tokenizer_path(None, resolved) == tmp_path / "nemo" / "context" / "nemo_tokenizer"
+    built = load_context_model(tmp_path / "nemo")  # the safe loader drops the tokenizer
+    assert type(built) is (DMCGPTModel if fmt == "dmc" else LlamaModel)
+    assert built.tokenizer is None
 
 
 def test_export_cli_plain_format_writes_a_nemo_llama_model(megatron_tp1, tmp_path):

@@ -28,6 +28,7 @@ import torch
 from nemo_dmc.core import DMCConfig, ModelConfig
 
 NEMO_CONTEXT = "context"  # a NeMo 2 checkpoint's serialised model and config
+NEMO_TOKENIZER = "nemo_tokenizer"  # the HF tokenizer folder an export carries in context/
 CONTEXT_FILE = "io.json"
 TRUST_ENV = "NEMO_DMC_TRUST_NEMO_CONTEXT"  # "1": let NeMo build whatever a context names
 
@@ -45,6 +46,8 @@ _SAFE_REFERENCES: dict[str, frozenset[str] | re.Pattern[str]] = {
         "local_layer_spec", "transformer_engine_layer_spec",
         "transformer_engine_full_layer_spec"}),
     "nemo.lightning.pytorch.optim.megatron": frozenset({"MegatronOptimizerModule"}),
+    # parsed, never built here (load_context_model drops it; see there)
+    "nemo.collections.common.tokenizers.huggingface.auto_tokenizer": frozenset({"AutoTokenizer"}),
     "megatron.core.optimizer.optimizer_config": frozenset({"OptimizerConfig"}),
     "megatron.core.transformer.enums": re.compile(r"[A-Z]\w*(\.\w+)?"),  # enum or member
     "torch": frozenset({"float32", "float16", "bfloat16"}),
@@ -142,6 +145,10 @@ def load_context_model(path: Path) -> Any:
         spec = _context_part(path, "model")
     for key, value in cpu_overrides().items():
         setattr(spec.config, key, value)
+    if getattr(spec, "tokenizer", None) is not None:
+        # nemo-dmc reads tokenizers itself (find_tokenizer_path); building NeMo's would load
+        # files named by the context, with options (trust_remote_code) it must not follow
+        spec.tokenizer = None
     model = fdl.build(spec)
     if not isinstance(model, GPTModel):
         raise ValueError(f"{context} holds a {type(model).__name__}, not a NeMo GPTModel")

@@ -32,6 +32,7 @@ from megatron.core.models.gpt import GPTModel
 from nemo_dmc.checkpoints.layout import match_layout
 from nemo_dmc.checkpoints.nemo_context import (
     NEMO_CONTEXT,
+    NEMO_TOKENIZER,
     UntrustedContextError,
     nemo_checkpoint_settings,
 )
@@ -147,13 +148,17 @@ def load_weights(model: GPTModel, resolved: ResolvedCheckpoint) -> None:
 
 def find_tokenizer_path(tokenizer: Optional[str | Path],
                         resolved: Optional[ResolvedCheckpoint]) -> Optional[Path]:
-    """``tokenizer`` if given, else the one a training run used (``data.tokenizer``, or the
-    BPE the built-in corpus trained under ``data.cache_dir``), else ``None``."""
+    """``tokenizer`` if given, else the one a NeMo 2 export carries (``context/nemo_tokenizer``),
+    else the one a training run used (``data.tokenizer``, or the BPE the built-in corpus
+    trained under ``data.cache_dir``), else ``None``."""
     if tokenizer is not None:
         path = Path(tokenizer).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"tokenizer: {path} does not exist")
         return path
+    carried = resolved.path / NEMO_CONTEXT / NEMO_TOKENIZER if resolved is not None else None
+    if carried is not None and carried.is_dir():
+        return carried
     run = resolved.run_config if resolved is not None else None
     if run is None or "data" not in run:
         return None

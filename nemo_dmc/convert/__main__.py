@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -92,6 +93,21 @@ def _load_for_export(args: argparse.Namespace):
     return model, shape, (dmc if use_dmc else None), resolved
 
 
+def _export_tokenizer(args: argparse.Namespace, resolved):
+    """The tokenizer an export ships: ``--tokenizer``, else the run's, with the special
+    tokens a weights checkpoint recorded; ``(tokenizer or None, recorded special tokens)``."""
+    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
+    from nemo_dmc.checkpoints.weights import read_special_tokens
+    from nemo_dmc.data.tokenizer import load_tokenizer
+
+    tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
+    special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
+    if tokenizer_path is None:
+        return None, special
+    print(f"[convert] tokenizer from {tokenizer_path}", flush=True)
+    return load_tokenizer(tokenizer_path, special_tokens=special), special
+
+
 def _export_nemo(args: argparse.Namespace) -> int:
     from nemo_dmc.megatron import parallel
 
@@ -115,7 +131,17 @@ def _export_nemo(args: argparse.Namespace) -> int:
         if dmc is not None:
             print(f"[convert] NeMo DMC settings: {dmc}, " +
                   ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
-        out = export_nemo_checkpoint(model, shape, dmc, args.output, **settings)
+        tokenizer, _ = _export_tokenizer(args, resolved)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_dir = None
+            if tokenizer is not None:  # saved as export-hf ships it; NeMo copies the folder
+                from nemo_dmc.checkpoints.nemo_context import NEMO_TOKENIZER
+                from nemo_dmc.convert.hf_export import export_tokenizer
+
+                tokenizer_dir = Path(tmp) / NEMO_TOKENIZER  # NeMo keeps the folder's name
+                export_tokenizer(tokenizer).save_pretrained(str(tokenizer_dir))
+            out = export_nemo_checkpoint(model, shape, dmc, args.output, **settings,
+                                         tokenizer_dir=tokenizer_dir)
     finally:
         parallel.shutdown()
     print(f"[convert] wrote NeMo 2 checkpoint {out}", flush=True)
@@ -123,12 +149,9 @@ def _export_nemo(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from nemo_dmc.checkpoints.resolve import find_tokenizer_path
     from nemo_dmc.checkpoints.sharding import gather_full_state
-    from nemo_dmc.checkpoints.weights import read_special_tokens
     from nemo_dmc.convert.hf_export import save_hf_checkpoint
     from nemo_dmc.convert.progress import Progress
-    from nemo_dmc.data.tokenizer import load_tokenizer
     from nemo_dmc.megatron import parallel
 
     progress = Progress()
@@ -150,12 +173,7 @@ def _export_hf(args: argparse.Namespace) -> int:
             print(f"[convert] exporting with the {choice.method} KV method"
                   + (" (the run's)" if choice.source == "run" else "") + f": {method}",
                   flush=True)
-        tokenizer_path = find_tokenizer_path(args.tokenizer, resolved)
-        special = read_special_tokens(resolved.path) if resolved.kind == "weights" else None
-        tokenizer = (load_tokenizer(tokenizer_path, special_tokens=special)
-                     if tokenizer_path is not None else None)
-        if tokenizer is not None:
-            print(f"[convert] tokenizer from {tokenizer_path}", flush=True)
+        tokenizer, special = _export_tokenizer(args, resolved)
         progress(f"loaded {args.input}")
         out = save_hf_checkpoint(gather_full_state(model), shape, args.output, method=method,
                                  tokenizer=tokenizer, special_tokens=special, progress=progress)
@@ -188,9 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               "Llama otherwise; dmc: a compressed model (export-hf: the run's "
                               "method, DMC or DMS; export-nemo: DMC); plain: plain Llama")
         exp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+        exp.add_argument("--tokenizer", type=Path, default=None,
+                         help="HF dir, tokenizer.json or .gguf (default: the run's); "
+                              "shipped with the export (NeMo: in context/)")
         if name == "export-hf":
-            exp.add_argument("--tokenizer", type=Path, default=None,
-                             help="HF dir, tokenizer.json or .gguf (default: the run's)")
             exp.add_argument("--method", default=None,
                              help="KV method of the export (dmc, dms, vanilla, h2o, tova, "
                                   "streaming; default: the checkpoint's own, the method its "

@@ -23,22 +23,32 @@ from nemo_dmc.nemo.model import DMCGPTModel
 
 
 def export_nemo_checkpoint(model: nn.Module, model_config: ModelConfig, dmc: Optional[DMCConfig],
-                           output: Path, stage: str = "finetune",
-                           stage_steps: int = 2000) -> Path:
+                           output: Path, stage: str = "finetune", stage_steps: int = 2000,
+                           tokenizer_dir: Optional[Path] = None) -> Path:
     """Write a NeMo 2 checkpoint of a megatron model (all ranks call; atomic rename).
 
     ``nemo.lightning.io.load_context(output / "context", subpath="model")`` restores a
     :class:`DMCGPTModel` with every DMC setting, or with ``dmc=None`` a plain NeMo
-    ``LlamaModel``; ``weights/`` loads at any TP size. The context keeps NeMo's defaults for
-    the settings of :func:`cpu_overrides` (see :func:`load_nemo_model`).
+    ``LlamaModel``, in a fresh process with or without Transformer Engine; ``weights/`` loads
+    at any TP size. The context keeps NeMo's defaults for the settings of
+    :func:`cpu_overrides` (see :func:`load_nemo_model`) except RoPE fusion, recorded off: it
+    needs Transformer Engine to load at all, and a GPU job may turn it on. With
+    ``tokenizer_dir`` (a Hugging Face tokenizer folder) the model carries NeMo's
+    ``AutoTokenizer`` of it, its files copied into ``context/``.
     """
+    tokenizer = None
+    if tokenizer_dir is not None:
+        from nemo.collections.common.tokenizers import AutoTokenizer
+
+        tokenizer = AutoTokenizer(str(tokenizer_dir))
     if dmc is None:
-        nemo_model: GPTModel = LlamaModel(llama_config(model_config), tokenizer=None)
+        nemo_model: GPTModel = LlamaModel(llama_config(model_config), tokenizer=tokenizer)
     else:
         config = dmc_llama_config(model_config, dmc, stage=stage, stage_steps=stage_steps)
-        nemo_model = DMCGPTModel(config, tokenizer=None)
+        nemo_model = DMCGPTModel(config, tokenizer=tokenizer)
     for key in cpu_overrides():  # this machine's needs, not the model's
         delattr(nemo_model.__io__.config, key)
+    nemo_model.__io__.config.apply_rope_fusion = False
     with atomic_checkpoint_dir(output, ("weights",)) as tmp:
         if is_rank0():
             nemo_model.io_dump(tmp / NEMO_CONTEXT, yaml_attrs=["config"])
