@@ -7,6 +7,9 @@ documentation sources (Debian ``python3.11-doc``, installed by the corpus fixtur
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -406,3 +409,27 @@ def test_batch_range_past_the_end_is_an_index_error(prefixes, tokenizer, tmp_pat
     dataset = build(tokenizer, prefixes["train"], seed=3, cache_dir=tmp_path)
     with pytest.raises(IndexError, match="outside"):
         get_batch(dataset, len(dataset) - 1, len(dataset) + 1)
+
+
+def test_a_corpus_too_small_for_its_test_split_builds_without_hanging(tokenizer, tmp_path):
+    """Sixty documents leave split 969,30,1's test part empty; asked for no test samples,
+    megatron-core would loop forever computing its epochs. Run in a child with a timeout."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"def f{i}(x): return x + {i}\n" * 20}) + "\n"
+                            for i in range(60)))
+    preprocess([docs], tmp_path / "small", tokenizer, show_progress=False)
+    code = (
+        "import sys\n"
+        "from nemo_dmc.data.datasets import build_gpt_datasets, build_train_epochs\n"
+        "from nemo_dmc.data.tokenizer import load_tokenizer\n"
+        "tok = load_tokenizer(sys.argv[1])\n"
+        "train = build_train_epochs(tok, 16, 0, 3, blend=sys.argv[2], split='969,30,1')\n"
+        "valid = build_gpt_datasets(tok, 16, 0, blend=sys.argv[2], split='969,30,1', "
+        "train_samples=0, valid_samples=1, test_samples=0).valid\n"
+        "print(len(train), len(valid))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tokenizer.path), str(tmp_path / "small")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    n_train, n_valid = map(int, done.stdout.split()[-2:])
+    assert n_train >= 3 and n_valid >= 1

@@ -340,7 +340,14 @@ def build_gpt_datasets(
         create_attention_mask=create_attention_mask or reset_attention_mask,
     )
     split_matrix = config.split_matrix or [None] * len(SPLIT_NAMES)
-    if single is not None:  # megatron wants a size even for an empty split of a weighted blend
+    if single is not None:
+        # A split asked for no samples is not built: megatron-core computes the epoch count of
+        # an empty split asked for 0 samples by looping forever (it still wants one extra
+        # token), which a small corpus's 1% test split hits.
+        split_matrix = [None if size == 0 else bounds
+                        for bounds, size in zip(split_matrix, sizes, strict=True)]
+        config.split_matrix = split_matrix
+        # megatron wants a size even for an unbuilt split of a weighted blend
         sizes = [
             0 if bounds is None else size for bounds, size in zip(split_matrix, sizes, strict=True)
         ]
@@ -374,7 +381,7 @@ def _check_blends(
             if prefix not in infos:
                 infos[prefix] = check_indexed_dataset(prefix)
             info = infos[prefix]
-            if not sizes[i] or (len(prefixes) > 1 and weights is None):
+            if sizes[i] is None or (len(prefixes) > 1 and weights is None):
                 continue  # megatron builds exactly one epoch here, empty or not
             num_sequences = len(info.sequence_lengths)  # megatron splits GPT data by sequence
             begin, end = (int(round(b * num_sequences)) for b in bounds)
