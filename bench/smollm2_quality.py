@@ -216,10 +216,11 @@ def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[float],
             needed = "original" if base_name == "original" else "vanilla_continued"
             if f"{name}_cr{ratio:g}" not in done or needed not in done:
                 continue
-            matched = 1.0 if run.dry else round(state_ratio(layout, f"{name}_cr{ratio:g}_pydocs"), 2)
-            evictions += [(f"{method}_for_{name}_cr{ratio:g}", base, method, text,
-                           matched, text == "pydocs")
-                          for method in EVICTION for text in TEXTS]
+            for text in TEXTS:  # each text at the state the retrofit held on that text
+                matched = 1.0 if run.dry else round(
+                    state_ratio(layout, f"{name}_cr{ratio:g}_{text}"), 2)
+                evictions += [(f"{method}_for_{name}_cr{ratio:g}", base, method, text,
+                               matched, text == "pydocs") for method in EVICTION]
     run.parallel([lambda job=job: evaluate(run, layout, *job) for job in evictions])
 
 
@@ -229,7 +230,7 @@ class Row:
     base: str  # the weights the row's deltas compare with: "original" or "continued"
     target: Optional[float]
     slots_ratio: float
-    state_fraction: float
+    state_fraction: Dict[str, float]  # per text: total KV state held / vanilla cache
     perplexity: Dict[str, float]
     passkey: Optional[float]
     layer_cr: List[float]
@@ -255,8 +256,10 @@ def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -
         if any(r is None for r in results.values()):
             continue
         first = results["pydocs"]
-        kv = first["compression"]["kv_bytes"]
-        state = (kv["logical"] + kv["open_state"]) / kv["vanilla"]
+        state = {}
+        for text, result in results.items():
+            kv = result["compression"]["kv_bytes"]
+            state[text] = (kv["logical"] + kv["open_state"]) / kv["vanilla"]
         passkey = first["passkey"].get("accuracy")
         rows.append(Row(label, base, target, float(first["compression"]["cr"]), state,
                         {t: float(r["perplexity"]["perplexity"]) for t, r in results.items()},
@@ -270,9 +273,10 @@ def results_table(rows: Sequence[Row]) -> str:
     (the original for frozen-base retrofits and their eviction rows, else continued vanilla)."""
     bases = {"original": next((r for r in rows if r.label.startswith("SmolLM2-135M as imported")), None),
              "continued": next((r for r in rows if r.label.startswith("vanilla, continued")), None)}
-    lines = ["| model / method | base weights | target CR | tokens per slot | KV state vs vanilla | "
-             "ppl, Python docs (held out) | vs base | ppl, Shakespeare plays | vs base | "
-             "passkey 256-1024 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model / method | base weights | target CR | tokens per slot (docs) | "
+             "KV state vs vanilla (docs / plays) | ppl, Python docs (held out) | vs base | "
+             "ppl, Shakespeare plays | vs base | passkey 256-1024 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = []
         base = bases.get(r.base)
@@ -282,7 +286,8 @@ def results_table(rows: Sequence[Row]) -> str:
             cells += [f"{ppl:.2f}", delta]
         passkey = "-" if r.passkey is None else f"{100 * r.passkey:.0f}%"
         lines.append(f"| {r.label} | {r.base} | {r.target or '-'} | {r.slots_ratio:.2f} | "
-                     f"{r.state_fraction:.3f} | {' | '.join(cells)} | {passkey} |")
+                     f"{' / '.join(f'{r.state_fraction[t]:.3f}' for t in TEXTS)} | "
+                     f"{' | '.join(cells)} | {passkey} |")
     return "\n".join(lines)
 
 
@@ -299,7 +304,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     references = [r for r in rows if not r.target]
     for ax, text in zip(axes, TEXTS):
         for name in dict.fromkeys(series(r) for r in rows if r.target):
-            points = sorted((1 / r.state_fraction, r.perplexity[text]) for r in rows
+            points = sorted((1 / r.state_fraction[text], r.perplexity[text]) for r in rows
                             if r.target and series(r) == name)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
         for reference, style in zip(references, ("--", ":")):

@@ -46,11 +46,14 @@ def test_rows_compare_with_their_own_base_weights(quality, tmp_path):
     _write(layout, "dms_adapter_cr4", {"pydocs": 10.5, "plays": 42.0}, cr=4)
     _write(layout, "tova_for_dms_adapter_cr4", {"pydocs": 12.0, "plays": 44.0}, cr=4)
     _write(layout, "dms_adapter_all_cr4", {"pydocs": 8.4, "plays": 38.0}, cr=4)
+    (layout.eval_dir("dms_adapter_all_cr4_plays") / "results.json").write_text(json.dumps({
+        "compression": {"cr": 2, "kv_bytes": {"logical": 50, "vanilla": 100, "open_state": 0}},
+        "perplexity": {"perplexity": 38.0}, "passkey": {}, "ratio": 2}))
     rows = quality.load_rows(layout, [4.0], ["dms_adapter", "dms_adapter_all"])
     assert [r.base for r in rows] == ["original", "continued", "original", "original", "continued"]
     table = quality.results_table(rows).splitlines()
-    assert "| 10.50 | +5.0% | 42.00 | +5.0% |" in table[4]   # DMS frozen vs the original
+    assert "| 0.250 / 0.250 | 10.50 | +5.0% | 42.00 | +5.0% |" in table[4]  # DMS vs the original
     assert "| 12.00 | +20.0% | 44.00 | +10.0% |" in table[5]  # TOVA on the original weights
-    assert "| 8.40 | +5.0% | 38.00 | +0.0% |" in table[6]    # all weights vs continued vanilla
+    assert "| 0.250 / 0.500 | 8.40 | +5.0% | 38.00 | +0.0% |" in table[6]  # vs continued
     quality.plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
