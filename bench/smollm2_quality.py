@@ -329,7 +329,7 @@ def report(layout: Layout, ratios: Sequence[float], recipes: Sequence[str],
         raise SystemExit(f"no finished evaluations under {layout.root / 'eval'}")
     table = results_table(rows)
     for r in rows:
-        if r.target and r.layer_cr:
+        if r.target and r.layer_cr and "at the KV state" not in r.label:  # eviction: uniform
             table += (f"\n\nPer-layer CR, {r.label} at {r.target:g}x: "
                       + " ".join(f"{cr:.1f}" for cr in r.layer_cr))
     print(table)
