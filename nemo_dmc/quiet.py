@@ -4,7 +4,7 @@ Importing megatron-core, NeMo, torch and transformers prints a dozen lines that 
 problem of the user's run (optional fused kernels absent, deprecations inside those
 libraries, INFO lines such as "Detected Megatron Core"). Each entry point calls
 :func:`quiet_third_party` before its heavy imports; its Hydra configs log at WARNING, so
-third-party INFO lines stay out too. Warnings not listed here still show, once each.
+third-party INFO lines stay out too. Warnings not listed here still show.
 
 ``NEMO_DMC_VERBOSE=1`` shows everything (and ``hydra.verbose=true``, Hydra's own flag, turns
 every logger to DEBUG). Library users who import ``nemo_dmc`` are never affected.
@@ -25,8 +25,6 @@ NOISE_WARNINGS = (
     r".*(Apex|apex|Transformer Engine|transformer_engine|TransformerEngine)",
     r".*unified memory",
     r"The pynvml package is deprecated",
-    r".*(OneLogger|one_logger|nemo_run|NeMo-Run)",
-    r".*(deploy|Deploy) .*(not available|unavailable|not installed)",
 )
 CHILD_WARNINGS = ("ignore:The pynvml package is deprecated:FutureWarning",)
 NOISE_MODULES = r"(torch|megatron|nemo|transformers|lightning|pytorch_lightning|modelopt)\b"
