@@ -36,13 +36,13 @@ def field_docs(cls: type) -> Dict[str, str]:
     return docs
 
 
-_ROLE = re.compile(r":\w+:`~?([\w.]+)`")
+_ROLE = re.compile(r":\w+:`(~?)([\w.]+)`")
 
 
 def _plain(doc: str) -> str:
-    """reST to markdown-ish text: ``x`` -> `x`, :func:`~a.b.c` -> `c`."""
-    doc = _ROLE.sub(lambda m: f"`{m.group(1)}`" if not m.group(0).count("~")
-                    else f"`{m.group(1).rsplit('.', 1)[-1]}`", doc)
+    """reST to markdown-ish text: ``x`` -> `x`, :func:`a.b` -> `a.b`, :func:`~a.b.c` -> `c`."""
+    doc = _ROLE.sub(lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`",
+                    doc)
     return doc.replace("``", "`")
 
 
