@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from importlib import import_module
+from importlib.util import find_spec
+from types import ModuleType
 
 import torch
 
@@ -18,12 +21,19 @@ _MODES = ("auto", "torch", "triton")
 
 @lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """Whether ``triton`` imports (it is a dependency, but a broken install must not crash)."""
+    """Whether ``triton`` imports (it is a dependency, but a broken install must not crash)
+    and the kernels sit beside this module (an HF export bundles this file without them)."""
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - environment dependent
         return False
-    return True
+    return bool(__package__) and find_spec(f"{__package__}.decode_attention") is not None
+
+
+def _kernel(module: str) -> ModuleType:
+    """The Triton kernel module ``module`` beside this one (imported by name, so that code
+    bundles, which omit the kernels, list no import of them)."""
+    return import_module(f".{module}", __package__)
 
 
 def kernel_mode() -> str:
@@ -54,9 +64,7 @@ def partial_accumulate(x: torch.Tensor, alpha: torch.Tensor, omega: torch.Tensor
     """Partial accumulation of keys/values; see :func:`nemo_dmc.core.partial_accumulate`.
     fp64 inputs always take the reference."""
     if use_triton(x) and x.dtype in _TRAINING_DTYPES:
-        from nemo_dmc.kernels.partial_accumulation import partial_accumulate as kernel
-
-        return kernel(x, alpha, omega, window)
+        return _kernel("partial_accumulation").partial_accumulate(x, alpha, omega, window)
     from nemo_dmc.core.accumulation import partial_accumulate as reference
 
     return reference(x, alpha, omega, window)
@@ -80,8 +88,7 @@ def dmc_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              and query.shape[-1] <= _max_head_dim(query.dtype)
              and query.shape[0] * query.shape[1] <= 65535)  # the kernel's grid axis 1
     if fused and use_triton(query):
-        from nemo_dmc.kernels.dmc_attention import dmc_attention as kernel
-
+        kernel = _kernel("dmc_attention").dmc_attention
         return kernel(query, key, value, state_bias, softmax_scale, bias_window=bias_window)
     from nemo_dmc.core.attention import dmc_attention as reference
 
@@ -103,8 +110,7 @@ def paged_decode_attention(query: torch.Tensor, key_pool: torch.Tensor,
     always take the reference."""
     if (use_triton(query) and key_pool.dtype in _DECODE_DTYPES
             and value_pool.dtype == key_pool.dtype and query.dtype in _DECODE_DTYPES):
-        from nemo_dmc.kernels.decode_attention import paged_decode_attention as kernel
-
+        kernel = _kernel("decode_attention").paged_decode_attention
         return kernel(query, key_pool, value_pool, block_tables, lengths, scale, max_slots)
     from nemo_dmc.kernels.references import paged_decode_attention as reference
 
@@ -123,7 +129,7 @@ def decode_cache_update(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     reference."""
     if (use_triton(key) and key_pool.dtype in _DECODE_DTYPES
             and open_runs.dtype == torch.float32):
-        from nemo_dmc.kernels.cache_update import decode_cache_update as kernel
+        kernel = _kernel("cache_update").decode_cache_update
     else:
         from nemo_dmc.kernels.references import decode_cache_update as kernel
     kernel(query, key, value, positions, rows, open_runs, ring_next, lengths, block_tables,

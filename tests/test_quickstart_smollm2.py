@@ -81,3 +81,9 @@ def test_readme_quick_start_on_smollm2(tmp_path):
                "--include_path", str(REPO / "nemo_dmc/evaluate/tasks"), "--batch_size", "8",
                "--limit", "4")
     assert "dmc_demo" in out
+    # stock lm-eval on the HF export: its bundled modeling code, no nemo_dmc model type
+    out = _run(tmp_path, "lm_eval", "--model", "hf", "--model_args",
+               "pretrained=export/hf,trust_remote_code=True,dtype=float32", "--tasks",
+               "dmc_demo_choice", "--include_path", str(REPO / "nemo_dmc/evaluate/tasks"),
+               "--device", "cpu", "--batch_size", "4", "--limit", "4")
+    assert "dmc_demo_choice" in out

@@ -20,6 +20,7 @@ from nemo_dmc.checkpoints.weights import SPECIAL_TOKEN_KEYS
 from nemo_dmc.convert.progress import ProgressFn, silent
 from nemo_dmc.core import ModelConfig
 from nemo_dmc.convert.hf_import import ADAPTER_NAMES
+from nemo_dmc.hf.remote_code import AUTO_MAP, write_remote_code
 from nemo_dmc.methods import ADAPTER_MODULE, settings_to_dict
 
 
@@ -99,7 +100,8 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
                  special_tokens: Optional[dict[str, Any]] = None):
     """A transformers config with our model's shape: ``LlamaConfig``, or with ``method`` (a KV
     method's settings, e.g. :class:`~nemo_dmc.core.DMCConfig`) the ``DMCLlamaHFConfig``
-    (``model_type: dmc_llama``) carrying them as ``kv_method``.
+    (``model_type: dmc_llama``) carrying them as ``kv_method``, with the ``auto_map`` of the
+    modeling code an export bundles (:mod:`nemo_dmc.hf.remote_code`).
 
     ``special_tokens``: bos/eos/pad token ids (:data:`SPECIAL_TOKEN_KEYS`); unknown ones are
     written as ``null`` rather than ``LlamaConfig``'s defaults, which belong to no tokenizer.
@@ -117,7 +119,8 @@ def llama_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
         from nemo_dmc.hf import DMCLlamaHFConfig
 
         config_class = DMCLlamaHFConfig
-        extra = {"architectures": ["DMCLlamaForCausalLM"], "kv_method": settings_to_dict(method)}
+        extra = {"architectures": ["DMCLlamaForCausalLM"], "kv_method": settings_to_dict(method),
+                 "auto_map": dict(AUTO_MAP)}
     return config_class(
         vocab_size=model.vocab_size, hidden_size=model.hidden_size,
         intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
@@ -135,8 +138,9 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
                        dtype: Optional[torch.dtype] = None, tokenizer: Any = None,
                        special_tokens: Optional[dict[str, Any]] = None,
                        progress: ProgressFn = silent) -> Path:
-    """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
-    tokenizer's files atomically (temp dir, then rename).
+    """Write ``config.json``, ``generation_config.json``, ``model.safetensors``, the
+    tokenizer's files and, for a KV method, its modeling code (``trust_remote_code=True``)
+    atomically (temp dir, then rename).
 
     ``state`` is a full megatron state (:func:`nemo_dmc.checkpoints.sharding.gather_full_state`);
     ``method=None`` exports a plain Llama, else a ``dmc_llama`` checkpoint running that KV
@@ -160,6 +164,8 @@ def save_hf_checkpoint(state: dict[str, Tensor], model: ModelConfig, output: Pat
         if is_rank0():
             config.save_pretrained(tmp)
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            if method is not None:  # trust_remote_code=True loads it without nemo_dmc
+                write_remote_code(tmp)
             if tokenizer is not None:
                 export_tokenizer(tokenizer).save_pretrained(str(tmp))
             progress(f"saving {len(hf_state)} tensors to {Path(output) / 'model.safetensors'}")

@@ -214,9 +214,11 @@ class NemoDMCLM(TemplateLM):
 
 
 def main() -> None:
-    """lm-eval's command line with the ``nemo_dmc`` model type registered."""
+    """lm-eval's command line with the ``nemo_dmc`` model type registered, and our
+    transformers architecture (``dmc_llama``) too: ``--model hf`` takes an export as is."""
     from lm_eval.__main__ import cli_evaluate
 
+    import nemo_dmc.hf  # noqa: F401  (registers dmc_llama with transformers' Auto classes)
     from nemo_dmc.quiet import quiet_third_party
 
     quiet_third_party()
