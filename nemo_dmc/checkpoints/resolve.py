@@ -11,8 +11,9 @@ Accepted ``checkpoint`` paths:
 * a NeMo 2 directory (``context/`` + ``weights/``, same loader); its context supplies
   ``model`` and, for a DMC model, ``dmc`` (the shape needs ``nemo`` installed; without it
   the ``model`` settings given are used);
-* a weights checkpoint of ``python -m nemo_dmc.convert`` (``weights/`` + ``model_config.yaml``),
-  loaded with :func:`nemo_dmc.checkpoints.weights.load_weights_checkpoint`;
+* a weights checkpoint of ``python -m nemo_dmc.convert`` (``weights/`` + ``model_config.yaml``,
+  and ``dmc_config.yaml`` for a model retrofitted elsewhere: ``import-megatron``), loaded with
+  :func:`nemo_dmc.checkpoints.weights.load_weights_checkpoint`;
 * a ``.pt``/``.pth`` file holding a full (TP=1) model ``state_dict`` (or ``{"model": ...}``).
 
 dist_checkpointing checkpoints load at any tensor-parallel size. All of them load into models of
@@ -47,6 +48,7 @@ from nemo_dmc.checkpoints.sharding import shard_full_state
 from nemo_dmc.checkpoints.weights import (
     MODEL_CONFIG_FILE,
     load_weights_checkpoint,
+    read_dmc_config,
     read_model_config,
 )
 from nemo_dmc.core import DMCConfig, ModelConfig
@@ -59,7 +61,7 @@ class ResolvedCheckpoint:
     kind: ``"trainer"`` (dist checkpoint of the trainer or NeMo 2), ``"weights"`` (convert's
     weights checkpoint) or ``"state_dict"``. run_config: the training run's config, if found.
     model_config / dmc_config: the shape / DMC settings the checkpoint itself records
-    (``model_config.yaml``, a NeMo 2 context).
+    (``model_config.yaml`` / ``dmc_config.yaml``, a NeMo 2 context).
     """
 
     kind: str
@@ -79,8 +81,8 @@ class ResolvedCheckpoint:
         return None
 
     def recorded_dmc_config(self) -> Optional[DMCConfig]:
-        """The DMC settings the checkpoint records (a NeMo 2 context, else the run's config
-        when the checkpoint records no shape of its own), or ``None``."""
+        """The DMC settings the checkpoint records (``dmc_config.yaml``, a NeMo 2 context, else
+        the run's config when the checkpoint records no shape of its own), or ``None``."""
         if self.dmc_config is not None:
             return self.dmc_config
         if self.model_config is None and self.run_config is not None:
@@ -89,9 +91,10 @@ class ResolvedCheckpoint:
 
     def recorded_method(self) -> Optional[Tuple[str, Optional[int]]]:
         """``(method, window)`` of the KV method the checkpoint was trained with: ``("dmc",
-        None)`` for a NeMo 2 DMC context, else the run's ``method``/``window`` (when the
-        checkpoint records no shape of its own, as :meth:`recorded_dmc_config`), else ``None``
-        (nothing recorded: consumers then default to ``dmc``)."""
+        None)`` where it records DMC settings of its own (a NeMo 2 DMC context,
+        ``dmc_config.yaml``), else the run's ``method``/``window`` (when the checkpoint records
+        no shape of its own, as :meth:`recorded_dmc_config`), else ``None`` (nothing
+        recorded: consumers then default to ``dmc``)."""
         if self.dmc_config is not None:
             return "dmc", None
         if self.model_config is None and self.run_config is not None:
@@ -109,7 +112,8 @@ def resolve_checkpoint(checkpoint: str | Path, key: str = "checkpoint") -> Resol
             raise ValueError(f"{key}: {path} is a file but not a .pt/.pth state_dict")
         return ResolvedCheckpoint("state_dict", path, find_run_config(path.parent), key=key)
     if (path / MODEL_CONFIG_FILE).is_file():
-        return ResolvedCheckpoint("weights", path, None, read_model_config(path), key=key)
+        return ResolvedCheckpoint("weights", path, None, read_model_config(path), key=key,
+                                  dmc_config=read_dmc_config(path))
     if (path / NEMO_CONTEXT).is_dir() and (path / "weights" / "metadata.json").is_file():
         try:
             model, dmc = nemo_checkpoint_settings(path) or (None, None)

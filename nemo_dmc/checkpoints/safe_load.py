@@ -64,7 +64,7 @@ def _fix(path: Path) -> str:
             "(e.g. python -m nemo_dmc.convert import-hf)")
 
 
-def _reason(err: Exception) -> str:
+def unpickling_reason(err: Exception) -> str:
     """The line of a weights-only load error that names the refused global (else its first)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
     return next((line for line in lines if "GLOBAL" in line), lines[0])
@@ -126,7 +126,7 @@ def check_sharded_objects(checkpoint_dir: str | Path, metadata: Metadata) -> Non
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             raise UnsafeCheckpointError(f"{path}: object {index.fqn} names globals outside "
-                                        f"torch's safe set ({_reason(err)}); "
+                                        f"torch's safe set ({unpickling_reason(err)}); "
                                         f"{_fix(path)}") from err
         except (OSError, RuntimeError) as err:  # missing file; truncated zip
             raise ValueError(f"{path}: object {index.fqn} is unreadable ({err}): the "
@@ -151,7 +151,7 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(f"{path}: {_reason(err)}; "
+            raise UnsafeCheckpointError(f"{path}: {unpickling_reason(err)}; "
                                         f"{_fix(path)}") from err
 
     def load_sharded_objects(self, sharded_objects_state_dict: Any, checkpoint_dir: Any) -> None:

@@ -6,7 +6,7 @@ holds ``[gate; up]`` globally and ``[gate_r; up_r]`` on each rank.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,15 @@ def shard_full_state(full: dict, model: nn.Module) -> dict:
     return out
 
 
+def join_shards(name: str, parts: Sequence[Tensor], partition_dim: int) -> Tensor:
+    """The full tensor of a tensor-parallel param from its per-rank ``parts`` (rank order):
+    concatenated along ``partition_dim``, the SwiGLU ``fc1`` weight as ``[gate; up]``."""
+    if _is_swiglu_fc1(name):
+        gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
+        return torch.cat([*gates, *ups])
+    return torch.cat(list(parts), dim=partition_dim)
+
+
 def _gather(name: str, param: nn.Parameter, local: Tensor, is_grad: bool) -> Tensor:
     tp, _ = _tp()
     group = parallel_state.get_tensor_model_parallel_group()
@@ -50,10 +59,7 @@ def _gather(name: str, param: nn.Parameter, local: Tensor, is_grad: bool) -> Ten
         return local.detach().clone()
     parts = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(parts, local.detach().contiguous(), group=group)
-    if _is_swiglu_fc1(name):
-        gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
-        return torch.cat([*gates, *ups])
-    return torch.cat(parts, dim=param.partition_dim)
+    return join_shards(name, parts, param.partition_dim)
 
 
 def _gather_all(model: nn.Module, pick: Callable[[nn.Parameter], Tensor], is_grad: bool) -> dict:

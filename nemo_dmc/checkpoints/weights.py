@@ -1,6 +1,7 @@
 """Weights-only checkpoint directories: ``weights/`` (megatron dist_checkpointing, keys
 prefixed ``module.`` as in NeMo 2) beside ``model_config.yaml`` (our model shape) and, for
-imported checkpoints, ``special_tokens.yaml`` (the source's bos/eos/pad token ids).
+imported checkpoints, ``special_tokens.yaml`` (the source's bos/eos/pad token ids) and
+``dmc_config.yaml`` (the DMC settings of a model retrofitted elsewhere, e.g. NVIDIA's).
 
 Any tensor-parallel size can load them (dist_checkpointing reshards), into a model of either
 layer spec, local or Transformer Engine (megatron saves both under the same names, see
@@ -20,19 +21,22 @@ from torch import nn
 
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint, read_metadata
-from nemo_dmc.core import ModelConfig
+from nemo_dmc.core import DMCConfig, ModelConfig
 from nemo_dmc.methods import ADAPTER_MODULE, DMCMethod
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
 SPECIAL_TOKENS_FILE = "special_tokens.yaml"
+DMC_CONFIG_FILE = "dmc_config.yaml"
 SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output: Path,
-                            special_tokens: Optional[dict[str, Any]] = None) -> Path:
+                            special_tokens: Optional[dict[str, Any]] = None,
+                            dmc: Optional[DMCConfig] = None) -> Path:
     """Write ``output/{weights,model_config.yaml}`` atomically (all ranks call);
-    ``special_tokens`` (:data:`SPECIAL_TOKEN_KEYS`) go to ``special_tokens.yaml``."""
+    ``special_tokens`` (:data:`SPECIAL_TOKEN_KEYS`) go to ``special_tokens.yaml``, the DMC
+    settings the weights were trained with (``dmc``) to ``dmc_config.yaml``."""
     with atomic_checkpoint_dir(output, (WEIGHTS_DIR,)) as tmp:
         if is_rank0():
             (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(asdict(model_config),
@@ -40,6 +44,8 @@ def save_weights_checkpoint(model: nn.Module, model_config: ModelConfig, output:
             if special_tokens is not None:
                 (tmp / SPECIAL_TOKENS_FILE).write_text(yaml.safe_dump(
                     {key: special_tokens.get(key) for key in SPECIAL_TOKEN_KEYS}))
+            if dmc is not None:
+                (tmp / DMC_CONFIG_FILE).write_text(yaml.safe_dump(asdict(dmc), sort_keys=False))
         dist_checkpointing.save({"model": model.sharded_state_dict(prefix="module.")},
                                 str(tmp / WEIGHTS_DIR))
     return Path(output)
@@ -56,6 +62,22 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
     if unknown:
         raise ValueError(f"{path}: unknown model config keys {unknown}")
     return ModelConfig(**data)
+
+
+def read_dmc_config(checkpoint: Path) -> Optional[DMCConfig]:
+    """The DMC settings recorded beside a weights checkpoint (``dmc_config.yaml``), or
+    ``None``; settings the file predates keep their defaults, unknown ones are an error."""
+    path = Path(checkpoint) / DMC_CONFIG_FILE
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - {f.name for f in fields(DMCConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown DMC settings {unknown}")
+    try:
+        return DMCConfig(**data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def read_special_tokens(checkpoint: Path) -> Optional[dict[str, Any]]:

@@ -1,15 +1,21 @@
 """``python -m nemo_dmc.convert``: checkpoint conversion subcommands.
 
-    python -m nemo_dmc.convert import-hf   --input <hf_dir | model.gguf> --output <dir>
+    python -m nemo_dmc.convert import-hf       --input <hf_dir | model.gguf> --output <dir>
+    python -m nemo_dmc.convert import-megatron --input <Megatron-LM save dir> --output <dir>
     python -m nemo_dmc.convert export-nemo --input <run | stage | step_N | weights dir> --output <dir>
     python -m nemo_dmc.convert export-hf   --input <run | stage | step_N | weights dir> --output <dir>
 
-Exports are compressed models when the checkpoint comes from a nemo-dmc training run (which
-records the DMC settings and the trained ``method``): ``export-hf`` writes the run's KV method
-(DMC, or DMS with the run's ``window``; ``--method`` / ``--window`` pick another),
-``export-nemo`` a DMC model (a NeMo 2 context records DMC settings only: a DMS run is refused
-unless ``--format plain`` or ``--format dmc`` says which model to write); plain Llama
-otherwise. ``--format dmc|plain`` overrides.
+``import-megatron`` reads Megatron-LM's torch format (``iter_*/mp_rank_NN/model_optim_rng.pt``,
+e.g. NVIDIA's released DMC Llama 2 models), any tensor-parallel size, and records the run's
+DMC settings beside the weights; ``--trust-pickle`` lifts its allow-list of pickled types.
+
+Exports are compressed models when the checkpoint records DMC settings (a nemo-dmc training
+run, which also records the trained ``method``; an ``import-megatron`` checkpoint; a NeMo 2
+DMC context): ``export-hf`` writes the run's KV method (DMC, or DMS with the run's
+``window``; ``--method`` / ``--window`` pick another), ``export-nemo`` a DMC model (a NeMo 2
+context records DMC settings only: a DMS run is refused unless ``--format plain`` or
+``--format dmc`` says which model to write); plain Llama otherwise. ``--format dmc|plain``
+overrides.
 
 ``--output`` must be a new or empty folder (``--overwrite`` replaces an existing one, old
 contents kept until the new output is complete), and may not equal or contain the input.
@@ -43,37 +49,69 @@ def _import_method(checkpoint, state):
     return method
 
 
-def _import_hf(args: argparse.Namespace) -> int:
+def _save_imported(source: Path, state, shape, output: Path, progress, method=None,
+                   special_tokens=None, dmc=None) -> Path:
+    """Load a converted full state dict into a TP=1 model of ``shape`` (every tensor must
+    fit) and write it as a weights checkpoint."""
     from nemo_dmc.checkpoints.layout import match_layout
     from nemo_dmc.checkpoints.weights import save_weights_checkpoint
-    from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
-    from nemo_dmc.convert.progress import Progress
     from nemo_dmc.megatron import parallel
     from nemo_dmc.megatron.model import build_model
+
+    parallel.initialize(tensor_parallel_size=1, seed=0)
+    try:
+        model = build_model(shape, method=method)
+        result = model.load_state_dict(match_layout(state, model.state_dict()), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"shape/key mismatch importing {source}: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+        progress(f"saving weights to {output}")
+        out = save_weights_checkpoint(model, shape, Path(output), special_tokens=special_tokens,
+                                      dmc=dmc)
+        progress("saved")
+    finally:
+        parallel.shutdown()
+    return out
+
+
+def _imported(out: Path, parameters: int, shape) -> str:
+    return (f"[convert] wrote {out} ({parameters / 1e6:.1f} M parameters, {shape.num_layers} "
+            f"layers, {shape.num_attention_heads} heads / {shape.kv_heads} KV groups)")
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from nemo_dmc.convert.hf_import import hf_to_megatron, load_hf_checkpoint
+    from nemo_dmc.convert.progress import Progress
 
     print(f"[convert] reading {args.input}", flush=True)
     progress = Progress()
     checkpoint = load_hf_checkpoint(args.input, progress)
     state = hf_to_megatron(checkpoint.state, checkpoint.model, progress=progress)
     method = _import_method(checkpoint, state)
-    parallel.initialize(tensor_parallel_size=1, seed=0)
-    try:
-        model = build_model(checkpoint.model, method=method)
-        result = model.load_state_dict(match_layout(state, model.state_dict()), strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"shape/key mismatch importing {args.input}: missing {missing}, "
-                             f"unexpected {result.unexpected_keys}")
-        progress(f"saving weights to {args.output}")
-        out = save_weights_checkpoint(model, checkpoint.model, Path(args.output),
-                                      special_tokens=checkpoint.special_tokens)
-        progress("saved")
-    finally:
-        parallel.shutdown()
-    n = checkpoint.num_parameters
-    print(f"[convert] wrote {out} ({n / 1e6:.1f} M parameters, {checkpoint.model.num_layers} "
-          f"layers, {checkpoint.model.num_attention_heads} heads / "
-          f"{checkpoint.model.kv_heads} KV groups)", flush=True)
+    out = _save_imported(args.input, state, checkpoint.model, args.output, progress,
+                         method=method, special_tokens=checkpoint.special_tokens)
+    print(_imported(out, checkpoint.num_parameters, checkpoint.model), flush=True)
+    return 0
+
+
+def _import_megatron(args: argparse.Namespace) -> int:
+    from nemo_dmc.convert.megatron_import import load_megatron_checkpoint
+    from nemo_dmc.convert.progress import Progress
+
+    print(f"[convert] reading {args.input}", flush=True)
+    progress = Progress()
+    checkpoint = load_megatron_checkpoint(args.input, args.vocab_size, args.trust_pickle,
+                                          progress)
+    if args.vocab_size is None:
+        print(f"[convert] note: keeping all {checkpoint.model.vocab_size} embedding rows "
+              "(args.padded_vocab_size, Megatron's padding included); --vocab-size trims them "
+              "to the tokenizer's vocabulary (32000 for Llama 2)", flush=True)
+    print("[convert] DMC settings: " + (str(checkpoint.dmc) if checkpoint.dmc is not None else
+                                        "none in the args (a plain model)"), flush=True)
+    out = _save_imported(args.input, checkpoint.state, checkpoint.model, args.output, progress,
+                         dmc=checkpoint.dmc)
+    print(_imported(out, checkpoint.num_parameters, checkpoint.model), flush=True)
     return 0
 
 
@@ -85,7 +123,7 @@ def _load_for_export(args: argparse.Namespace):
     print(f"[convert] loading {args.input}", flush=True)
     model, shape, dmc, resolved = build_inference_model(args.input, ModelConfig(), DMCConfig(),
                                                         key="--input")
-    trained = resolved.run_config is not None
+    trained = resolved.run_config is not None or resolved.dmc_config is not None
     use_dmc = args.format == "dmc" or (args.format == "auto" and trained)
     print(f"[convert] {shape.num_layers} layers, {shape.num_attention_heads} heads / "
           f"{shape.kv_heads} KV groups; exporting "
@@ -196,6 +234,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     imp.add_argument("--output", required=True, type=Path)
     imp.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     imp.set_defaults(func=_import_hf)
+    meg = sub.add_parser("import-megatron",
+                         help="Megatron-LM torch checkpoint (NVIDIA's DMC models) -> weights "
+                              "checkpoint with its DMC settings")
+    meg.add_argument("--input", required=True, type=Path,
+                     help="save dir with latest_checkpointed_iteration.txt, or an iter_* dir")
+    meg.add_argument("--output", required=True, type=Path)
+    meg.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    meg.add_argument("--vocab-size", type=int, default=None,
+                     help="the tokenizer's vocabulary: trims Megatron's padded embedding rows "
+                          "(default: keep args.padded_vocab_size rows)")
+    meg.add_argument("--trust-pickle", action="store_true",
+                     help="load model_optim_rng.pt unrestricted (runs any code it names); "
+                          "only for files from a source you trust")
+    meg.set_defaults(func=_import_megatron)
     for name, func, text in (("export-nemo", _export_nemo, "checkpoint -> NeMo 2 directory"),
                              ("export-hf", _export_hf, "checkpoint -> HF safetensors dir")):
         exp = sub.add_parser(name, help=text)
