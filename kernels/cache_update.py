@@ -5,7 +5,8 @@ One program per (sequence, KV head) does, in place on one layer's cache: the har
 ``omega = sigmoid(s * mean_g q[D-1] + c)`` over the GQA group (``s`` = ``decision_scale``),
 append-or-merge into the open run (a ring of ``W`` entries, or the running sum ``[S | Z]``),
 the open slot ``S / Z`` with its key rotated at the token's position (channel D-1 zeroed
-before RoPE), the write into its block (popping a new block from the host's free stack
+before RoPE, and after it through the RoPE tables with ``zero_after_rope``:
+:func:`~nemo_dmc.kernels.references.attended_tables`), the write into its block (popping a new block from the host's free stack
 through an atomic counter when an append crosses into one) and the new length. With
 ``decision_source="adapter"`` (constexpr ``ADAPTER``) the decision logit ``s * x0 - c`` and
 the importance ``sigmoid(s * x1 + c)`` come from the decision adapter's signals ``[x0, x1]`` of
