@@ -17,10 +17,10 @@ from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 _LAZY = {
     "accumulation": ("linear_scan", "normalize_sums", "partial_accumulate", "weighted_entries",
                      "windowed_scan"),
-    "attention": ("RoPE", "attended_rope", "dmc_attention", "dmc_score_bias", "dmc_self_attention", "dmc_states",
-                  "decision_inputs"),
-    "decisions": ("Decisions", "after_rope", "attended", "decision_logits", "hard_merges", "importance",
-                  "make_decisions", "sample_logistic_noise", "signal_importance",
+    "attention": ("RoPE", "attended_rope", "dmc_attention", "dmc_score_bias",
+                  "dmc_self_attention", "dmc_states", "decision_inputs"),
+    "decisions": ("Decisions", "after_rope", "attended", "decision_logits", "hard_merges",
+                  "importance", "make_decisions", "sample_logistic_noise", "signal_importance",
                   "signal_logits", "source_logits", "zero_decision_channel",
                   "zeroes_after_rope"),
     "loss": ("cap_fraction", "compression_loss", "dmc_compression_loss", "merge_target",
@@ -40,8 +40,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DMCConfig", "Decisions", "after_rope", "attended", "attended_rope", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult",
-    "Stage",
+    "DMCConfig", "Decisions", "after_rope", "attended", "attended_rope", "DistillConfig",
+    "ModelConfig", "RoPE", "SimulationResult", "Stage",
     "cap_fraction", "compression_loss", "decision_inputs", "decision_logits",
     "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
