@@ -35,6 +35,7 @@ from nemo_dmc.core import (
     normalize_sums,
     source_logits,
     weighted_entries,
+    zero_decision_channel,
 )
 
 Workspace = Union[Tuple[Tensor, Tensor], Callable[[int], Tuple[Tensor, Tensor]]]
@@ -103,6 +104,16 @@ class RopeTables:
     partner: Tensor
 
 
+def attended_tables(tables: RopeTables, zero_after_rope: bool) -> RopeTables:
+    """The tables of :func:`nemo_dmc.core.attended_rope`: with ``zero_after_rope``, output
+    channel D-1 zeroed (``cos = sin = 0``), so whatever applies them (the decode kernels and
+    these references) rotates and zeroes again in one step."""
+    if not zero_after_rope:
+        return tables
+    return RopeTables(zero_decision_channel(tables.cos), zero_decision_channel(tables.sin),
+                      tables.partner)
+
+
 def apply_rope_tables(x: Tensor, tables: RopeTables) -> Tensor:
     """RoPE of ``x [b, h, d]`` (one position per sequence) computed in >= fp32, cast back."""
     dtype = tables.cos.dtype
@@ -134,7 +145,8 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
     """One decode token per sequence into one layer's cache, in place: decide (hard, from
     ``s * k[D-1] - c``; position 0 appends), weigh (``omega`` from the group's mean ``q[D-1]``),
     append to or merge into the open run, write the open slot (key rotated at ``positions``,
-    channel D-1 zeroed before RoPE) into its block, taking a new block from ``free`` when an
+    channel D-1 zeroed before RoPE, and after it when ``tables`` are :func:`attended_tables`)
+    into its block, taking a new block from ``free`` when an
     append crosses into one, and advance the lengths. With ``decision_source="adapter"`` the
     decision and importance come from the adapter's ``signals [b, hk, 2]`` instead, and the
     key keeps channel D-1.

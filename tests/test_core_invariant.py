@@ -19,9 +19,11 @@ def _inputs(hq, hk, seq, merge_bias=0.0, batch=2, dim=8, seed=0):
 @pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (8, 2)], ids=["mha", "gqa2", "gqa4"])
 @pytest.mark.parametrize("window", [None, 1, 3, 12], ids=lambda w: f"window{w}")
 @pytest.mark.parametrize("seq", [1, 2, 7, 13])
-def test_parallel_equals_sequential_inference_with_random_decisions(hq, hk, window, seq):
+@pytest.mark.parametrize("zero_after_rope", [True, False], ids=["zero_after", "zero_before"])
+def test_parallel_equals_sequential_inference_with_random_decisions(hq, hk, window, seq,
+                                                                     zero_after_rope):
     q, k, v = _inputs(hq, hk, seq)
-    cfg, rope = DMCConfig(window=window), rotate_half_rope()
+    cfg, rope = DMCConfig(window=window, zero_after_rope=zero_after_rope), rotate_half_rope()
     out, decisions = dmc_self_attention(q, k, v, cfg, training=False, rope=rope)
     ref = simulate_inference(q, k, v, cfg, rope=rope)
     assert torch.equal(decisions.hard, ref.decisions)
@@ -64,16 +66,19 @@ def test_long_merge_runs_match_inference():
         assert torch.allclose(out, ref.output, atol=1e-10)
 
 
-def test_all_append_equals_vanilla_attention_with_decision_channel_zeroed():
+@pytest.mark.parametrize("zero_after_rope", [True, False])
+def test_all_append_equals_vanilla_attention_with_decision_channel_zeroed(zero_after_rope):
     q, k, v = _inputs(8, 2, 9)
     rope = rotate_half_rope()
-    out, _ = dmc_self_attention(q, k, v, DMCConfig(force_decision="append"), training=False,
-                                rope=rope)
+    cfg = DMCConfig(force_decision="append", zero_after_rope=zero_after_rope)
+    out, _ = dmc_self_attention(q, k, v, cfg, training=False, rope=rope)
     pos = torch.arange(9)
     qz, kz = q.clone(), k.clone()
     qz[..., -1], kz[..., -1] = 0, 0
-    vanilla = F.scaled_dot_product_attention(rope(qz, pos), rope(kz, pos), v, is_causal=True,
-                                             enable_gqa=True)
+    qz, kz = rope(qz, pos), rope(kz, pos)
+    if zero_after_rope:  # channel D-1 zeroed again after RoPE
+        qz[..., -1], kz[..., -1] = 0, 0
+    vanilla = F.scaled_dot_product_attention(qz, kz, v, is_causal=True, enable_gqa=True)
     assert torch.allclose(out, vanilla, atol=1e-10)
 
 

@@ -158,10 +158,11 @@ def test_dmc_off_engine_equals_megatron_static_kv_cache_generation(megatron_tp1,
     The decision channel D-1 of q and k is zeroed in both: DMC attention drops that channel
     from q.k (it carries the decision logit and importance) while vanilla attention uses it,
     so with it left non-zero the two models would attend differently on the same weights.
-    Zeroed, the vanilla model is a model "with DMC off" and every token appends anyway."""
+    Zeroed, the vanilla model is a model "with DMC off" and every token appends anyway (zeroed
+    rows zero the channel before RoPE only: ``zero_after_rope=False``)."""
     seed_all(11)
     vanilla = build_model(shape, method=None).eval()
-    dmc = build_model(shape, DMCConfig()).eval()
+    dmc = build_model(shape, DMCConfig(zero_after_rope=False)).eval()
     dmc.load_state_dict(vanilla.state_dict())
     zero_decision_projections(vanilla)
     zero_decision_projections(dmc)

@@ -101,9 +101,10 @@ def test_dmc_gptmodel_eval_matches_token_by_token_simulator(megatron_tp1, shape,
 
 
 def test_dmc_off_reproduces_vanilla_gptmodel(megatron_tp1):
+    # zeroed projection rows zero channel D-1 before RoPE only: vanilla attention's convention
     seed_all(3)
     vanilla = build_model(TINY_GQA, method=None)
-    dmc = build_model(TINY_GQA, DMCConfig(force_decision="append"))
+    dmc = build_model(TINY_GQA, DMCConfig(force_decision="append", zero_after_rope=False))
     dmc.load_state_dict(vanilla.state_dict())
     assert zero_decision_projections(vanilla) == zero_decision_projections(dmc) == 2
     tokens, positions, mask = _batch(TINY_GQA)
@@ -127,7 +128,7 @@ def test_transformer_engine_spec_becomes_dmc_and_dmc_off_matches_vanilla(megatro
     assert spec.submodules.self_attention.submodules.core_attention.module is BiasedCoreAttention
     seed_all(3)
     vanilla = build_model(TINY_GQA, method=None, use_transformer_engine=True).cuda()
-    dmc = build_model(TINY_GQA, DMCConfig(force_decision="append"),
+    dmc = build_model(TINY_GQA, DMCConfig(force_decision="append", zero_after_rope=False),
                       use_transformer_engine=True).cuda()
     dmc.load_state_dict(vanilla.state_dict())
     # TE fuses the input norm into linear_qkv (TELayerNormColumnParallelLinear): rows found

@@ -4,7 +4,7 @@ token-by-token reference == the paged cache policy (fp64), and its decisions and
 import pytest
 import torch
 
-from nemo_dmc.core import dmc_attention, rotate_half_rope
+from nemo_dmc.core import attended_rope, dmc_attention, rotate_half_rope
 from nemo_dmc.methods import DMSConfig, DMSMethod, DMSRecord, settings_from_dict, settings_to_dict
 from nemo_dmc.methods.dms import kept_slots
 from nemo_dmc.methods.dms_reference import simulate_dms
@@ -20,11 +20,13 @@ def _inputs(hq, hk, seq, batch=2, dim=8, seed=0, evict_bias=0.0):
 
 
 def _parallel(q, k, v, settings, rope, training=False, noise=None):
-    """The training form: the method's prepare, RoPE, attention with the windowed bias."""
+    """The training form: the method's prepare, RoPE (channel D-1 zeroed again where the
+    method asks), attention with the windowed bias."""
     method = DMSMethod(settings)
     prepared = method.prepare(q, k, v, training=training, noise=lambda: noise,
                               accumulate=None)
     positions = torch.arange(q.shape[2])
+    rope = attended_rope(rope, prepared.zero_after_rope)
     query, key = rope(prepared.query, positions), rope(prepared.key, positions)
     out = dmc_attention(query, key, prepared.value, prepared.bias,
                         bias_window=prepared.bias_window)
@@ -34,9 +36,11 @@ def _parallel(q, k, v, settings, rope, training=False, noise=None):
 @pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2), (8, 2)], ids=["mha", "gqa2", "gqa4"])
 @pytest.mark.parametrize("window", [1, 3, 8])
 @pytest.mark.parametrize("seq", [1, 5, 14])
-def test_parallel_form_with_hard_decisions_equals_token_by_token_reference(hq, hk, window, seq):
+@pytest.mark.parametrize("zero_after_rope", [True, False], ids=["zero_after", "zero_before"])
+def test_parallel_form_with_hard_decisions_equals_token_by_token_reference(hq, hk, window, seq,
+                                                                           zero_after_rope):
     q, k, v = _inputs(hq, hk, seq)
-    settings, rope = DMSConfig(window=window), rotate_half_rope()
+    settings, rope = DMSConfig(window=window, zero_after_rope=zero_after_rope), rotate_half_rope()
     out, record = _parallel(q, k, v, settings, rope)
     ref = simulate_dms(q, k, v, settings, rope=rope)
     assert torch.equal(record.decisions.hard, ref.decisions)
@@ -61,8 +65,9 @@ def test_keys_inside_the_window_are_seen_even_when_marked_for_eviction():
     out, record = _parallel(q, k, v, settings, rope)
     assert record.decisions.hard.all()
     q[..., -1], k[..., -1] = 0.0, 0.0
-    plain = dmc_attention(rope(q, torch.arange(6)), rope(k, torch.arange(6)), v,
-                          torch.zeros(2, 2, 6, dtype=torch.float64))
+    q, k = rope(q, torch.arange(6)), rope(k, torch.arange(6))
+    q[..., -1], k[..., -1] = 0.0, 0.0  # zero_after_rope (the default)
+    plain = dmc_attention(q, k, v, torch.zeros(2, 2, 6, dtype=torch.float64))
     assert torch.allclose(out, plain, atol=1e-12)
 
 
@@ -138,9 +143,11 @@ def _paged_run(q, k, v, settings, prefill, chunk, block_size=2):
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("prefill,chunk", [(1, 1), (13, 13), (9, 4)],
                          ids=["decode_only", "one_prefill", "chunked_then_decode"])
-def test_paged_cache_policy_equals_token_by_token_reference(hq, hk, window, prefill, chunk):
+@pytest.mark.parametrize("zero_after_rope", [True, False], ids=["zero_after", "zero_before"])
+def test_paged_cache_policy_equals_token_by_token_reference(hq, hk, window, prefill, chunk,
+                                                            zero_after_rope):
     q, k, v = _inputs(hq, hk, 13)
-    settings = DMSConfig(window=window)
+    settings = DMSConfig(window=window, zero_after_rope=zero_after_rope)
     out, cache = _paged_run(q, k, v, settings, prefill, chunk)
     ref = simulate_dms(q, k, v, settings, rope=rotate_half_rope())
     assert 0.2 < ref.decisions.mean() < 0.8

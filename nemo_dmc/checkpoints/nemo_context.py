@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.core.config import LEGACY_DEFAULTS
 
 NEMO_CONTEXT = "context"  # a NeMo 2 checkpoint's serialised model and config
 NEMO_TOKENIZER = "nemo_tokenizer"  # the HF tokenizer folder an export carries in context/
@@ -129,6 +130,18 @@ def _context_part(path: Path, part: str) -> Any:
     return spec
 
 
+def _keep_recorded_behaviour(config: Any) -> None:
+    """Give the ``dmc`` of an unbuilt ``DMCLlamaConfig`` the
+    :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS` of the settings it does not record (a
+    context written before they existed keeps the behaviour it was trained with)."""
+    dmc = getattr(config, "__arguments__", {}).get("dmc")
+    if getattr(dmc, "__fn_or_cls__", None) is not DMCConfig:
+        return
+    for name, value in LEGACY_DEFAULTS.items():
+        if name not in dmc.__arguments__:
+            setattr(dmc, name, value)
+
+
 def load_context_model(path: Path) -> Any:
     """The (unconfigured) NeMo ``GPTModel`` of a checkpoint's ``context/``, built with
     :func:`cpu_overrides` (only from safe references unless the user opted in)."""
@@ -143,6 +156,7 @@ def load_context_model(path: Path) -> Any:
         spec = io.load_context(context, subpath="model", build=False)
     else:
         spec = _context_part(path, "model")
+    _keep_recorded_behaviour(spec.config)
     for key, value in cpu_overrides().items():
         setattr(spec.config, key, value)
     if getattr(spec, "tokenizer", None) is not None:
@@ -163,6 +177,7 @@ def read_context_config(path: Path) -> Any:
     if trusts_nemo_context():
         return load_context_model(path).config
     spec = _context_part(path, "config")
+    _keep_recorded_behaviour(spec)
     for key, value in cpu_overrides().items():
         setattr(spec, key, value)
     return fdl.build(spec)

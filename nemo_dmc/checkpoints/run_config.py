@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from nemo_dmc.checkpoints.run_dir import STAGES, list_checkpoints
 from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.core.config import with_legacy_defaults
 
 # The resolved config of a run, written into its run_dir (checkpoints find it there).
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -60,11 +61,12 @@ def model_config_from_run(run_config: Any, source: Path) -> ModelConfig:
 def dmc_config_from_run(run_config: Any) -> DMCConfig:
     """The DMC settings a training run used: its ``dmc`` section read into the typed
     :class:`~nemo_dmc.core.DMCConfig` (type-checked; the trainer's own ``dmc`` keys such as
-    ``budget_pct`` are not the method's; settings a run predates keep their defaults)."""
+    ``budget_pct`` are not the method's; settings a run predates keep their defaults, or the
+    behaviour the run had: :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS`)."""
     data = OmegaConf.to_container(run_config.dmc, resolve=True)
     known = {f.name for f in fields(DMCConfig)}
-    typed = OmegaConf.merge(OmegaConf.structured(DMCConfig),
-                            {k: v for k, v in data.items() if k in known})
+    recorded = with_legacy_defaults({k: v for k, v in data.items() if k in known}, known)
+    typed = OmegaConf.merge(OmegaConf.structured(DMCConfig), recorded)
     return OmegaConf.to_object(typed)
 
 

@@ -17,11 +17,12 @@ from nemo_dmc.core.schedule import Stage, target_cr, zero_out_scale
 _LAZY = {
     "accumulation": ("linear_scan", "normalize_sums", "partial_accumulate", "weighted_entries",
                      "windowed_scan"),
-    "attention": ("RoPE", "dmc_attention", "dmc_score_bias", "dmc_self_attention", "dmc_states",
-                  "decision_inputs"),
-    "decisions": ("Decisions", "attended", "decision_logits", "hard_merges", "importance",
-                  "make_decisions", "sample_logistic_noise", "signal_importance",
-                  "signal_logits", "source_logits", "zero_decision_channel"),
+    "attention": ("RoPE", "attended_rope", "dmc_attention", "dmc_score_bias",
+                  "dmc_self_attention", "dmc_states", "decision_inputs"),
+    "decisions": ("Decisions", "after_rope", "attended", "decision_logits", "hard_merges",
+                  "importance", "make_decisions", "sample_logistic_noise", "signal_importance",
+                  "signal_logits", "source_logits", "zero_decision_channel",
+                  "zeroes_after_rope"),
     "loss": ("cap_fraction", "compression_loss", "dmc_compression_loss", "merge_target",
              "realised_cr"),
     "reference": ("SimulationResult", "rotate_half_rope", "simulate_inference"),
@@ -39,12 +40,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DMCConfig", "Decisions", "attended", "DistillConfig", "ModelConfig", "RoPE", "SimulationResult",
-    "Stage",
+    "DMCConfig", "Decisions", "after_rope", "attended", "attended_rope", "DistillConfig",
+    "ModelConfig", "RoPE", "SimulationResult", "Stage",
     "cap_fraction", "compression_loss", "decision_inputs", "decision_logits",
     "dmc_compression_loss", "dmc_attention", "dmc_score_bias",
     "dmc_self_attention", "dmc_states", "hard_merges", "importance", "linear_scan", "make_decisions", "normalize_sums", "weighted_entries", "merge_target",
     "partial_accumulate", "realised_cr", "rotate_half_rope", "sample_logistic_noise",
     "signal_importance", "signal_logits", "source_logits", "simulate_inference", "target_cr", "windowed_scan", "zero_decision_channel",
-    "zero_out_scale",
+    "zero_out_scale", "zeroes_after_rope",
 ]

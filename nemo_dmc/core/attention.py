@@ -20,11 +20,13 @@ from nemo_dmc.core.accumulation import partial_accumulate
 from nemo_dmc.core.config import DMCConfig
 from nemo_dmc.core.decisions import (
     Decisions,
+    after_rope,
     attended,
     importance,
     make_decisions,
     signal_importance,
     source_logits,
+    zeroes_after_rope,
 )
 
 
@@ -117,6 +119,17 @@ def _windowed_bias_attention(q: Tensor, k: Tensor, value: Tensor, state_bias: Te
 RoPE = Callable[[Tensor, Tensor], Tensor]
 """``rope(x, positions)``: rotate ``x`` ``[..., s, d]`` at integer ``positions`` ``[s]``."""
 
+
+
+def attended_rope(rope: Optional[RoPE], zero_after_rope: bool) -> Optional[RoPE]:
+    """``rope`` as attention applies it to the attended q/k: the rotation, then
+    :func:`~nemo_dmc.core.decisions.after_rope` (channel D-1 zeroed again with
+    ``zero_after_rope``). ``None`` (no rotation) stays ``None``."""
+    if rope is None or not zero_after_rope:
+        return rope
+    return lambda x, positions: after_rope(rope(x, positions), True)
+
+
 Accumulate = Callable[[Tensor, Tensor, Tensor, Optional[int]], Tensor]
 """``accumulate(x, alpha, omega, window)`` with the contract of :func:`partial_accumulate`."""
 
@@ -169,13 +182,15 @@ def dmc_self_attention(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
     """The DMC attention of one layer, parallel over the sequence.
 
     Same arguments as :func:`dmc_states`; ``rope`` rotates the queries and each accumulated
-    key at the position of its newest token (``None``: no rotation).
+    key at the position of its newest token (``None``: no rotation), channel D-1 zeroed
+    again after it with :attr:`DMCConfig.zero_after_rope` (:func:`attended_rope`).
 
     Returns:
         ``([b, hq, s, d]`` attention output, the layer's :class:`Decisions`).
     """
     query, key, value, decisions = dmc_states(query, key, value, config, training, noise,
                                               signals=signals)
+    rope = attended_rope(rope, zeroes_after_rope(config))
     if rope is not None:
         positions = torch.arange(query.shape[-2], device=query.device)
         query, key = rope(query, positions), rope(key, positions)

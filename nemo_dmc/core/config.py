@@ -8,7 +8,7 @@ configs, NeMo contexts, HF ``config.json``) through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Iterable, Optional
 
 LOSS_REDUCTIONS = ("global", "sequence")
 BALANCE_UNITS = ("none", "layer", "head")
@@ -39,6 +39,11 @@ class DMCConfig:
             2 x KV heads), zero-initialised) reads the attention input and gives each KV
             head a decision and an importance signal; q and k stay intact, so the retrofit
             starts from exactly the original model and needs no zero-out stage.
+        zero_after_rope: with the ``channel`` source, also zero channel D-1 of the rotated
+            q and k (NVIDIA's reference; RoPE pairs channel D-1 with D/2-1, so without this
+            that pair scores ``cos(theta (t_q - t_k))``, with it ``cos(theta t_q) cos(theta
+            t_k)``). A checkpoint or config that does not record it was trained without it
+            (false).
         target_cr: compression ratio the compression loss aims at (the stage schedule ramps
             towards it).
         loss_weight: weight of the compression loss beside the LM loss.
@@ -63,6 +68,7 @@ class DMCConfig:
     target_cr: float = 4.0
     loss_weight: float = 1.0
     decision_source: str = "channel"
+    zero_after_rope: bool = True
     loss_reduction: str = "global"
     balance: str = "none"
     balance_cap: Optional[float] = None
@@ -93,3 +99,15 @@ class DMCConfig:
             raise ValueError(
                 f"dmc.force_decision must be null, 'append' or 'merge', got {self.force_decision!r}"
             )
+
+
+LEGACY_DEFAULTS: Dict[str, Any] = {"zero_after_rope": False}
+"""Settings added after checkpoints were first written, with the value a stored config that
+lacks them means: the behaviour of the code that wrote it (fresh configs take the defaults)."""
+
+
+def with_legacy_defaults(values: Dict[str, Any], known: Iterable[str]) -> Dict[str, Any]:
+    """Stored settings ``values`` with :data:`LEGACY_DEFAULTS` filled in for the ``known``
+    fields (of the settings class being read) they do not record."""
+    known = set(known)
+    return {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in known}, **values}

@@ -93,6 +93,18 @@ def attended(x: Tensor, settings) -> Tensor:
     return zero_decision_channel(x) if settings.decision_source == "channel" else x
 
 
+def zeroes_after_rope(settings) -> bool:
+    """Whether attention zeroes channel D-1 of the rotated q/k again (``zero_after_rope`` with
+    the ``channel`` decision source; the adapter source keeps q and k intact)."""
+    return settings.decision_source == "channel" and settings.zero_after_rope
+
+
+def after_rope(x: Tensor, zero_after_rope: bool) -> Tensor:
+    """A rotated query or key as attention sees it: channel D-1 zeroed again with
+    ``zero_after_rope`` (:attr:`DMCConfig.zero_after_rope`), else ``x`` as is."""
+    return zero_decision_channel(x) if zero_after_rope else x
+
+
 def zero_decision_channel(x: Tensor) -> Tensor:
     """Return ``x`` with its last channel (the repurposed one) set to zero."""
     return F.pad(x[..., :-1], (0, 1))

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core.attention import RoPE
+from nemo_dmc.core.attention import RoPE, attended_rope
 from nemo_dmc.core.config import DMCConfig
-from nemo_dmc.core.decisions import zero_decision_channel
+from nemo_dmc.core.decisions import zero_decision_channel, zeroes_after_rope
 
 
 @dataclass
@@ -64,6 +64,8 @@ def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
 
     Args:
         query: ``[b, hq, s, d]`` pre-RoPE queries; key, value: ``[b, hk, s, d]`` pre-RoPE.
+        rope: rotates queries and slot keys (channel D-1 zeroed again after it with
+            ``config.zero_after_rope``).
         signals: ``[b, hk, s, 2]`` decision-adapter signals (``decision_source="adapter"``).
     """
     adapter = config.decision_source == "adapter"
@@ -73,6 +75,7 @@ def simulate_inference(query: Tensor, key: Tensor, value: Tensor, config: DMCCon
     hk = key.shape[1]
     group = hq // hk
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    rope = attended_rope(rope, zeroes_after_rope(config))
     output = torch.zeros_like(query)
     decisions = torch.zeros(b, hk, s, dtype=query.dtype)
     lengths = torch.zeros(b, hk, dtype=torch.long)

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from nemo_dmc.core import DMCConfig, sample_logistic_noise
+from nemo_dmc.core import DMCConfig, after_rope, sample_logistic_noise
 from nemo_dmc.hf.cache import DMCCache
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 from nemo_dmc.kvcache.ops import rope_tables
@@ -186,7 +186,8 @@ class DMCLlamaAttention(LlamaAttention):
             q, k, v, training=self.training, accumulate=dispatch.partial_accumulate,
             noise=lambda: sample_logistic_noise((b, hk, s), k.device), signals=signals)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(prepared.query, prepared.key, cos, sin)
+        q, k = (after_rope(x, prepared.zero_after_rope)
+                for x in apply_rotary_pos_emb(prepared.query, prepared.key, cos, sin))
         mask = _padding_mask(attention_mask)
         if self.method.simulates_cache:
             below = torch.ones(s, s, dtype=torch.bool, device=k.device).tril()

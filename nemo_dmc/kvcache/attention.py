@@ -5,7 +5,9 @@ kernels go through :mod:`nemo_dmc.kernels.dispatch`: Triton on CUDA, else pure t
 takes one token per sequence. Both take pre-RoPE ``query [b, hq, c, d]``, ``key``/``value``
 ``[b, hk, c, d]`` and return ``[b, hq, c, d]``; they update the cache rows as inference would
 after those tokens. With ``decision_source="adapter"`` both also take the layer's decision
-adapter ``signals [b, hk, c, 2]``, which give decisions and importance (q and k intact). ``rope`` is a :data:`nemo_dmc.core.RoPE` (``None``: no rotation).
+adapter ``signals [b, hk, c, 2]``, which give decisions and importance (q and k intact).
+``rope`` is a :data:`nemo_dmc.core.RoPE` (``None``: no rotation); channel D-1 of the rotated
+q/k is zeroed again with ``config.zero_after_rope`` (:func:`nemo_dmc.core.attended_rope`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE, attended, dmc_attention, normalize_sums
+from nemo_dmc.core import (
+    DMCConfig,
+    RoPE,
+    attended,
+    attended_rope,
+    dmc_attention,
+    normalize_sums,
+    zeroes_after_rope,
+)
 from nemo_dmc.kernels import dispatch, references
 from nemo_dmc.kvcache import ops
 from nemo_dmc.kvcache.paged import PagedKVCache
@@ -42,6 +52,7 @@ def prefill_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tens
     """
     window = cache.layout.window
     head_dim = key.shape[-1]
+    rope = attended_rope(rope, zeroes_after_rope(config))
     fresh = positions[:, 0] == 0
     decisions = ops.chunk_decisions(key, fresh, config, signals)
     query, entries = ops.chunk_entries(query, key, value, config, signals)
@@ -88,6 +99,7 @@ def decode_attention(cache: PagedKVCache, layer: int, rows: Tensor, query: Tenso
     query, key, value = query[:, :, 0], key[:, :, 0], value[:, :, 0]
     if tables is None:
         tables = ops.rope_tables(rope, positions[:, 0], head_dim, key.dtype)
+    tables = references.attended_tables(tables, zeroes_after_rope(config))
     free = cache.free_blocks_for_decode(rows, layer)
     if free is not None:  # else the pool is exhausted: cache.overflow is set, nothing written
         dispatch.decode_cache_update(

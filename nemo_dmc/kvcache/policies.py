@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, RoPE, dmc_attention
+from nemo_dmc.core import DMCConfig, RoPE, attended_rope, dmc_attention, zeroes_after_rope
 from nemo_dmc.kernels import dispatch, references
 from nemo_dmc.kvcache import ops
 from nemo_dmc.kvcache.attention import decode_attention, prefill_attention, rotate
@@ -255,17 +255,18 @@ class DMSPolicy(CachePolicy):
         self.method = method
         self.dms_window = method.settings.window
 
-    def _decide(self, query: Tensor, key: Tensor,
+    def _decide(self, query: Tensor, key: Tensor, positions: Tensor, rope: Optional[RoPE],
                 signals: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Pre-RoPE q/k (and adapter signals) -> ``(evict [b, hk, c] bool, query, key)`` with
-        hard decisions."""
+        hard decisions, q/k rotated at ``positions`` as attention sees them."""
+        settings = self.method.settings
         logits, query, key = self.method.decision_logits(query, key, signals)
-        evict = eviction_decisions(logits, self.method.settings, training=False).hard > 0
-        return evict, query, key
+        evict = eviction_decisions(logits, settings, training=False).hard > 0
+        rope = attended_rope(rope, zeroes_after_rope(settings))
+        return evict, rotate(rope, query, positions), rotate(rope, key, positions)
 
     def prefill(self, view, query, key, value, positions, counts, rope, scale, signals=None):
-        evict, query, key = self._decide(query, key, signals)
-        query, key = rotate(rope, query, positions), rotate(rope, key, positions)
+        evict, query, key = self._decide(query, key, positions, rope, signals)
         w, hard_bias = self.dms_window, self.method.settings.hard_bias
         bias = evict.to(torch.float32) * hard_bias
         idx = torch.arange(key.shape[2], device=key.device)
@@ -297,8 +298,7 @@ class DMSPolicy(CachePolicy):
         return out
 
     def decode(self, view, query, key, value, positions, rope, scale, step, signals=None):
-        evict, query, key = self._decide(query, key, signals)
-        query, key = rotate(rope, query, positions), rotate(rope, key, positions)
+        evict, query, key = self._decide(query, key, positions, rope, signals)
         return self._step(view, query[:, :, 0], key[:, :, 0], value[:, :, 0], evict[:, :, 0],
                           positions[:, 0], scale).unsqueeze(2)
 

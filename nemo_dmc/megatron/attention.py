@@ -3,9 +3,10 @@
 ``MethodSelfAttention`` replaces ``SelfAttention``: it builds its layer's method object
 (:mod:`nemo_dmc.methods`) from the settings in its spec params, lets the method turn the
 pre-RoPE q/k/v into what attention sees (DMC: decisions and partial accumulations), rotates
-queries and keys, and hands the per-key score bias to ``BiasedCoreAttention``, which
-replaces ``DotProductAttention`` (megatron's asserts ``attention_bias is None``); a method
-that simulates its own cache (eviction) attends itself. Tensors entering and leaving these
+queries and keys (then zeroes channel D-1 again where the method asks,
+``Prepared.zero_after_rope``), and hands the per-key score bias to ``BiasedCoreAttention``,
+which replaces ``DotProductAttention`` (megatron's asserts ``attention_bias is None``); a
+method that simulates its own cache (eviction) attends itself. Tensors entering and leaving these
 modules use megatron's ``[seq, batch, heads, dim]``.
 """
 
@@ -24,7 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nemo_dmc.core import RoPE, sample_logistic_noise
+from nemo_dmc.core import RoPE, after_rope, sample_logistic_noise
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 from nemo_dmc.megatron.adapter import ADAPTER_MODULE, DecisionAdapter
 from nemo_dmc.methods import KVMethod, build_method
@@ -181,7 +182,8 @@ class MethodSelfAttention(SelfAttention):
             accumulate=dispatch.partial_accumulate, signals=self.decision_signals(hidden_states))
         query, key, value = (_to_sbhd(prepared.query), _to_sbhd(prepared.key),
                              _to_sbhd(prepared.value))
-        query, key = self._rope(query, rotary_pos_emb), self._rope(key, rotary_pos_emb)
+        query, key = (after_rope(self._rope(x, rotary_pos_emb), prepared.zero_after_rope)
+                      for x in (query, key))
         if self.method.simulates_cache:
             out = self.method.attend(_to_bhsd(query), _to_bhsd(key), _to_bhsd(value),
                                      self.core_attention.softmax_scale)

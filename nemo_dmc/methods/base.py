@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Type
 from torch import Tensor
 
 from nemo_dmc.core import Decisions
+from nemo_dmc.core.config import with_legacy_defaults
 from nemo_dmc.core.attention import Accumulate
 
 ADAPTER_MODULE = "decision_adapter"
@@ -62,13 +63,16 @@ class DecisionRecord(LayerRecord):
 class Prepared:
     """Tensors attention sees (pre-RoPE, ``[b, h, s, d]``) and the per-key score bias
     ``[b, hk, s]`` (``None``: plain causal attention), added to the score of query ``t`` and
-    key ``i`` where ``t - i > bias_window`` (0: every later query, as DMC; DMS: its window)."""
+    key ``i`` where ``t - i > bias_window`` (0: every later query, as DMC; DMS: its window).
+    ``zero_after_rope``: zero channel D-1 of the rotated q/k again
+    (:func:`nemo_dmc.core.after_rope`; :attr:`~nemo_dmc.core.DMCConfig.zero_after_rope`)."""
 
     query: Tensor
     key: Tensor
     value: Tensor
     bias: Optional[Tensor] = None
     bias_window: int = 0
+    zero_after_rope: bool = False
 
 
 class KVMethod:
@@ -156,7 +160,9 @@ def settings_to_dict(settings: Any) -> Dict[str, Any]:
 
 
 def settings_from_dict(values: Dict[str, Any], key: str = "method") -> Any:
-    """Inverse of :func:`settings_to_dict`; unknown fields are an error naming ``key``."""
+    """Inverse of :func:`settings_to_dict`; unknown fields are an error naming ``key``.
+    ``values`` are stored settings: fields they predate take
+    :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS` (the behaviour they were written with)."""
     values = dict(values)
     name = values.pop("name", None)
     if name is None:
@@ -167,4 +173,4 @@ def settings_from_dict(values: Dict[str, Any], key: str = "method") -> Any:
     if unknown:
         raise ValueError(f"{key}: method {name!r} has no setting(s) {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(known))})")
-    return cls(**values)
+    return cls(**with_legacy_defaults(values, known))

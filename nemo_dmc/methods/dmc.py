@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import DMCConfig, Decisions, dmc_states
+from nemo_dmc.core import DMCConfig, Decisions, dmc_states, zeroes_after_rope
 from nemo_dmc.core.attention import Accumulate
 from nemo_dmc.methods.base import DecisionRecord, KVMethod, Noise, Prepared, register
 
@@ -100,7 +100,8 @@ class DMCMethod(PhasedMethod):
                                                   signals=signals)
         slots = decisions.hard.shape[-1] - decisions.hard.sum(dim=-1)
         self.record = DMCRecord(slots=slots, decisions=decisions)
-        return Prepared(query, key, value, decisions.state_bias)
+        return Prepared(query, key, value, decisions.state_bias,
+                        zero_after_rope=zeroes_after_rope(self.settings))
 
 
 def _scale_decision_channel(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from nemo_dmc.core import (
     attended,
     sample_logistic_noise,
     source_logits,
+    zeroes_after_rope,
 )
 from nemo_dmc.core.config import DECISION_SOURCES
 from nemo_dmc.core.attention import Accumulate
@@ -64,6 +65,8 @@ class DMSConfig:
         decision_source: ``"channel"`` (repurposed channel D-1, zeroed in q/k) or ``"adapter"``
             (a zero-initialised decision adapter reads the attention input, q/k intact; see
             :attr:`DMCConfig.decision_source`).
+        zero_after_rope: with the ``channel`` source, also zero channel D-1 of the rotated
+            q and k (see :attr:`DMCConfig.zero_after_rope`).
     """
 
     window: int = 512
@@ -75,6 +78,7 @@ class DMSConfig:
     force_decision: Optional[str] = None
     hard_bias: float = DMCConfig.hard_bias
     decision_source: str = DMCConfig.decision_source
+    zero_after_rope: bool = DMCConfig.zero_after_rope
 
     def __post_init__(self) -> None:
         if self.decision_source not in DECISION_SOURCES:
@@ -170,4 +174,5 @@ class DMSMethod(PhasedMethod):
         self.record = DMSRecord(slots=kept_slots(decisions.hard, self.settings.window),
                                 decisions=decisions)
         return Prepared(query, key, value, decisions.state_bias,
-                        bias_window=self.settings.window)
+                        bias_window=self.settings.window,
+                        zero_after_rope=zeroes_after_rope(self.settings))

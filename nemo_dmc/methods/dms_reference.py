@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nemo_dmc.core import RoPE, SimulationResult
+from nemo_dmc.core import RoPE, SimulationResult, attended_rope, zeroes_after_rope
 from nemo_dmc.methods.dms import DMSConfig, DMSMethod
 
 
@@ -38,6 +38,7 @@ def simulate_dms(query: Tensor, key: Tensor, value: Tensor, settings: DMSConfig,
     group = hq // hk
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     logits, q_zeroed, k_zeroed = DMSMethod(settings).decision_logits(query, key, signals)
+    rope = attended_rope(rope, zeroes_after_rope(settings))
     output = torch.zeros_like(query)
     decisions = torch.zeros(b, hk, s, dtype=query.dtype)
     lengths = torch.zeros(b, hk, dtype=torch.long)

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import OmegaConf
 
 from nemo_dmc.core import DistillConfig, DMCConfig, ModelConfig, Stage
+from nemo_dmc.core.config import LEGACY_DEFAULTS
 
 STAGE_ORDER = (Stage.PRETRAIN, Stage.ZERO_OUT, Stage.RETROFIT, Stage.FINETUNE)
 DATA_SOURCES = ("pydocs", "indexed", "random")
@@ -418,8 +419,11 @@ def resume_changes(recorded: Any, cfg: TrainConfig) -> List[Tuple[str, Any, Any]
     """``(key, recorded value, new value)`` of every setting that changes the model or the
     data order (seed, ``model.*``, data sources/split/seed/global batch, ``dmc.*`` method
     settings) and differs between a run's recorded config and ``cfg``. Keys the recorded
-    config predates are not compared."""
+    config predates are not compared, except the ``dmc.*`` of
+    :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS` (the run trained with those values)."""
     old = _flatten(OmegaConf.to_container(OmegaConf.create(recorded), resolve=True))
+    if any(key.startswith("dmc.") for key in old):
+        old = {**{f"dmc.{k}": v for k, v in LEGACY_DEFAULTS.items()}, **old}
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     return [(key, old[key], new[key]) for key in sorted(old)
             if key in new and _resume_key(key) and old[key] != new[key]]
