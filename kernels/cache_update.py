@@ -5,7 +5,8 @@ One program per (sequence, KV head) does, in place on one layer's cache: the har
 ``omega = sigmoid(s * mean_g q[D-1] + c)`` over the GQA group (``s`` = ``decision_scale``),
 append-or-merge into the open run (a ring of ``W`` entries, or the running sum ``[S | Z]``),
 the open slot ``S / Z`` with its key rotated at the token's position (channel D-1 zeroed
-before RoPE), the write into its block (popping a new block from the host's free stack
+before RoPE, and after it through the RoPE tables with ``zero_after_rope``:
+:func:`~nemo_dmc.kernels.references.attended_tables`), the write into its block (popping a new block from the host's free stack
 through an atomic counter when an append crosses into one) and the new length. With
 ``decision_source="adapter"`` (constexpr ``ADAPTER``) the decision logit ``s * x0 - c`` and
 the importance ``sigmoid(s * x1 + c)`` come from the decision adapter's signals ``[x0, x1]`` of
@@ -145,6 +146,7 @@ def decode_cache_update(query: Tensor, key: Tensor, value: Tensor, positions: Te
         raise ValueError("key_pool and value_pool need one layout")
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     cos, sin, mate = (t.contiguous() for t in (tables.cos, tables.sin, tables.partner))
+    positions, rows = positions.contiguous(), rows.contiguous()  # read as [b] arrays
     g = hq // hk
     adapter = config.decision_source == "adapter"
     if adapter:

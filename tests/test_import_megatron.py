@@ -36,7 +36,7 @@ from test_convert_hf import _cli_error, _megatron_logits, _tiny_llama
 
 VOCAB, PADDED = 200, 256  # the tiny Llama's vocabulary; Megatron pads it to 128 x TP
 REFERENCE_DMC = DMCConfig(init_offset=5.0, window=12, temperature=0.1, target_cr=8.0,
-                          loss_reduction="sequence")
+                          loss_reduction="sequence", zero_after_rope=True)
 
 
 @pytest.fixture(autouse=True)
@@ -189,6 +189,13 @@ def test_imported_tp2_gqa_checkpoint_gives_transformers_logits_and_its_dmc_setti
                                    atol=1e-5, rtol=1e-5)
     finally:
         parallel.shutdown()
+
+
+def test_recorded_dmc_settings_without_zero_after_rope_load_as_the_old_convention(tmp_path):
+    (tmp_path / "dmc_config.yaml").write_text("init_offset: 5.0\nwindow: 12\n")
+    assert read_dmc_config(tmp_path).zero_after_rope is False
+    (tmp_path / "dmc_config.yaml").write_text("zero_after_rope: true\n")
+    assert read_dmc_config(tmp_path).zero_after_rope is True
 
 
 def test_export_hf_of_an_imported_dmc_model_is_dmc_with_its_settings(imported, tmp_path):

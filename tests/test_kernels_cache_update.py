@@ -86,14 +86,14 @@ def _signals(b, hk, dtype, seed=2):
     return signals.to(dtype)
 
 
-def _step(lengths, positions, hq, window, dtype=torch.float32, config=None):
+def _step(lengths, positions, hq, window, dtype=torch.float32, config=None, rows=None):
     """Run one decode step with the kernel and the reference on copies of one state
     (``config.decision_source="adapter"``: with :func:`_signals`)."""
     lengths, positions = torch.as_tensor(lengths), torch.as_tensor(positions)
     b, hk = lengths.shape
     state = _state(lengths, window, dtype)
     query, key, value = _token(b, hq, hk, dtype)
-    rows = torch.arange(b).flip(0)  # rows in another order than the batch
+    rows = torch.arange(b).flip(0) if rows is None else rows  # rows in another order
     tables = ops.rope_tables(rotate_half_rope(), positions, D, dtype)
     config = config or DMCConfig(window=window)
     signals = _signals(b, hk, dtype) if config.decision_source == "adapter" else None
@@ -131,6 +131,14 @@ def test_update_matches_reference_at_block_boundaries(window, ratio):
     merged = tri.lengths == before.lengths
     assert merged.any() and (~merged).any()  # both decisions were exercised
     assert int(tri.free.taken) > 0
+
+
+def test_strided_positions_and_rows_are_read_by_element():
+    # views, not [b] arrays: a stride-0 expansion and every other element of a longer tensor
+    positions = torch.tensor(45).expand(3)
+    rows = torch.tensor([2, 9, 1, 9, 0, 9])[::2]
+    _, tri, ref, rows = _step([[15, 16], [17, 31], [32, 33]], positions, 4, 3, rows=rows)
+    _assert_same(tri, ref, rows, torch.float32)
 
 
 def test_new_sequence_heads_append_their_first_slot_into_a_new_block():

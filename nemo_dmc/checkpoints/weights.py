@@ -22,6 +22,7 @@ from torch import nn
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint, read_metadata
 from nemo_dmc.core import DMCConfig, ModelConfig
+from nemo_dmc.core.config import with_legacy_defaults
 from nemo_dmc.methods import ADAPTER_MODULE, DMCMethod
 
 MODEL_CONFIG_FILE = "model_config.yaml"
@@ -66,16 +67,18 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
 
 def read_dmc_config(checkpoint: Path) -> Optional[DMCConfig]:
     """The DMC settings recorded beside a weights checkpoint (``dmc_config.yaml``), or
-    ``None``; settings the file predates keep their defaults, unknown ones are an error."""
+    ``None``; settings the file predates take their :data:`~nemo_dmc.core.config.
+    LEGACY_DEFAULTS` (else their defaults), unknown ones are an error."""
     path = Path(checkpoint) / DMC_CONFIG_FILE
     if not path.is_file():
         return None
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(data) - {f.name for f in fields(DMCConfig)})
+    names = {f.name for f in fields(DMCConfig)}
+    unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{path}: unknown DMC settings {unknown}")
     try:
-        return DMCConfig(**data)
+        return DMCConfig(**with_legacy_defaults(data, names))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 

@@ -229,18 +229,17 @@ def dmc_settings_from_args(args: argparse.Namespace, source: Path) -> Optional[D
     """The DMC settings of a run of the reference's ``dmc`` branch, from its ``--dmc-*``
     arguments: ``dmc_init_val`` -> ``init_offset``, ``dmc_window_size`` -> ``window``,
     ``dmc_temp`` -> ``temperature``, ``dmc_cr`` -> ``target_cr``; its compression loss is a
-    per-sequence hinge (``loss_reduction="sequence"``). ``None`` for a run without them (a
-    plain Megatron-LM model)."""
+    per-sequence hinge (``loss_reduction="sequence"``) and it zeroes channel D-1 of q and k
+    after RoPE as well (``zero_after_rope``). ``None`` for a run without them (a plain
+    Megatron-LM model)."""
     if not any(name.startswith("dmc_") for name in vars(args)):
         return None
     try:
-        # issue 13: set zero_after_rope=True once DMCConfig has it (the reference also zeroes
-        # channel D-1 of q and k after RoPE)
         return DMCConfig(init_offset=float(_arg(args, "dmc_init_val", 5.0)),
                          window=int(_arg(args, "dmc_window_size", 12)),
                          temperature=float(_arg(args, "dmc_temp", 0.1)),
                          target_cr=float(_arg(args, "dmc_cr", 4.0)),
-                         loss_reduction="sequence")
+                         loss_reduction="sequence", zero_after_rope=True)
     except ValueError as err:
         raise ValueError(f"{source}: the stored --dmc-* args give invalid DMC settings "
                          f"({err})") from None
