@@ -399,6 +399,9 @@ def test_run_config_without_the_key_reads_false_and_resuming_it_names_the_change
     assert dmc_config_from_run(old) == DMCConfig(zero_after_rope=False)
     assert ("dmc.zero_after_rope", False, True) in resume_changes(old, TrainConfig())
     assert resume_changes(new, TrainConfig()) == []
+    adapter = TrainConfig()
+    adapter.dmc.decision_source = old.dmc.decision_source = "adapter"
+    assert resume_changes(old, adapter) == []  # q/k keep channel D-1: nothing changes
 
 
 @pytest.mark.parametrize("method", ["dmc", "dms"])

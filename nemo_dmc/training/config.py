@@ -420,13 +420,17 @@ def resume_changes(recorded: Any, cfg: TrainConfig) -> List[Tuple[str, Any, Any]
     data order (seed, ``model.*``, data sources/split/seed/global batch, ``dmc.*`` method
     settings) and differs between a run's recorded config and ``cfg``. Keys the recorded
     config predates are not compared, except the ``dmc.*`` of
-    :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS` (the run trained with those values)."""
+    :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS` (the run trained with those values);
+    ``dmc.zero_after_rope`` is not compared for the adapter decision source (no effect)."""
     old = _flatten(OmegaConf.to_container(OmegaConf.create(recorded), resolve=True))
     if any(key.startswith("dmc.") for key in old):
         old = {**{f"dmc.{k}": v for k, v in LEGACY_DEFAULTS.items()}, **old}
     new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    inert = set()
+    if old.get("dmc.decision_source") == new.get("dmc.decision_source") == "adapter":
+        inert.add("dmc.zero_after_rope")  # q and k keep channel D-1: the setting does nothing
     return [(key, old[key], new[key]) for key in sorted(old)
-            if key in new and _resume_key(key) and old[key] != new[key]]
+            if key in new and key not in inert and _resume_key(key) and old[key] != new[key]]
 
 
 def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
