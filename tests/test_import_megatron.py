@@ -206,6 +206,17 @@ def test_export_hf_of_an_imported_dmc_model_is_dmc_with_its_settings(imported, t
     assert config["kv_method"] == settings_to_dict(REFERENCE_DMC)
 
 
+def test_export_nemo_of_an_imported_dmc_model_records_its_settings(imported, tmp_path):
+    pytest.importorskip("nemo", reason="NeMo export needs the `nemo` extra")
+    from nemo_dmc.checkpoints.nemo_context import nemo_checkpoint_settings
+
+    out, _ = imported
+    assert convert_main(["export-nemo", "--input", str(out), "--output",
+                         str(tmp_path / "nemo")]) == 0
+    shape, dmc = nemo_checkpoint_settings(tmp_path / "nemo")
+    assert dmc == REFERENCE_DMC and shape.num_query_groups == 2
+
+
 @pytest.mark.parametrize("tp,kv_heads,names", [(1, 8, "legacy"), (2, 8, "legacy"),
                                                (1, 2, "mcore")],
                          ids=["tp1-mha-legacy", "tp2-mha-legacy", "tp1-gqa-mcore"])
