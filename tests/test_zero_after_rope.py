@@ -52,55 +52,57 @@ def _attend(query, keys, values, scale):
     return sum(w * v for w, v in zip(weights, values)) / sum(weights)
 
 
+def _kv_heads(q, k):
+    """``(sequence, KV head, its query heads)`` of every KV head of ``q [b, hq, s, d]`` and
+    ``k [b, hk, s, d]``."""
+    group = q.shape[1] // k.shape[1]
+    for bi in range(q.shape[0]):
+        for h in range(k.shape[1]):
+            yield bi, h, range(h * group, (h + 1) * group)
+
+
 def naive_dmc(q, k, v, offset, window, zero_after, base=BASE):
     """DMC inference one token at a time: merge where ``k[D-1] - c > 0`` (not token 0), slot =
     omega-weighted mean of the (channel-zeroed, pre-RoPE) keys/values of the last ``window``
     tokens of its run, rotated at the newest token's position."""
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    group = hq // hk
     out = torch.zeros_like(q)
-    for bi in range(b):
-        for h in range(hk):
-            heads = range(h * group, (h + 1) * group)
-            slot_keys, slot_values, run = [], [], []
-            for t in range(s):
-                merge = t > 0 and float(k[bi, h, t, -1]) - offset > 0
-                signal = sum(float(q[bi, j, t, -1]) for j in heads) / group
-                omega = 1.0 / (1.0 + math.exp(-(signal + offset)))
-                run = (run if merge else []) + [(omega, _zeroed(k[bi, h, t]), v[bi, h, t])]
-                if window is not None:
-                    run = run[-window:]
-                total = sum(w for w, _, _ in run)
-                key = _rotate(sum(w * x for w, x, _ in run) / total, t, base, zero_after)
-                value = sum(w * x for w, _, x in run) / total
-                if not merge:
-                    slot_keys.append(None)
-                    slot_values.append(None)
-                slot_keys[-1], slot_values[-1] = key, value
-                for j in heads:
-                    query = _rotate(_zeroed(q[bi, j, t]), t, base, zero_after)
-                    out[bi, j, t] = _attend(query, slot_keys, slot_values, d ** -0.5)
+    s, d = q.shape[2:]
+    for bi, h, heads in _kv_heads(q, k):
+        slot_keys, slot_values, run = [], [], []
+        for t in range(s):
+            merge = t > 0 and float(k[bi, h, t, -1]) - offset > 0
+            signal = sum(float(q[bi, j, t, -1]) for j in heads) / len(heads)
+            omega = 1.0 / (1.0 + math.exp(-(signal + offset)))
+            run = (run if merge else []) + [(omega, _zeroed(k[bi, h, t]), v[bi, h, t])]
+            if window is not None:
+                run = run[-window:]
+            total = sum(w for w, _, _ in run)
+            key = _rotate(sum(w * x for w, x, _ in run) / total, t, base, zero_after)
+            value = sum(w * x for w, _, x in run) / total
+            if not merge:
+                slot_keys.append(None)
+                slot_values.append(None)
+            slot_keys[-1], slot_values[-1] = key, value
+            for j in heads:
+                query = _rotate(_zeroed(q[bi, j, t]), t, base, zero_after)
+                out[bi, j, t] = _attend(query, slot_keys, slot_values, d ** -0.5)
     return out
 
 
 def naive_dms(q, k, v, offset, window, zero_after, base=BASE):
     """DMS inference: query ``t`` sees key ``i <= t`` while ``t - i <= window`` or ``i`` is
     not marked for eviction (``k_i[D-1] - c > 0``); keys rotated at their own position."""
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    group = hq // hk
     out = torch.zeros_like(q)
-    for bi in range(b):
-        for h in range(hk):
-            keys = [_rotate(_zeroed(k[bi, h, i]), i, base, zero_after) for i in range(s)]
-            evict = [float(k[bi, h, i, -1]) - offset > 0 for i in range(s)]
-            for t in range(s):
-                seen = [i for i in range(t + 1) if t - i <= window or not evict[i]]
-                for j in range(h * group, (h + 1) * group):
-                    query = _rotate(_zeroed(q[bi, j, t]), t, base, zero_after)
-                    out[bi, j, t] = _attend(query, [keys[i] for i in seen],
-                                            [v[bi, h, i] for i in seen], d ** -0.5)
+    s, d = q.shape[2:]
+    for bi, h, heads in _kv_heads(q, k):
+        keys = [_rotate(_zeroed(k[bi, h, i]), i, base, zero_after) for i in range(s)]
+        evict = [float(k[bi, h, i, -1]) - offset > 0 for i in range(s)]
+        for t in range(s):
+            seen = [i for i in range(t + 1) if t - i <= window or not evict[i]]
+            for j in heads:
+                query = _rotate(_zeroed(q[bi, j, t]), t, base, zero_after)
+                out[bi, j, t] = _attend(query, [keys[i] for i in seen],
+                                        [v[bi, h, i] for i in seen], d ** -0.5)
     return out
 
 
@@ -255,13 +257,16 @@ def _logits(model, tokens):
         return model(tokens, torch.arange(s).expand(b, s), causal_attention_mask(s))
 
 
+def _settings(method, zero_after):
+    """DMC or DMS settings (window 3, random decisions) in one convention."""
+    return settings_for(method, DMCConfig(init_offset=0.0, window=3, zero_after_rope=zero_after),
+                        window=3 if method == "dms" else None)
+
+
 @CONVENTIONS
 @pytest.mark.parametrize("method", ["dmc", "dms"])
 def test_megatron_model_follows_the_convention(megatron_tp1, zero_after, method):
-    settings = settings_for(method, DMCConfig(init_offset=0.0, window=3,
-                                              zero_after_rope=zero_after),
-                            window=3 if method == "dms" else None)
-    model, naive = _models(settings)
+    model, naive = _models(_settings(method, zero_after))
     tokens = _tokens()
     torch.testing.assert_close(_logits(model, tokens), _logits(naive, tokens),
                                atol=2e-5, rtol=1e-5)
@@ -283,10 +288,7 @@ def test_megatron_model_with_triton_training_kernels_follows_the_convention(
 def test_engine_prefill_and_decode_follow_the_convention(megatron_tp1, zero_after, method):
     from nemo_dmc.inference.runner import DMCModelRunner
 
-    settings = settings_for(method, DMCConfig(init_offset=0.0, window=3,
-                                              zero_after_rope=zero_after),
-                            window=3 if method == "dms" else None)
-    model, naive = _models(settings)
+    model, naive = _models(_settings(method, zero_after))
     tokens = _tokens()
     expected = _logits(naive, tokens)
     runner = DMCModelRunner(model, block_size=2, num_blocks=400, max_sequences=2,
