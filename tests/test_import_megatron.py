@@ -283,6 +283,17 @@ class _RunsCode:
         return os.mkdir, (str(self.marker),)
 
 
+def test_loading_a_shard_leaves_the_process_safe_globals_as_they_were(tmp_path):
+    import torch.serialization as serialization
+
+    hf = _random_llama(tmp_path, kv_heads=2)
+    source = _write(tmp_path / "megatron", hf, tp=1, names="mcore")
+    before = set(map(repr, serialization.get_safe_globals()))
+    assert "<class 'numpy.ndarray'>" in before  # megatron.core marks it at import
+    load_shard(next(source.rglob("model_optim_rng.pt")))
+    assert set(map(repr, serialization.get_safe_globals())) == before
+
+
 def test_pickled_code_is_refused_unless_trusted_and_the_error_names_the_flag(tmp_path, capsys):
     source = _write(tmp_path / "m", _random_llama(tmp_path, 2), tp=1)
     shard = torch.load(_shard(source), weights_only=False)

@@ -118,7 +118,10 @@ def load_shard(path: Path, trust_pickle: bool = False) -> dict[str, Any]:
         if trust_pickle:
             shard = torch.load(path, map_location="cpu", weights_only=False)
         else:
-            with torch.serialization.safe_globals(_safe_globals()):
+            # only what is not safe already: leaving the context un-marks what it added,
+            # and megatron.core marks some of these for the whole process at import
+            known = torch.serialization.get_safe_globals()
+            with torch.serialization.safe_globals([g for g in _safe_globals() if g not in known]):
                 shard = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = unpickling_reason(err)
