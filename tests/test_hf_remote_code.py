@@ -25,11 +25,14 @@ from nemo_dmc.evaluate.lm_eval_adapter import TASKS_DIR
 from nemo_dmc.hf import DMCLlamaForCausalLM
 from nemo_dmc.hf.remote_code import AUTO_MAP, BundleError, bundled_source, remote_code_files
 from nemo_dmc.megatron import parallel
+from nemo_dmc.methods import settings_for
 from nemo_dmc.megatron.model import build_model
 from nemo_dmc.megatron.parallel import seed_all
 from nemo_dmc.training.launch import free_port
 
 DMC = DMCConfig(init_offset=0.0, window=4)  # offset 0: random weights merge about half
+METHODS = {"dmc": DMC, "dms": settings_for("dms", DMC, window=3),
+           "h2o": settings_for("h2o", DMC, ratio=2.0)}
 TEXTS = ["The list data type has some more methods. The pass key is 12345.",
          "def main():\n    return 0\n", "The grass is green. The sky is blue."] * 20
 IDS = [[3, 17, 40, 5, 99, 12, 7, 61, 2, 30, 44], [8, 1, 250, 9, 31, 6, 77, 19, 4, 100, 23]]
@@ -44,14 +47,16 @@ sys.meta_path.insert(0, _NoNemoDMC())
 '''
 LOAD = '''import json, sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-ids = torch.tensor(json.loads(sys.argv[2]))
-with torch.no_grad():
-    logits = model(ids, use_cache=False).logits
-generated = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
-print(json.dumps({"logits": logits.tolist(), "generated": generated.tolist(),
-                  "module": type(model).__module__,
-                  "nemo_dmc": sorted(m for m in sys.modules if m.split(".")[0] == "nemo_dmc")}))
+ids, results = torch.tensor(json.loads(sys.argv[1])), {}
+for folder in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    generated = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    results[folder] = {"logits": logits.tolist(), "generated": generated.tolist(),
+                       "module": type(model).__module__}
+results["nemo_dmc"] = sorted(m for m in sys.modules if m.split(".")[0] == "nemo_dmc")
+print(json.dumps(results))
 '''
 
 
@@ -67,7 +72,9 @@ def export(tmp_path_factory):
         state = gather_full_state(build_model(model, DMC))
     finally:
         parallel.shutdown()
-    return save_hf_checkpoint(state, model, root / "hf", method=DMC, tokenizer=tokenizer)
+    for name, method in METHODS.items():
+        save_hf_checkpoint(state, model, root / name, method=method, tokenizer=tokenizer)
+    return root / "dmc"
 
 
 def _fresh_env(tmp: Path) -> dict[str, str]:
@@ -122,20 +129,22 @@ def test_bundle_refuses_import_forms_it_cannot_rewrite(tmp_path, monkeypatch):
         bundled_source("nemo_dmc_probe.shared")
 
 
-def test_fresh_environment_loads_the_export_with_stock_transformers(export, tmp_path):
-    result = _run(["-c", LOAD, str(export), json.dumps(IDS)], _fresh_env(tmp_path), tmp_path)
+def test_fresh_environment_loads_the_exports_with_stock_transformers(export, tmp_path):
+    folders = [str(export.parent / name) for name in METHODS]  # DMC, DMS and H2O exports
+    result = _run(["-c", LOAD, json.dumps(IDS), *folders], _fresh_env(tmp_path), tmp_path)
     remote = json.loads(result.stdout.strip().splitlines()[-1])
-    assert remote["nemo_dmc"] == [], "nemo_dmc was imported in the fresh environment"
-    assert remote["module"].startswith("transformers_modules.")
-
-    ours = AutoModelForCausalLM.from_pretrained(export).eval()  # nemo_dmc.hf's registration
-    assert isinstance(ours, DMCLlamaForCausalLM)
+    assert remote.pop("nemo_dmc") == [], "nemo_dmc was imported in the fresh environment"
     ids = torch.tensor(IDS)
-    with torch.no_grad():
-        logits = ours(ids, use_cache=False).logits
-    torch.testing.assert_close(torch.tensor(remote["logits"]), logits, atol=1e-5, rtol=1e-5)
-    generated = ours.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    assert remote["generated"] == generated.tolist()
+    for folder in folders:
+        assert remote[folder]["module"].startswith("transformers_modules.")
+        ours = AutoModelForCausalLM.from_pretrained(folder).eval()  # nemo_dmc.hf's classes
+        assert isinstance(ours, DMCLlamaForCausalLM)
+        with torch.no_grad():
+            logits = ours(ids, use_cache=False).logits
+        torch.testing.assert_close(torch.tensor(remote[folder]["logits"]), logits, atol=1e-5,
+                                   rtol=1e-5)
+        generated = ours.generate(ids[:1], max_new_tokens=6, do_sample=False)
+        assert remote[folder]["generated"] == generated.tolist(), folder
 
 
 def _lm_eval(args: list[str], model_args: str, env, cwd: Path, out: Path) -> dict:
