@@ -297,7 +297,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 6.4))
     def series(r: Row) -> str:
         return f"{r.label.split(', at the KV state')[0]} ({r.base} weights)"
 
@@ -314,9 +314,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
         ax.set_xlabel("compression of the total KV state (vanilla / held)")
         ax.set_ylabel(f"perplexity, {text} (1024 tokens)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M: retrofit vs eviction at equal KV state")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.3, 1, 1))  # the legend below both plots, clear of the data
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
