@@ -120,7 +120,6 @@ RoPE = Callable[[Tensor, Tensor], Tensor]
 """``rope(x, positions)``: rotate ``x`` ``[..., s, d]`` at integer ``positions`` ``[s]``."""
 
 
-
 def attended_rope(rope: Optional[RoPE], zero_after_rope: bool) -> Optional[RoPE]:
     """``rope`` as attention applies it to the attended q/k: the rotation, then
     :func:`~nemo_dmc.core.decisions.after_rope` (channel D-1 zeroed again with
