@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import nemo_dmc
@@ -49,7 +50,9 @@ def _is_package(module: str) -> bool:
     return spec is not None and spec.submodule_search_locations is not None
 
 
+@lru_cache(maxsize=None)
 def _tree(module: str) -> tuple[str, ast.Module]:
+    """``module``'s source and syntax tree (read once per process; the tree is not changed)."""
     spec = _spec(module)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         raise BundleError(f"cannot find the source of {module}")
