@@ -22,8 +22,7 @@ from torch import nn
 from nemo_dmc.checkpoints.atomic import atomic_checkpoint_dir, is_rank0
 from nemo_dmc.checkpoints.safe_load import load_dist_checkpoint, read_metadata
 from nemo_dmc.core import DMCConfig, ModelConfig
-from nemo_dmc.core.config import with_legacy_defaults
-from nemo_dmc.methods import ADAPTER_MODULE, DMCMethod
+from nemo_dmc.methods import ADAPTER_MODULE, DMCMethod, settings_from_dict
 
 MODEL_CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
@@ -67,18 +66,15 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
 
 def read_dmc_config(checkpoint: Path) -> Optional[DMCConfig]:
     """The DMC settings recorded beside a weights checkpoint (``dmc_config.yaml``), or
-    ``None``; settings the file predates take their :data:`~nemo_dmc.core.config.
-    LEGACY_DEFAULTS` (else their defaults), unknown ones are an error."""
+    ``None`` (read as :func:`~nemo_dmc.methods.settings_from_dict` reads stored settings:
+    fields the file predates take their :data:`~nemo_dmc.core.config.LEGACY_DEFAULTS`,
+    unknown ones are an error)."""
     path = Path(checkpoint) / DMC_CONFIG_FILE
     if not path.is_file():
         return None
     data = yaml.safe_load(path.read_text()) or {}
-    names = {f.name for f in fields(DMCConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{path}: unknown DMC settings {unknown}")
     try:
-        return DMCConfig(**with_legacy_defaults(data, names))
+        return settings_from_dict({**data, "name": "dmc"}, key="dmc")
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
