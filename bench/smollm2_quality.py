@@ -75,6 +75,9 @@ RECIPES: Dict[str, tuple[str, List[str]]] = {
     # reference (all weights, LM loss, its lr) with the adapters at 300 x that lr.
     "dms_adapter_all": ("DMS, window 32 (adapter, all weights, LM loss)",
                         [*CONTINUED, "method=dms", "window=32"]),
+    # dms_adapter_all at 4x left layers from 1.1x to 491x: cap every layer at 3x the target.
+    "dms_adapter_all_capped": ("DMS, window 32 (adapter, all weights, LM loss, layers capped at 3x)",
+                               [*CONTINUED, "method=dms", "window=32", "dmc.balance_cap=3"]),
     "dmc_adapter_all": ("DMC (adapter, all weights, LM loss)",
                         [*CONTINUED, "dmc.balance=layer", "dmc.balance_cap=3",
                          "dmc.loss_weight=4"]),

@@ -68,3 +68,20 @@ def test_loss_form_settings_travel_with_the_method_settings():
 
     form = DMCConfig(loss_reduction="sequence", balance="layer", balance_cap=3.0)
     assert settings_from_dict(settings_to_dict(form)) == form
+
+
+def test_dms_takes_the_loss_form_from_dmc_settings_and_its_stats_use_it():
+    from nemo_dmc.megatron.stats import DMCStats
+    from nemo_dmc.methods import settings_for, settings_from_dict, settings_to_dict
+    from nemo_dmc.methods.dms import DMSConfig
+
+    dms = settings_for("dms", DMCConfig(balance="head", balance_cap=2.0), window=4)
+    assert (dms.balance, dms.balance_cap, dms.window) == ("head", 2.0, 4)
+    assert settings_from_dict(settings_to_dict(dms)) == dms
+    stats = DMCStats(merge_fraction=FRACTIONS.mean(), layer_cr=torch.ones(2),
+                     head_cr=torch.ones(2, 2), head_fraction=FRACTIONS)
+    torch.testing.assert_close(stats.loss(4.0, dms), dmc_compression_loss(
+        FRACTIONS, 4.0, balance="head", cap=2.0))
+    assert stats.loss(4.0, DMSConfig()).item() == pytest.approx(0.0)  # default: global hinge
+    with pytest.raises(ValueError, match="dms.balance_cap"):
+        DMSConfig(balance_cap=0.5)

@@ -84,14 +84,7 @@ class DMCConfig:
             raise ValueError(f"dmc.temperature must be > 0, got {self.temperature}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"dmc.window must be >= 1 or null (unbounded), got {self.window}")
-        if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"dmc.loss_reduction must be one of {LOSS_REDUCTIONS}, "
-                             f"got {self.loss_reduction!r}")
-        if self.balance not in BALANCE_UNITS:
-            raise ValueError(f"dmc.balance must be one of {BALANCE_UNITS}, got {self.balance!r}")
-        if self.balance_cap is not None and not self.balance_cap > 1:
-            raise ValueError(f"dmc.balance_cap must be > 1 (k x the target ratio) or null, "
-                             f"got {self.balance_cap}")
+        check_loss_form("dmc", self.loss_reduction, self.balance, self.balance_cap)
         if self.decision_source not in DECISION_SOURCES:
             raise ValueError(f"dmc.decision_source must be one of {', '.join(DECISION_SOURCES)}, "
                              f"got {self.decision_source!r}")
@@ -111,3 +104,16 @@ def with_legacy_defaults(values: Dict[str, Any], known: Iterable[str]) -> Dict[s
     fields (of the settings class being read) they do not record."""
     known = set(known)
     return {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in known}, **values}
+
+
+def check_loss_form(prefix: str, reduction: str, balance: str, cap: Optional[float]) -> None:
+    """Validate the compression-loss form (``loss_reduction``, ``balance``, ``balance_cap``)
+    of a method's settings; errors name ``<prefix>.<key>``."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"{prefix}.loss_reduction must be one of {LOSS_REDUCTIONS}, "
+                         f"got {reduction!r}")
+    if balance not in BALANCE_UNITS:
+        raise ValueError(f"{prefix}.balance must be one of {BALANCE_UNITS}, got {balance!r}")
+    if cap is not None and not cap > 1:
+        raise ValueError(f"{prefix}.balance_cap must be > 1 (k x the target ratio) or null, "
+                         f"got {cap}")

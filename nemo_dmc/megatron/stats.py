@@ -49,7 +49,7 @@ class DMCStats:
     def loss(self, target_cr: float, settings: Optional[Any] = None) -> Tensor:
         """Compression loss against ``target_cr`` in the form ``settings`` select
         (:class:`~nemo_dmc.core.DMCConfig`'s ``loss_reduction``, ``balance``,
-        ``balance_cap``); settings without those fields (DMS's) or none: the global hinge."""
+        ``balance_cap``); settings without those fields, or none: the global hinge."""
         form = {key: getattr(settings, key, getattr(DMCConfig, key))
                 for key in ("loss_reduction", "balance", "balance_cap")}
         return dmc_compression_loss(self.head_fraction, target_cr, form["loss_reduction"],

@@ -38,7 +38,7 @@ from nemo_dmc.core import (
     source_logits,
     zeroes_after_rope,
 )
-from nemo_dmc.core.config import DECISION_SOURCES
+from nemo_dmc.core.config import DECISION_SOURCES, check_loss_form
 from nemo_dmc.core.attention import Accumulate
 from nemo_dmc.methods.base import DecisionRecord, Noise, Prepared, register
 from nemo_dmc.methods.dmc import PhasedMethod
@@ -67,6 +67,8 @@ class DMSConfig:
             :attr:`DMCConfig.decision_source`).
         zero_after_rope: with the ``channel`` source, also zero channel D-1 of the rotated
             q and k (see :attr:`DMCConfig.zero_after_rope`).
+        loss_reduction / balance / balance_cap: the compression loss's form, as
+            :class:`DMCConfig`'s (defaults: one hinge on the whole batch's eviction fraction).
     """
 
     window: int = 512
@@ -79,6 +81,9 @@ class DMSConfig:
     hard_bias: float = DMCConfig.hard_bias
     decision_source: str = DMCConfig.decision_source
     zero_after_rope: bool = DMCConfig.zero_after_rope
+    loss_reduction: str = DMCConfig.loss_reduction
+    balance: str = DMCConfig.balance
+    balance_cap: Optional[float] = DMCConfig.balance_cap
 
     def __post_init__(self) -> None:
         if self.decision_source not in DECISION_SOURCES:
@@ -94,6 +99,7 @@ class DMSConfig:
             raise ValueError(f"dms.decision_scale must be > 0, got {self.decision_scale}")
         if self.temperature <= 0:
             raise ValueError(f"dms.temperature must be > 0, got {self.temperature}")
+        check_loss_form("dms", self.loss_reduction, self.balance, self.balance_cap)
         if self.force_decision not in (None, "append", "evict"):
             raise ValueError("dms.force_decision must be null, 'append' or 'evict', got "
                              f"{self.force_decision!r}")

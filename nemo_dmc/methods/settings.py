@@ -4,7 +4,7 @@
 * ``dmc``: the checkpoint's own :class:`~nemo_dmc.core.DMCConfig` (hard decisions);
 * ``dms``: :class:`~nemo_dmc.methods.dms.DMSConfig` taking the decision parameterisation
   (offset, scale, temperature, hard bias, target, loss weight, decision source,
-  ``zero_after_rope``) from that ``DMCConfig``, and the eviction ``window`` (default: the
+  ``zero_after_rope``) and the compression loss's form from that ``DMCConfig``, and the eviction ``window`` (default: the
   settings class's);
 * ``vanilla``: plain attention, no compression (channel D-1 used as is);
 * an eviction method (``h2o``, ``tova``, ``streaming``, or any registered
@@ -38,7 +38,8 @@ def settings_for(method: str, dmc: DMCConfig, ratio: Optional[float] = None,
         return dmc
     if method == "dms":
         shared = ("init_offset", "decision_scale", "temperature", "hard_bias", "target_cr",
-                  "loss_weight", "decision_source", "zero_after_rope")
+                  "loss_weight", "decision_source", "zero_after_rope", "loss_reduction",
+                  "balance", "balance_cap")
         values = {name: getattr(dmc, name) for name in shared}
         return DMSConfig(**values) if window is None else DMSConfig(window=window, **values)
     if method == "vanilla":
