@@ -40,6 +40,7 @@ class Progress:
     consumed_samples: int
     tensor_parallel_size: int
     data_parallel_size: int
+    pipeline_parallel_size: int = 1
 
     @property
     def complete(self) -> bool:

@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_dmc.core import RoPE, after_rope, sample_logistic_noise
 from nemo_dmc.kernels import dispatch  # Triton kernels on CUDA, pure-torch references elsewhere
 from nemo_dmc.megatron.adapter import ADAPTER_MODULE, DecisionAdapter
+from nemo_dmc.megatron.noise import layer_generator
 from nemo_dmc.methods import KVMethod, build_method
 
 
@@ -140,12 +141,15 @@ class MethodSelfAttention(SelfAttention):
     def _training_noise(self, batch: int, seq: int, device: torch.device) -> Tensor:
         """Noise for this rank's KV heads, cut from one sample over all KV heads.
 
-        Sampling the global ``[b, H_kv, s]`` tensor from the default generator (seeded
-        alike on all tensor-parallel ranks) makes training decisions independent of TP.
+        Sampling the global ``[b, H_kv, s]`` tensor from a generator seeded alike on all
+        tensor-parallel ranks (the layer's in a :func:`~nemo_dmc.megatron.noise.noise_scope`,
+        else the default one) makes training decisions independent of TP (and, in a scope,
+        of the pipeline layout).
         """
         local = self.num_query_groups_per_partition
         rank = parallel_state.get_tensor_model_parallel_rank()
-        noise = sample_logistic_noise((batch, self.config.num_query_groups, seq), device)
+        noise = sample_logistic_noise((batch, self.config.num_query_groups, seq), device,
+                                      layer_generator(self.layer_number, device))
         return noise[:, rank * local:(rank + 1) * local]
 
     def decision_signals(self, hidden_states: Tensor) -> Optional[Tensor]:

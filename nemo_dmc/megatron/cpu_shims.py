@@ -1,11 +1,15 @@
 """The only place nemo_dmc patches anything: making megatron-core run on a CPU-only torch.
 
 ``apply_cpu_shims()`` does nothing when CUDA is available. On CPU it replaces a few
-``torch.cuda`` entry points that megatron-core calls unconditionally. Call it before
+``torch.cuda`` entry points that megatron-core calls unconditionally, and the two places where
+its pipeline-parallel code allocates on ``"cuda"`` by name. Call it before
 building a megatron model (``nemo_dmc.megatron.parallel.initialize`` does).
 """
 
 from __future__ import annotations
+
+import functools
+import types
 
 import torch
 
@@ -39,7 +43,41 @@ def apply_cpu_shims() -> None:
     # Setting a CUDA RNG state on CPU torch would queue a lazy CUDA call (with a stack
     # trace) forever; the CPU state itself is restored by megatron separately.
     mcore_random._set_cuda_rng_state = _noop
+    _shim_pipeline_parallel()
     _APPLIED["done"] = True
+
+
+class _CPUTorch(types.ModuleType):
+    """``torch`` as megatron's schedules see it: ``zeros(device="cuda")`` lands on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs) -> torch.Tensor:
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def _shim_pipeline_parallel() -> None:
+    """megatron's forward/backward schedules count tokens in a ``device="cuda"`` tensor, and
+    a pipeline's last stage copies the tied word embeddings with ``Tensor.cuda()`` before
+    all-reducing them with the first stage's."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CPUTorch("torch")
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(setup)
+    def setup_on_cpu(self, *args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *_a, **_k: tensor
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -26,9 +26,13 @@ def _have_fused_norms() -> bool:
 
 def transformer_config(model: ModelConfig, tensor_parallel_size: int = 1,
                        sequence_parallel: bool = False, bf16: bool = False,
-                       recompute_core_attention: bool = False) -> TransformerConfig:
+                       recompute_core_attention: bool = False,
+                       pipeline_parallel_size: int = 1) -> TransformerConfig:
     """megatron ``TransformerConfig`` of a Llama-family model (CPU-safe: no fused kernels)."""
     model.validate(tensor_parallel_size)
+    if model.num_layers % pipeline_parallel_size:
+        raise ValueError(f"model.num_layers ({model.num_layers}) must be divisible by the "
+                         f"pipeline-parallel size ({pipeline_parallel_size})")
     if sequence_parallel and tensor_parallel_size > 1 and not _have_fused_norms():
         raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or Apex "
                          "(megatron's torch RMSNorm does not support it); install one or "
@@ -49,6 +53,8 @@ def transformer_config(model: ModelConfig, tensor_parallel_size: int = 1,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -68,19 +74,33 @@ def build_model(model: ModelConfig, method: Any = None,
                 sequence_parallel: bool = False, bf16: bool = False,
                 recompute_core_attention: bool = False,
                 use_transformer_engine: Optional[bool] = None) -> GPTModel:
-    """A megatron ``GPTModel`` for the current tensor-parallel group.
+    """A megatron ``GPTModel`` for the current tensor- and pipeline-parallel groups.
 
     ``method`` is a KV method's settings (:mod:`nemo_dmc.methods`; e.g. a
     :class:`~nemo_dmc.core.DMCConfig`): every layer then runs that method. ``None`` builds
-    megatron's own attention (the same weights and names).
+    megatron's own attention (the same weights and names). Under pipeline parallelism this
+    rank's stage, a :class:`~nemo_dmc.megatron.pipeline.PipelineStageModel` (its activations
+    carry the decision fractions when the method trains decisions).
     Requires ``parallel_state`` to be initialised (``nemo_dmc.megatron.parallel``).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    config = transformer_config(model, tp, sequence_parallel, bf16, recompute_core_attention)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = transformer_config(model, tp, sequence_parallel, bf16, recompute_core_attention, pp)
     spec = llama_layer_spec(use_transformer_engine)
     if method is not None:
         spec = method_layer_spec(spec, method)
-    return GPTModel(
+    cls, stage = GPTModel, {}
+    if pp > 1:
+        from nemo_dmc.megatron.pipeline import PipelineStageModel, carry_rows
+        from nemo_dmc.methods import build_method
+
+        decides = method is not None and build_method(method).trains_decisions
+        cls = PipelineStageModel
+        stage = dict(pre_process=parallel_state.is_pipeline_first_stage(),
+                     post_process=parallel_state.is_pipeline_last_stage(),
+                     carry_rows=carry_rows(model.num_layers, model.kv_heads, model.hidden_size)
+                     if decides else 0)
+    return cls(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=model.padded_vocab_size(tp),
@@ -91,4 +111,5 @@ def build_model(model: ModelConfig, method: Any = None,
         rope_scaling=model.rope_scaling_factor is not None,
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
         parallel_output=True,
+        **stage,
     )

@@ -13,15 +13,18 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from nemo_dmc.megatron.cpu_shims import apply_cpu_shims
 
 
-def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
+def initialize(tensor_parallel_size: int = 1, seed: int = 1234,
+               pipeline_parallel_size: int = 1) -> None:
     """Initialise ``torch.distributed`` (from torchrun/SLURM env, or a single process),
-    megatron's model-parallel groups and RNG tracker.
+    megatron's model-parallel groups (tensor x pipeline, the rest data parallel) and RNG
+    tracker.
 
     A world of one process (no launcher, or a launcher with one task) rendezvouses on its
     own :func:`loopback_store`, whatever ``MASTER_PORT`` it inherited; a larger world uses
     the launcher's ``MASTER_ADDR``/``MASTER_PORT``.
 
-    Raises ``ValueError`` if the world size is not divisible by ``tensor_parallel_size``.
+    Raises ``ValueError`` if the world size is not divisible by ``tensor_parallel_size x
+    pipeline_parallel_size``.
     """
     apply_cpu_shims()
     if not dist.is_initialized():
@@ -39,12 +42,14 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> None:
             os.environ.setdefault("MASTER_PORT", "29533")
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
     world = dist.get_world_size()
-    if world % tensor_parallel_size:
+    if world % (tensor_parallel_size * pipeline_parallel_size):
         raise ValueError(f"world size {world} is not divisible by "
-                         f"parallel.tensor_model_parallel_size={tensor_parallel_size}")
+                         f"parallel.tensor_model_parallel_size={tensor_parallel_size} x "
+                         f"parallel.pipeline_model_parallel_size={pipeline_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                             pipeline_model_parallel_size=pipeline_parallel_size)
     seed_all(seed)
 
 

@@ -10,7 +10,7 @@ trainer and for NeMo's loss reduction alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, List, Optional
 
 import torch
@@ -104,13 +104,21 @@ def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
                     head_fraction=sequence_fraction.float())
 
 
-def method_loss(model: nn.Module, target_cr: Optional[float]) -> Optional[MethodLoss]:
+def method_loss(model: nn.Module, target_cr: Optional[float],
+                head_fraction: Optional[Tensor] = None) -> Optional[MethodLoss]:
     """The compression loss of the model's last forward against ``target_cr`` (``None``
     without a target or without DMC decisions), in the form and weight the layers' settings
-    give (``loss_reduction``, ``balance``, ``balance_cap``, ``loss_weight``)."""
+    give (``loss_reduction``, ``balance``, ``balance_cap``, ``loss_weight``).
+
+    ``head_fraction``: ``[batch, layers, kv_heads]`` fractions of the whole model when
+    ``model`` holds only some of its layers (a pipeline's last stage,
+    :meth:`~nemo_dmc.megatron.pipeline.PipelineStageModel.fractions`); the loss is taken on
+    them, the returned ``stats`` stay this model's."""
     stats = collect_dmc_stats(model)
     if stats is None or target_cr is None:
         return None
+    if head_fraction is not None:
+        stats = replace(stats, head_fraction=head_fraction)
     settings = method_attentions(model)[0].method.settings
     loss = stats.loss(target_cr, settings)
     return MethodLoss(stats=stats, loss=loss, weighted=settings.loss_weight * loss)

@@ -3,7 +3,7 @@
 Layout: ``<checkpoint dir>/<stage>/step_<NNNNNNN>/`` (a ``torch_dist`` checkpoint; found and
 read by :mod:`nemo_dmc.checkpoints.run_dir`). Model and optimizer state are sharded tensors
 keyed like the model (``module.*``, NeMo 2's layout), so a checkpoint saved at one
-tensor-parallel size loads at another. Scheduler and progress live in the common state; RNG
+tensor-, pipeline- or data-parallel layout loads at another. Scheduler and progress live in the common state; RNG
 states are sharded objects per data-parallel rank (and per TP rank for megatron's
 model-parallel tracker). A save is written to ``.tmp-step_<N>`` and renamed into place when
 complete, so a killed run never leaves a partial ``step_*`` directory.
@@ -43,20 +43,25 @@ def _rng_objects(progress: Progress, include_common: bool, include_tracker: bool
     """RNG states as sharded objects.
 
     The default generators (torch, CUDA, numpy, python) are identical on the TP ranks of a DP
-    rank, so one copy per DP rank is kept: it restores at any TP size. megatron's
-    model-parallel tracker differs per TP rank and restores only at the same layout.
+    rank, so one copy per DP rank (and pipeline stage) is kept: it restores at any TP size.
+    megatron's model-parallel tracker differs per TP rank and restores only at the same
+    layout. Without a pipeline the objects keep the shapes of checkpoints that predate it.
     """
     tp, tp_rank = progress.tensor_parallel_size, parallel_state.get_tensor_model_parallel_rank()
     dp, dp_rank = progress.data_parallel_size, parallel_state.get_data_parallel_rank()
+    pp, pp_rank = progress.pipeline_parallel_size, parallel_state.get_pipeline_model_parallel_rank()
+    stage = ((pp,), (pp_rank,)) if pp > 1 else ((), ())
     out: Dict[str, Any] = {}
     if include_common:
         state = {"torch": torch.get_rng_state(), "random": random.getstate(),
                  "numpy": np.random.get_state(),
                  "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        out["rng"] = ShardedObject("rng_state.default", state, (dp,), (dp_rank,), replica_id=tp_rank)
+        out["rng"] = ShardedObject("rng_state.default", state, (*stage[0], dp),
+                                   (*stage[1], dp_rank), replica_id=tp_rank)
     if include_tracker:
         tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
-        out["rng_tracker"] = ShardedObject("rng_state.tracker", tracker, (tp, dp), (tp_rank, dp_rank))
+        out["rng_tracker"] = ShardedObject("rng_state.tracker", tracker, (tp, *stage[0], dp),
+                                           (tp_rank, *stage[1], dp_rank))
     return out
 
 
@@ -107,8 +112,8 @@ def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: Megat
                     scheduler: OptimizerParamScheduler) -> Progress:
     """Restore model, optimizer, scheduler and RNG from ``path``; return its progress.
 
-    RNG states are restored when the data-parallel size matches the checkpoint's (the
-    model-parallel tracker only when the tensor-parallel size matches too). A checkpoint
+    RNG states are restored when the data- and pipeline-parallel sizes match the checkpoint's
+    (the model-parallel tracker only when the tensor-parallel size matches too). A checkpoint
     with a missing or truncated file raises :class:`DamagedCheckpointError` naming it,
     before anything is loaded.
     """
@@ -118,12 +123,16 @@ def load_checkpoint(path: Path, model: DistributedDataParallel, optimizer: Megat
     saved = read_progress(path)
     now = Progress(**{**asdict(saved),
                       "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-                      "data_parallel_size": parallel_state.get_data_parallel_world_size()})
-    same_dp = saved.data_parallel_size == now.data_parallel_size
+                      "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+                      "pipeline_parallel_size":
+                          parallel_state.get_pipeline_model_parallel_world_size()})
+    same_dp_pp = (saved.data_parallel_size == now.data_parallel_size
+                  and saved.pipeline_parallel_size == now.pipeline_parallel_size)
     same_tp = saved.tensor_parallel_size == now.tensor_parallel_size
     prime_state_for_loading(optimizer)
     request = _training_state(model, optimizer, is_loading=True)
-    request.update(_rng_objects(now, include_common=same_dp, include_tracker=same_dp and same_tp))
+    request.update(_rng_objects(now, include_common=same_dp_pp,
+                                include_tracker=same_dp_pp and same_tp))
     loaded = load_dist_checkpoint(request, path)
     _load_model_state(model, loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])

@@ -201,12 +201,18 @@ class ParallelConfig:
 
     Attributes:
         tensor_model_parallel_size: tensor-parallel ranks; must divide the query and KV heads.
-        data_parallel_size: data-parallel ranks; null = world size / tensor-parallel size.
+        pipeline_model_parallel_size: pipeline stages (megatron's 1F1B schedule over the
+            micro-batches of a step); must divide the layers.
+        context_parallel_size: must be 1: DMC/DMS training cannot split a sequence over
+            ranks (see README, "Choosing a parallel layout").
+        data_parallel_size: data-parallel ranks; null = world size / (TP x PP).
         sequence_parallel: megatron's sequence parallelism (with tensor parallelism).
         recompute: activation recomputation: none | selective | full.
     """
 
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
     data_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     recompute: str = "none"
@@ -315,7 +321,8 @@ def register_schema() -> None:
 
 def data_parallel_size(cfg: TrainConfig, world_size: int) -> int:
     """Data-parallel size of ``world_size`` processes (checked by :func:`validate_config`)."""
-    return world_size // cfg.parallel.tensor_model_parallel_size
+    par = cfg.parallel
+    return world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
 
 
 def _named_error(err: Exception, default_key: str) -> ConfigError:
@@ -355,7 +362,8 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
     try:  # megatron's TransformerConfig of the model: shapes, TP, sequence parallel
         transformer_config(cfg.model, cfg.parallel.tensor_model_parallel_size,
                            cfg.parallel.sequence_parallel, use_bf16(cfg, cuda_available),
-                           cfg.parallel.recompute == "selective")
+                           cfg.parallel.recompute == "selective",
+                           cfg.parallel.pipeline_model_parallel_size)
     except (ValueError, AssertionError) as err:
         raise _named_error(err, "model") from err
     _check_min(cfg.model.pretrain_tokens, "model.pretrain_tokens", 1, allow_none=True)
@@ -435,14 +443,32 @@ def resume_changes(recorded: Any, cfg: TrainConfig) -> List[Tuple[str, Any, Any]
 
 def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
     par = cfg.parallel
-    _check_min(par.tensor_model_parallel_size, "parallel.tensor_model_parallel_size", 1)
-    _require(world_size % par.tensor_model_parallel_size == 0,
-             "parallel.tensor_model_parallel_size",
-             f"{par.tensor_model_parallel_size} does not divide the world size {world_size}")
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    _check_min(tp, "parallel.tensor_model_parallel_size", 1)
+    _check_min(pp, "parallel.pipeline_model_parallel_size", 1)
+    _check_min(par.context_parallel_size, "parallel.context_parallel_size", 1)
+    _require(par.context_parallel_size == 1, "parallel.context_parallel_size",
+             f"is {par.context_parallel_size}, but DMC and DMS training cannot split a sequence "
+             "over ranks: a token's key/value accumulates up to dmc.window-1 earlier tokens "
+             "(DMS: its eviction waits a window of later tokens) and each key's score bias "
+             "depends on the next token's decision, so every chunk border needs state from both "
+             "neighbours, which megatron's ring attention does not exchange and whose kernels "
+             "take no per-key score bias. Use tensor and pipeline parallelism for long "
+             "sequences (set it to 1)")
+    _require(world_size % tp == 0, "parallel.tensor_model_parallel_size",
+             f"{tp} does not divide the world size {world_size}")
+    _require(world_size % (tp * pp) == 0, "parallel.pipeline_model_parallel_size",
+             f"tensor x pipeline parallel = {tp} x {pp} does not divide the world size "
+             f"{world_size}")
+    _require(cfg.model.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+             f"{pp} pipeline stages do not divide model.num_layers={cfg.model.num_layers}")
+    _require(pp == 1 or not cfg.distill.enabled, "parallel.pipeline_model_parallel_size",
+             f"distillation (distill.enabled=true) runs with pipeline_model_parallel_size=1 "
+             f"only (the teacher is not pipelined); got {pp}")
     dp = data_parallel_size(cfg, world_size)
     _require(par.data_parallel_size in (None, dp), "parallel.data_parallel_size",
-             f"is {par.data_parallel_size}, but world size {world_size} / TP "
-             f"{par.tensor_model_parallel_size} = {dp}")
+             f"is {par.data_parallel_size}, but world size {world_size} / (TP {tp} x PP {pp}) "
+             f"= {dp}")
     _require(par.recompute != "full", "parallel.recompute",
              "'full' recompute is not supported: DMC needs each layer's decisions for its loss; "
              "use 'selective' (core attention) or 'none'")

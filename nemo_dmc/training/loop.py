@@ -6,19 +6,25 @@ kl_weight * T^2 KL``, + the compression loss against the step's target CR, divid
 number of micro-batches), lets megatron's DDP all-reduce them over the data-parallel group
 (``finalize_model_grads``), then clips and steps the optimizer and the lr schedule.
 
-The Gumbel noise of a micro-batch is drawn after seeding the default generator from
-``(noise key, position of the micro-batch in the global batch)``: training is then the same
-for every data- and tensor-parallel layout, and a resumed step draws the noise it drew before.
-Validation scores hard decisions, and the same batches once more with training's noisy,
-relaxed decisions (``lm_loss_noisy``): the gap shows soft training disagreeing with hard
-inference.
+Micro-batches run through megatron's forward/backward schedule for the pipeline layout (a
+plain loop without one; 1F1B over the stages with one), the compression loss taken on the
+last stage on every layer's decisions (:mod:`~nemo_dmc.megatron.pipeline`); logged metrics
+are summed over the stages and averaged over data-parallel ranks.
+
+Each layer draws the Gumbel noise of a micro-batch from a generator seeded from ``(noise key,
+position of the micro-batch in the global batch, layer)`` (:mod:`~nemo_dmc.megatron.noise`):
+training is then the same for every data-, tensor- and pipeline-parallel layout, and a resumed
+step draws the noise it drew before. Validation scores hard decisions, and the same batches
+once more with training's noisy, relaxed decisions (``lm_loss_noisy``): the gap shows soft
+training disagreeing with hard inference.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,11 +32,15 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 from torch import Tensor, nn
 
 from nemo_dmc.core import realised_cr
-from nemo_dmc.megatron.distill import Teacher
-from nemo_dmc.megatron.stats import DMCStats, collect_dmc_stats, method_loss
+from nemo_dmc.megatron.distill import DistillTerms, Teacher
+from nemo_dmc.megatron.noise import noise_scope
+from nemo_dmc.megatron.pipeline import first_layer, pipeline_stages
+from nemo_dmc.megatron.stats import collect_dmc_stats, method_loss
 from nemo_dmc.training.batches import Batch, MicroBatches
 from nemo_dmc.training.metrics import Validation
 
@@ -61,48 +71,155 @@ class TokenSums:
 
 def token_loss(model: nn.Module, batch: Batch, mask: Tensor) -> Tuple[Tensor, Tensor]:
     """Summed cross-entropy over the loss-masked tokens of one micro-batch, and their count."""
-    per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-    loss_mask = batch["loss_mask"].float()
-    return (per_token.float() * loss_mask).sum(), loss_mask.sum()
+    sums = token_sums(model, batch, mask)
+    return sums.lm, sums.tokens
 
 
 def token_sums(model: nn.Module, batch: Batch, mask: Tensor,
                teacher: Optional[Teacher] = None) -> TokenSums:
     """:class:`TokenSums` of one micro-batch; with a ``teacher`` its logits are computed on
     the same micro-batch and mixed in (:meth:`~nemo_dmc.megatron.distill.Teacher.terms`)."""
-    if teacher is None:
-        lm, tokens = token_loss(model, batch, mask)
-        return TokenSums(lm, lm, lm.new_zeros(()), tokens)
-    terms = teacher.terms(model, batch["tokens"], batch["position_ids"], mask, batch["labels"])
-    loss_mask = batch["loss_mask"].float()
-    sums = [(term.float() * loss_mask).sum() for term in (terms.loss, terms.ce, terms.kl)]
-    return TokenSums(*sums, loss_mask.sum())
+    return _sums(_model_forward(teacher, mask)(model, batch), batch)
 
 
-def _merge_fractions(stats: Optional[DMCStats], num_layers: int) -> Tensor:
-    """``[1 + layers]``: overall and per-layer fraction of merges (0 without decisions)."""
-    if stats is None:
-        return torch.zeros(1 + num_layers)
-    layer = 1.0 - 1.0 / stats.layer_cr.detach().float().cpu()
-    return torch.cat([stats.merge_fraction.detach().float().cpu().view(1), layer])
+class PassTotals:
+    """What one pass over micro-batches adds up, on every pipeline stage: the last stage's
+    loss sums (``losses``) and, on each stage for its own layers, the merge fractions
+    (``fractions``: ``[1 + layers]``, the overall straight-through fraction's share of this
+    stage's layers, then each layer's hard fraction). :meth:`reduce` sums them over the
+    pipeline stages and averages them over the data-parallel ranks."""
+
+    def __init__(self, num_losses: int, num_layers: int) -> None:
+        self.losses = torch.zeros(num_losses)
+        self.fractions = torch.zeros(1 + num_layers)
+        self.decided = torch.zeros(1)  # forwards whose layers took trained decisions
+        self.num_layers = num_layers
+
+    def add_layers(self, model: nn.Module) -> None:
+        """Add this stage's merge fractions of the model's last forward (none without
+        decisions)."""
+        stats = collect_dmc_stats(model)
+        if stats is None:
+            return
+        self.decided += 1
+        local = stats.layer_cr.numel()
+        start = 1 + first_layer(model)
+        self.fractions[0] += float(stats.merge_fraction.detach()) * local / self.num_layers
+        self.fractions[start:start + local] += 1.0 - 1.0 / stats.layer_cr.detach().float().cpu()
+
+    def reduce(self) -> Tuple[Tensor, Tensor, bool]:
+        """Losses and fractions summed over the pipeline and averaged over DP, and whether
+        any layer took trained decisions."""
+        values = torch.cat([self.losses, self.fractions, self.decided])
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            values = _all_reduce(values, parallel_state.get_pipeline_model_parallel_group())
+        values = _mean_over_dp(values)
+        losses, fractions = values[:self.losses.numel()], values[self.losses.numel():-1]
+        return losses, fractions, bool(values[-1] > 0)
+
+
+def _all_reduce(values: Tensor, group) -> Tensor:
+    """Sum a CPU tensor over ``group`` (on the GPU when there is one: NCCL)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reduced = values.to(device)
+    dist.all_reduce(reduced, group=group)
+    return reduced.cpu()
 
 
 def _mean_over_dp(values: Tensor) -> Tensor:
     """Average a CPU tensor over the data-parallel group."""
-    group = parallel_state.get_data_parallel_group()
     size = parallel_state.get_data_parallel_world_size()
     if size == 1:
         return values
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    reduced = values.to(device)
-    dist.all_reduce(reduced, group=group)
-    return reduced.cpu() / size
+    return _all_reduce(values, parallel_state.get_data_parallel_group()) / size
 
 
-def noise_seed(key: str, position: int) -> int:
-    """A 63-bit seed for the Gumbel noise of global micro-batch ``position`` of step ``key``."""
-    digest = hashlib.blake2b(f"{key}/{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def _stage_fractions(model: nn.Module, batch_size: int) -> Optional[Tensor]:
+    """The whole model's decision fractions on a pipeline's last stage (``None`` without a
+    pipeline: the model's own are the whole model's)."""
+    stages = pipeline_stages(model)
+    if not stages or not stages[0].carry_rows:
+        return None
+    return stages[0].fractions(batch_size)
+
+
+def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_micro: int,
+                      mask: Tensor, loss_func: Callable[[Batch, Any], Tensor],
+                      forward: Callable[[nn.Module, Batch], Any],
+                      noise_key: Optional[Callable[[int], str]], totals: PassTotals,
+                      forward_only: bool) -> None:
+    """Forward (and backward) ``num_micro`` micro-batches through megatron's schedule for
+    the current pipeline layout (1F1B across stages; a plain loop without a pipeline).
+
+    ``forward(module, batch)`` runs the model; on the last stage ``loss_func(batch,
+    output)`` turns the output into the micro-batch's loss (the schedule divides it by
+    ``num_micro`` before backward). Each micro-batch's noise is drawn inside
+    ``noise_scope(noise_key(micro))`` (none: the default generator)."""
+    sample = batches(0)
+    micro_batch, seq = sample["tokens"].shape
+    rows = max((stage.carry_rows for stage in pipeline_stages(model)), default=0)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+
+    def forward_step(data_iterator, module):
+        micro = next(data_iterator)
+        batch = batches(micro)
+        with noise_scope(noise_key(micro)) if noise_key else contextlib.nullcontext():
+            output = forward(module, batch)
+        totals.add_layers(module)
+        return output, functools.partial(loss_func, batch)
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(range(num_micro)), model=[model],
+        num_microbatches=num_micro, seq_length=seq + rows * (tp if _sequence_parallel(model) else 1),
+        micro_batch_size=micro_batch, forward_only=forward_only)
+
+
+def _sequence_parallel(model: nn.Module) -> bool:
+    return bool(get_model_config(model).sequence_parallel)
+
+
+def _model_forward(teacher: Optional[Teacher], mask: Tensor):
+    """``forward(module, batch)`` of a pass: per-token cross-entropy, or the distillation
+    terms with a ``teacher``."""
+
+    def forward(module: nn.Module, batch: Batch):
+        if teacher is None:
+            return module(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        return teacher.terms(module, batch["tokens"], batch["position_ids"], mask,
+                             batch["labels"])
+
+    return forward
+
+
+def _sums(output: Any, batch: Batch) -> TokenSums:
+    """:class:`TokenSums` of a micro-batch's output (per-token CE, or distillation terms)."""
+    loss_mask = batch["loss_mask"].float()
+    if isinstance(output, DistillTerms):
+        sums = [(term.float() * loss_mask).sum() for term in (output.loss, output.ce, output.kl)]
+        return TokenSums(*sums, loss_mask.sum())
+    lm = (output.float() * loss_mask).sum()
+    return TokenSums(lm, lm, lm.new_zeros(()), loss_mask.sum())
+
+
+def training_loss(model: nn.Module, target_cr: Optional[float], totals: PassTotals
+                  ) -> Callable[[Batch, Any], Tuple[Tensor, dict]]:
+    """The last stage's ``loss_func(batch, output)`` of a training pass: the micro-batch's
+    mean objective + ``dmc.loss_weight * L_cr`` on the whole model's decisions; adds the
+    cross-entropy, ``L_cr`` and the KL to ``totals.losses``."""
+
+    def loss_func(batch: Batch, output: Any) -> Tuple[Tensor, dict]:
+        sums = _sums(output, batch)
+        tokens = sums.tokens.clamp_min(1.0)
+        loss = sums.objective / tokens
+        totals.losses[0] += float(sums.lm.detach() / tokens)
+        totals.losses[2] += float(sums.kl.detach() / tokens)
+        term = method_loss(model, target_cr, _stage_fractions(model, batch["tokens"].shape[0]))
+        if term is not None:
+            totals.losses[1] += float(term.loss.detach())
+            loss = loss + term.weighted
+        return loss, {}
+
+    return loss_func
 
 
 def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
@@ -111,43 +228,32 @@ def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: Optimi
                teacher: Optional[Teacher] = None) -> StepResult:
     """One optimizer step from ``consumed_samples``; ``target_cr=None`` trains LM loss only.
 
-    The loss is ``LM + dmc.loss_weight * L_cr`` (:func:`~nemo_dmc.megatron.stats.method_loss`),
-    ``LM`` being the distillation mix with a ``teacher``; the logged ``dmc_loss`` is ``L_cr``
-    itself, ``lm_loss`` the cross-entropy, ``kl`` the (``T^2``-scaled) KL.
-    ``noise_key`` identifies the step (run seed, stage, step) for :func:`noise_seed`.
+    The loss is ``LM + dmc.loss_weight * L_cr`` (:func:`~nemo_dmc.megatron.stats.method_loss`,
+    on the whole model's decisions under pipeline parallelism), ``LM`` being the distillation
+    mix with a ``teacher``; the logged ``dmc_loss`` is ``L_cr`` itself, ``lm_loss`` the
+    cross-entropy, ``kl`` the (``T^2``-scaled) KL. ``noise_key`` identifies the step (run
+    seed, stage, step): micro-batch ``m`` draws its noise in scope ``<noise_key>/<position of
+    m in the global batch>`` (:mod:`~nemo_dmc.megatron.noise`).
     """
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
     n = batches.num_micro
-    totals = torch.zeros(3)  # lm, dmc, kl
-    fractions = torch.zeros(1 + num_layers)
-    for micro in range(n):
-        torch.manual_seed(noise_seed(noise_key, batches.position(micro)))
-        sums = token_sums(model, batches.train(consumed_samples, micro), mask, teacher)
-        tokens = sums.tokens.clamp_min(1.0)
-        loss = sums.objective / tokens
-        totals[0] += (sums.lm / tokens).detach().float().cpu()
-        totals[2] += (sums.kl / tokens).detach().float().cpu()
-        term = method_loss(model, target_cr)
-        if term is not None:
-            totals[1] += term.loss.detach().float().cpu()
-            loss = loss + term.weighted
-            stats = term.stats
-        else:
-            stats = collect_dmc_stats(model)
-        fractions += _merge_fractions(stats, num_layers)
-        (loss / n).backward()
+    totals = PassTotals(3, num_layers)  # lm, dmc, kl: per-micro-batch means, summed
+    run_micro_batches(model, lambda micro: batches.train(consumed_samples, micro), n, mask,
+                      training_loss(model, target_cr, totals), _model_forward(teacher, mask),
+                      lambda micro: f"{noise_key}/{batches.position(micro)}", totals,
+                      forward_only=False)
     finalize_model_grads([model])
     lr = optimizer.param_groups[0]["lr"]
     _, grad_norm, _ = optimizer.step()
     scheduler.step(1)
-    means = _mean_over_dp(torch.cat([totals, fractions]) / n)
-    crs = realised_cr(means[3:])
-    return StepResult(lm_loss=float(means[0]), dmc_loss=float(means[1]), cr=float(crs[0]),
+    losses, fractions, _ = totals.reduce()
+    losses, crs = losses / n, realised_cr(fractions / n)
+    return StepResult(lm_loss=float(losses[0]), dmc_loss=float(losses[1]), cr=float(crs[0]),
                       layer_cr=crs[1:].tolist(),
                       grad_norm=None if grad_norm is None else float(grad_norm), lr=float(lr),
-                      kl=None if teacher is None else float(means[2]))
+                      kl=None if teacher is None else float(losses[2]))
 
 
 @torch.no_grad()
@@ -159,27 +265,33 @@ def validate(model: nn.Module, batches: MicroBatches, mask: Tensor, num_batches:
     relaxed) decisions, the Gumbel noise seeded per batch."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4)  # lm, kl, tokens, noisy lm
-    fractions = torch.zeros(1 + num_layers)
-    decides = False
-    for index in range(num_batches):
-        batch = batches.valid(index)
-        hard = token_sums(model, batch, mask, teacher)
-        sums[:3] += torch.stack([hard.lm, hard.kl, hard.tokens]).float().cpu()
-        stats = collect_dmc_stats(model)
-        decides = decides or stats is not None
-        fractions += _merge_fractions(stats, num_layers)
+    hard = PassTotals(3, num_layers)  # lm, kl, tokens
+
+    def hard_sums(batch: Batch, output: Any):
+        sums = _sums(output, batch)
+        hard.losses += torch.stack([sums.lm, sums.kl, sums.tokens]).detach().float().cpu()
+        return sums.lm, {}
+
+    run_micro_batches(model, batches.valid, num_batches, mask, hard_sums,
+                      _model_forward(teacher, mask), None, hard, forward_only=True)
+    sums, fractions, decides = hard.reduce()
+    noisy = PassTotals(1, num_layers)
     if decides:
         model.train()
-        for index in range(num_batches):
-            torch.manual_seed(noise_seed("validation", index))
-            noisy, _ = token_loss(model, batches.valid(index), mask)
-            sums[3] += noisy.float().cpu()
+
+        def noisy_sums(batch: Batch, output: Any):
+            sums = _sums(output, batch)
+            noisy.losses[0] += float(sums.lm.detach())
+            return sums.lm, {}
+
+        run_micro_batches(model, batches.valid, num_batches, mask, noisy_sums,
+                          _model_forward(None, mask), lambda index: f"validation/{index}",
+                          noisy, forward_only=True)
     model.train(was_training)
-    sums = _mean_over_dp(torch.cat([sums, fractions / num_batches]))
+    noisy_lm = noisy.reduce()[0][0]
     tokens = sums[2].clamp_min(1.0)
-    crs = realised_cr(sums[4:])
+    crs = realised_cr(fractions / num_batches)
     return Validation(lm_loss=float(sums[0] / tokens), cr=float(crs[0]),
                       layer_cr=crs[1:].tolist(),
                       kl=None if teacher is None else float(sums[1] / tokens),
-                      lm_loss_noisy=float(sums[3] / tokens) if decides else None)
+                      lm_loss_noisy=float(noisy_lm / tokens) if decides else None)

@@ -154,7 +154,8 @@ def run(cfg: TrainConfig) -> List[StageSummary]:
     """Validate ``cfg``, set up torch.distributed and megatron, run the stages, tear down."""
     world_size = export_rendezvous_env()
     validate_config(cfg, world_size, torch.cuda.is_available())
-    parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.seed)
+    parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.seed,
+                        cfg.parallel.pipeline_model_parallel_size)
     held: List[RunLock] = []
 
     def claim(config: TrainConfig) -> None:  # rank 0; its errors are raised on every rank
@@ -325,7 +326,8 @@ def _run_stage(session: Session, plan: StagePlan, weights: Optional[Path],
         if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
             progress = Progress(name, step, plan.steps, consumed,
                                 parallel_state.get_tensor_model_parallel_world_size(),
-                                parallel_state.get_data_parallel_world_size())
+                                parallel_state.get_data_parallel_world_size(),
+                                parallel_state.get_pipeline_model_parallel_world_size())
             save_checkpoint(cfg.checkpoint_dir / name, model, optimizer, scheduler, progress,
                             cfg.checkpoint.keep_last)
     validation_phase(model, plan.stage)
