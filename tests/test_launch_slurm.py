@@ -70,7 +70,13 @@ def test_two_srun_tasks_train_as_two_data_parallel_ranks(tmp_path):
     assert progress["data_parallel_size"] == 2
 
 
-def test_sbatch_script_runs_the_reference_recipe_under_srun(tmp_path):
+@pytest.mark.parametrize("script, expected", [
+    ("dmc_llama2_7b.sbatch", ("name: dmc_llama2_7b_cr4", "tensor_model_parallel_size: 4",
+                              "hidden_size: 4096", "pipeline_model_parallel_size: 1")),
+    ("dmc_llama2_70b.sbatch", ("name: dmc_llama2_70b_cr4", "tensor_model_parallel_size: 8",
+                               "pipeline_model_parallel_size: 2", "hidden_size: 8192",
+                               "num_query_groups: 8", "use_distributed_optimizer: true"))])
+def test_sbatch_scripts_run_their_recipe_under_srun(tmp_path, script, expected):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "scontrol").write_text("#!/bin/sh\nprintf 'node01\\nnode02\\n'\n")
@@ -83,13 +89,13 @@ def test_sbatch_script_runs_the_reference_recipe_under_srun(tmp_path):
            "RUN_DIR": str(tmp_path / "run"), "BASE_CKPT": "/ckpt/llama2-7b",
            "TOKENIZER": "/ckpt/tok", "TRAIN_PREFIX": "/data/train", "VALID_PREFIX": "/data/valid"}
     # Hydra's --cfg job prints the composed config instead of training.
-    result = subprocess.run(["bash", str(SBATCH), "--cfg", "job"], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(["bash", str(SBATCH.parent / script), "--cfg", "job"], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "srun: master node01:20777" in out
-    for line in ("name: dmc_llama2_7b_cr4", "tensor_model_parallel_size: 4", "hidden_size: 4096",
-                 "pretrained: /ckpt/llama2-7b", "- /data/train", "global_batch_size: 1024"):
+    for line in (*expected, "pretrained: /ckpt/llama2-7b", "- /data/train",
+                 "global_batch_size: 1024"):
         assert line in out
 
 

@@ -17,7 +17,12 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from nemo_dmc.core import ModelConfig, Stage
 from nemo_dmc.megatron import model as model_module
 from nemo_dmc.train import CONFIG_DIR, to_train_config
-from nemo_dmc.training.config import ConfigError, TrainConfig, validate_config
+from nemo_dmc.training.config import (
+    ConfigError,
+    TrainConfig,
+    data_parallel_size,
+    validate_config,
+)
 from nemo_dmc.training.plan import plan_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +93,29 @@ def test_sequence_parallel_without_fused_norms_is_rejected():
         "parallel.sequence_parallel"
 
 
+def test_pipeline_stages_must_divide_the_layers_and_with_tp_the_world():
+    # tiny: 4 layers
+    assert error_key("parallel.pipeline_model_parallel_size=3", world_size=3) == \
+        "parallel.pipeline_model_parallel_size"
+    assert error_key("parallel=tp2_pp2", world_size=6) == "parallel.pipeline_model_parallel_size"
+    assert error_key("parallel=pp2", "parallel.data_parallel_size=2", world_size=2) == \
+        "parallel.data_parallel_size"
+    cfg = load("parallel=tp2_pp2", "data.global_batch_size=16", world_size=8)
+    assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+            data_parallel_size(cfg, 8)) == (2, 2, 2)
+
+
+def test_context_parallelism_is_rejected_with_its_reason():
+    with pytest.raises(ConfigError, match="ring attention") as info:
+        load("parallel.context_parallel_size=2", world_size=2)
+    assert info.value.key == "parallel.context_parallel_size"
+
+
+def test_distillation_under_pipeline_parallelism_is_rejected(tmp_path):
+    assert error_key("parallel=pp2", "distill=kl", f"checkpoint.pretrained={tmp_path}",
+                     world_size=2) == "parallel.pipeline_model_parallel_size"
+
+
 def test_full_activation_recompute_is_rejected():
     assert error_key("parallel.recompute=full") == "parallel.recompute"
 
@@ -156,6 +184,22 @@ def test_reference_recipe_is_llama2_7b_cr4_on_tp4_with_sequence_parallel(tmp_pat
     assert (cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel) == (4, True)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.beta2) == (3e-5, 3e-6, 0.95)
     assert (cfg.dmc.target_cr, cfg.dmc.window, cfg.data.global_batch_size) == (4.0, 12, 1024)
+
+
+def test_llama2_70b_recipe_is_the_reference_recipe_on_tp8_x_pp2(tmp_path):
+    train, valid = indexed_files(tmp_path, "t", "v")
+    recipe = ["+recipe=llama2_70b_cr4", f"data.tokenizer={tmp_path}",
+              f"data.train_prefixes=[{train}]", f"data.valid_prefixes=[{valid}]"]
+    cfg = load(*recipe, "parallel.sequence_parallel=false", world_size=128)
+    assert (cfg.model.num_layers, cfg.model.kv_heads, cfg.model.hidden_size) == (80, 8, 8192)
+    assert (cfg.parallel.tensor_model_parallel_size,
+            cfg.parallel.pipeline_model_parallel_size, data_parallel_size(cfg, 128)) == (8, 2, 8)
+    assert composed(*recipe).parallel.sequence_parallel and cfg.optim.use_distributed_optimizer
+    reference = composed("+recipe=llama2_7b_cr4")
+    assert {p.stage: p.steps for p in plan_stages(cfg)} == \
+        {p.stage: p.steps for p in plan_stages(reference)}
+    assert (cfg.dmc, cfg.optim, cfg.data.global_batch_size) == \
+        (reference.dmc, reference.optim, reference.data.global_batch_size)
 
 
 def test_cli_reports_a_bad_value_by_key_before_building_anything(tmp_path):
