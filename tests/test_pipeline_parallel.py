@@ -36,14 +36,16 @@ def _batches():
         tokens = torch.randint(0, SHAPE.vocab_size, (MICRO, SEQ + 1), generator=g)
         out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
                     "position_ids": torch.arange(SEQ).expand(MICRO, SEQ),
-                    "loss_mask": torch.ones(MICRO, SEQ)})
+                    "loss_mask": torch.ones(MICRO, SEQ),
+                    "attention_mask": causal_attention_mask(SEQ)})
     return out
 
 
 def _global_name(name: str, offset: int) -> str:
     parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(int(parts[2]) + offset)
+    for i in range(len(parts) - 2):
+        if parts[i:i + 2] == ["decoder", "layers"]:
+            parts[i + 2] = str(int(parts[i + 2]) + offset)
     return ".".join(parts)
 
 
@@ -107,3 +109,66 @@ def test_two_pipeline_stages_match_one_in_loss_fractions_and_every_gradient(sett
 def test_carry_rows_hold_every_layer_and_kv_head():
     assert carry_rows(80, 8, 8192) == 1
     assert carry_rows(4, 2, 4) == 2 and carry_rows(4, 2, 3) == 3
+
+
+def _nemo_step(model):
+    """NeMo's path through megatron's schedule: ``forward_step`` and the training loss
+    reduction (``(loss_sum, num_tokens, logged)``), the schedule sized for the sequence alone
+    (NeMo does not know the carry rows: they travel by shape exchange)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_dmc.megatron.noise import noise_scope
+
+    model.train()
+    model.zero_grad()
+    model.stage_target_cr = 4.0
+    batches = _batches()
+
+    def forward_step(data_iterator, module):
+        micro = next(data_iterator)
+        batch = batches[micro]
+        with noise_scope(f"nemo/{micro}"):
+            out = module.forward_step(batch)
+        return out, lambda output: model.training_loss_reduction.forward(batch, output)
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(range(NUM_MICRO)), model=[model],
+        num_microbatches=NUM_MICRO, seq_length=SEQ, micro_batch_size=MICRO, forward_only=False)
+    offset = first_layer(model)
+    return {_global_name(n, offset): p.grad.clone() for n, p in model.named_parameters()
+            if p.grad is not None}
+
+
+def _nemo_worker(rank: int, world: int) -> None:
+    from nemo_dmc.nemo import DMCGPTModel
+    from nemo_dmc.nemo.config import dmc_llama_config
+
+    settings = SETTINGS["dmc_layer_hinge_and_cap"]
+
+    def nemo_model(pp):
+        config = dmc_llama_config(SHAPE, settings, stage="retrofit",
+                                  pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
+        model = DMCGPTModel(config, tokenizer=None)
+        model.configure_model()
+        return model
+
+    parallel.initialize(seed=0)
+    single = nemo_model(1)
+    state = {k: v.clone() for k, v in single.state_dict().items() if torch.is_tensor(v)}
+    reference = _nemo_step(single)
+    parallel.initialize(seed=0, pipeline_parallel_size=2)
+    stage = nemo_model(2)
+    assert isinstance(stage.module, PipelineStageModel) and stage.module.carry_rows == 1
+    offset = first_layer(stage)
+    stage.load_state_dict({name: state[_global_name(name, offset)]
+                           for name, value in stage.state_dict().items() if torch.is_tensor(value)},
+                          strict=False)
+    grads = _nemo_step(stage)
+    assert grads and all(name in reference for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], atol=2e-6, rtol=1e-4, msg=name)
+    parallel.shutdown()
+
+
+def test_nemo_model_under_two_pipeline_stages_matches_one_in_every_gradient():
+    run_distributed(_nemo_worker, 2)

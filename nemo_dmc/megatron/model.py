@@ -91,15 +91,12 @@ def build_model(model: ModelConfig, method: Any = None,
         spec = method_layer_spec(spec, method)
     cls, stage = GPTModel, {}
     if pp > 1:
-        from nemo_dmc.megatron.pipeline import PipelineStageModel, carry_rows
-        from nemo_dmc.methods import build_method
+        from nemo_dmc.megatron.pipeline import PipelineStageModel, stage_carry_rows
 
-        decides = method is not None and build_method(method).trains_decisions
         cls = PipelineStageModel
         stage = dict(pre_process=parallel_state.is_pipeline_first_stage(),
                      post_process=parallel_state.is_pipeline_last_stage(),
-                     carry_rows=carry_rows(model.num_layers, model.kv_heads, model.hidden_size)
-                     if decides else 0)
+                     carry_rows=stage_carry_rows(config, method))
     return cls(
         config=config,
         transformer_layer_spec=spec,

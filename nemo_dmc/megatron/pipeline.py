@@ -91,3 +91,36 @@ class PipelineStageModel(GPTModel):
 def pipeline_stages(model: nn.Module) -> List[PipelineStageModel]:
     """The :class:`PipelineStageModel` chunks inside ``model`` (e.g. under DDP)."""
     return [m for m in model.modules() if isinstance(m, PipelineStageModel)]
+
+
+def whole_model_fractions(model: nn.Module, batch_size: int) -> Optional[Tensor]:
+    """On a pipeline's last stage, the ``[batch, layers, kv_heads]`` decision fractions of the
+    whole model, for :func:`~nemo_dmc.megatron.stats.method_loss`; ``None`` without a carry
+    (no pipeline: the model's own layers are the whole model)."""
+    stages = [stage for stage in pipeline_stages(model) if stage.post_process]
+    if not stages or not stages[0].carry_rows:
+        return None
+    return stages[0].fractions(batch_size)
+
+
+def as_pipeline_stage(model: GPTModel, rows: int) -> PipelineStageModel:
+    """Make a built ``GPTModel`` stage (e.g. NeMo's ``configure_model``) a
+    :class:`PipelineStageModel` carrying ``rows`` rows, in place: same parameters and state
+    dict, only the class changes. Its config then lets megatron's point-to-point
+    communication exchange tensor shapes (``variable_seq_lengths``), so a schedule sized for
+    the sequence alone receives the carry rows too."""
+    model.__class__ = PipelineStageModel
+    model.carry_rows, model.carry_in = rows, None
+    if rows:
+        model.config.variable_seq_lengths = True
+    return model
+
+
+def stage_carry_rows(config, method_settings) -> int:
+    """Carry rows a stage of a model with ``config`` (megatron ``TransformerConfig``) and
+    KV method ``method_settings`` needs: none unless the method trains decisions."""
+    from nemo_dmc.methods import build_method
+
+    if method_settings is None or not build_method(method_settings).trains_decisions:
+        return 0
+    return carry_rows(config.num_layers, config.num_query_groups, config.hidden_size)

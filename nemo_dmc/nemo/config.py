@@ -11,6 +11,7 @@ from nemo.collections.llm.gpt.model.llama import LlamaConfig
 
 from nemo_dmc.checkpoints.nemo_context import cpu_overrides
 from nemo_dmc.core import DMCConfig, ModelConfig, Stage
+from nemo_dmc.megatron.pipeline import as_pipeline_stage, stage_carry_rows
 from nemo_dmc.megatron.spec import method_layer_spec
 
 TRAINABLE = ("all", "decisions")
@@ -56,6 +57,14 @@ class DMCLlamaConfig(LlamaConfig):
             raise ValueError("dmc_trainable='decisions' trains only decision adapters: set "
                              "dmc.decision_source=adapter")
         super().__post_init__()
+
+    def configure_model(self, tokenizer, pre_process=None, post_process=None, vp_stage=None):
+        """NeMo's model, made a decision-carrying pipeline stage under pipeline parallelism
+        (:func:`~nemo_dmc.megatron.pipeline.as_pipeline_stage`)."""
+        model = super().configure_model(tokenizer, pre_process, post_process, vp_stage)
+        if self.pipeline_model_parallel_size > 1:
+            as_pipeline_stage(model, stage_carry_rows(self, self.dmc))
+        return model
 
 
 def _llama_shape(model: ModelConfig) -> dict:

@@ -12,6 +12,7 @@ from nemo.lightning.megatron_parallel import MaskedTokenLossReduction
 
 from nemo_dmc.megatron.adapter import train_only_adapters
 from nemo_dmc.megatron.distill import DistillTerms, Teacher
+from nemo_dmc.megatron.pipeline import whole_model_fractions
 from nemo_dmc.megatron.stages import apply_stage, finish_stage
 from nemo_dmc.megatron.stats import method_loss
 
@@ -21,6 +22,8 @@ class DMCLossReduction(MaskedTokenLossReduction):
 
     ``loss_sum`` gets ``L_cr * num_tokens`` so that NeMo's per-token averaging yields
     ``LM + dmc.loss_weight * L_cr``; the logged ``loss_sum_and_ub_size`` stays the pure LM loss.
+    Under pipeline parallelism it runs on the last stage, on every layer's decision fractions
+    (carried there with the activations, :mod:`~nemo_dmc.megatron.pipeline`).
     With a teacher, ``LM`` is the distillation mix ``lm_weight * CE + kl_weight * T^2 KL`` in
     training (the same composition as the own trainer's) and the cross-entropy alone in
     validation; the logged loss is the cross-entropy, the KL goes to the model's ``kl``.
@@ -44,7 +47,8 @@ class DMCLossReduction(MaskedTokenLossReduction):
             _, _, extra = super().forward(batch, terms.ce)
             kl_sum, _, _ = super().forward(batch, terms.kl)
             model.record_kl(kl_sum / num_tokens.clamp_min(1), self.validation_step)
-        term = None if self.validation_step else method_loss(model, model.stage_target_cr)
+        term = None if self.validation_step else method_loss(
+            model, model.stage_target_cr, whole_model_fractions(model, forward_out.shape[0]))
         if term is not None:
             loss_sum = loss_sum + term.weighted * num_tokens
         return loss_sum, num_tokens, extra

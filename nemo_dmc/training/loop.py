@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from nemo_dmc.core import realised_cr
 from nemo_dmc.megatron.distill import DistillTerms, Teacher
 from nemo_dmc.megatron.noise import noise_scope
-from nemo_dmc.megatron.pipeline import first_layer, pipeline_stages
+from nemo_dmc.megatron.pipeline import first_layer, pipeline_stages, whole_model_fractions
 from nemo_dmc.megatron.stats import collect_dmc_stats, method_loss
 from nemo_dmc.training.batches import Batch, MicroBatches
 from nemo_dmc.training.metrics import Validation
@@ -134,15 +134,6 @@ def _mean_over_dp(values: Tensor) -> Tensor:
     return _all_reduce(values, parallel_state.get_data_parallel_group()) / size
 
 
-def _stage_fractions(model: nn.Module, batch_size: int) -> Optional[Tensor]:
-    """The whole model's decision fractions on a pipeline's last stage (``None`` without a
-    pipeline: the model's own are the whole model's)."""
-    stages = pipeline_stages(model)
-    if not stages or not stages[0].carry_rows:
-        return None
-    return stages[0].fractions(batch_size)
-
-
 def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_micro: int,
                       mask: Tensor, loss_func: Callable[[Batch, Any], Tensor],
                       forward: Callable[[nn.Module, Batch], Any],
@@ -213,7 +204,7 @@ def training_loss(model: nn.Module, target_cr: Optional[float], totals: PassTota
         loss = sums.objective / tokens
         totals.losses[0] += float(sums.lm.detach() / tokens)
         totals.losses[2] += float(sums.kl.detach() / tokens)
-        term = method_loss(model, target_cr, _stage_fractions(model, batch["tokens"].shape[0]))
+        term = method_loss(model, target_cr, whole_model_fractions(model, batch["tokens"].shape[0]))
         if term is not None:
             totals.losses[1] += float(term.loss.detach())
             loss = loss + term.weighted
