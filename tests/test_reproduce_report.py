@@ -33,13 +33,15 @@ def test_report_tables_every_evaluation_against_the_continued_vanilla_model(repr
     layout = reproduce.Layout(tmp_path)
     results = {"base": _result(1.0, 30.0, 0.5), "vanilla_continued": _result(1.0, 20.0, 0.5),
                "dmc_cr4": _result(3.9, 20.4, 0.5), "gqa_cr4": _result(1.0, 25.0, 0.25, groups=2),
-               "h2o_cr4": _result(3.9, 40.0, 0.0)}
+               "h2o_cr4": _result(3.9, 40.0, 0.0), "dms_cr4": _result(4.2, 21.0, 0.5),
+               "tova_dms_cr4": _result(3.4, 30.0, 0.0)}
     for name, result in results.items():
         out = layout.eval_dir(name)
         out.mkdir(parents=True)
         (out / reproduce.RESULTS_FILE).write_text(json.dumps(result))
     rows = {row.method: row for row in reproduce.load_rows(layout, [4])}
-    assert set(rows) == {"base (pretrained)", "vanilla, continued", "DMC", "GQA up-trained", "H2O"}
+    assert set(rows) == {"base (pretrained)", "vanilla, continued", "DMC", "GQA up-trained", "H2O",
+                         "DMS", "TOVA, at DMS's state"}
     assert (rows["GQA up-trained"].ratio, rows["GQA up-trained"].kv_fraction) == (4.0, 0.25)
     table = reproduce.results_table(list(rows.values()))
     assert "| DMC | 4 | 3.90 | 0.256 | 0.266 | 20.40 | +2.0% | 50% |" in table
@@ -66,5 +68,6 @@ def test_dry_run_prints_the_pipeline_commands(reproduce, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "python -m nemo_dmc.train name=repro_base" in out and "stage=pretrain" in out
     assert "method=dmc" in out and "method=tova" in out and "method=streaming" in out
+    assert "method=dms" in out and "tova_dms_cr4" in out
     with pytest.raises(SystemExit):
         reproduce.main(["--dry-run", "--ratios", "3", "--root", str(tmp_path)])
