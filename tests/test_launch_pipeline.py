@@ -8,22 +8,25 @@ model ties its output layer to the embedding, which a pipeline keeps on two stag
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from trainer_runs import (
+    REPO,
+    base_checkpoint,
+    kill_run,
+    run_trainer,
+    train_records,
+    trainer_command,
+)
 
 from nemo_dmc.checkpoints.run_dir import latest_checkpoint, read_progress
-
-REPO = Path(__file__).resolve().parents[1]
-RUN = ["model=micro", "model.share_embeddings_and_output_weights=true", "data=random",
+RUN = ["model=micro", "model.num_layers=4", "model.share_embeddings_and_output_weights=true",
+       "data=random",
        "logging=quiet", "data.micro_batch_size=2", "data.global_batch_size=8", "optim.lr=1e-2",
        "stage=[zero_out,retrofit]", "stage.zero_out.steps=2", "stage.retrofit.steps=12",
        "checkpoint.save_interval=3", "checkpoint.keep_last=4", "dmc.loss_weight=20"]
@@ -32,37 +35,28 @@ pytestmark = pytest.mark.slow
 
 
 def command(run_dir: Path, *overrides: str, processes: int = 1) -> List[str]:
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    return [*launcher, "-m", "nemo_dmc.train", f"hydra.run.dir={run_dir}", *RUN, *overrides]
+    return trainer_command(run_dir, [*RUN, *overrides], processes)
 
 
 def train(run_dir: Path, *overrides: str, processes: int = 1) -> str:
-    result = subprocess.run(command(run_dir, *overrides, processes=processes), cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def records(run_dir: Path) -> List[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [r for r in lines if r["split"] == "train"]
+    return run_trainer(run_dir, [*RUN, *overrides], processes)
 
 
 def metrics(run_dir: Path) -> Dict[tuple, List[float]]:
     """(lm loss, dmc loss, CR, per-layer CR...) of every (stage, step)."""
     return {(r["stage"], r["step"]): [r["lm_loss"], r["dmc_loss"], r["cr"], *r["layer_cr"]]
-            for r in records(run_dir)}
+            for r in train_records(run_dir)}
 
 
 def assert_same_metrics(actual: Dict[tuple, List[float]], expected: Dict[tuple, List[float]]):
+    """Equal up to reduction order: the LM loss to 1e-3; the compression loss and the CRs
+    count hard decisions, and after a dozen steps a decision at its threshold may flip under
+    another summation order (TP x PP), so they agree to 0.02. (Exact equality of losses and
+    gradients across layouts: tests/test_pipeline_parallel.py.)"""
     assert actual.keys() == expected.keys()
     for key in expected:
-        assert actual[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+        assert actual[key][0] == pytest.approx(expected[key][0], rel=1e-3), key
+        assert actual[key][1:] == pytest.approx(expected[key][1:], abs=0.02), key
     assert max(v[2] for v in expected.values()) > 1.05  # decisions did compress
 
 
@@ -77,27 +71,13 @@ def resume_from_step_6(run_dir: Path, copy: Path) -> Path:
 def assert_resumed_at_step_6(run_dir: Path, stdout: str) -> None:
     assert f"[retrofit] resumed from {run_dir / 'checkpoints' / 'retrofit' / 'step_0000006'} " \
            "(step 6)" in stdout
-    steps = [(r["stage"], r["step"]) for r in records(run_dir)]
+    steps = [(r["stage"], r["step"]) for r in train_records(run_dir)]
     assert steps == [("zero_out", 1), ("zero_out", 2)] + [("retrofit", s) for s in range(1, 13)]
-
-
-def kill_run(run_dir: Path) -> None:
-    """SIGKILL every process of a run: torchrun and its ranks (which torchrun starts in
-    sessions of their own), found by the run directory on their command line."""
-    marker = f"hydra.run.dir={run_dir}".encode()
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
-    run_dir = tmp_path_factory.mktemp("base")
-    train(run_dir, "stage=zero_out", "stage.zero_out.steps=1")
-    return f"checkpoint.pretrained={run_dir / 'checkpoints' / 'zero_out' / 'step_0000001'}"
+    return base_checkpoint(tmp_path_factory.mktemp("base"), RUN)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +101,7 @@ def test_two_pipeline_stages_match_one_process_across_a_kill(single, base, tmp_p
     process = subprocess.Popen(command(run_dir, base, "parallel=pp2", processes=2), cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not any(r["stage"] == "retrofit" and r["step"] >= 7 for r in records(run_dir)):
+    while not any(r["stage"] == "retrofit" and r["step"] >= 7 for r in train_records(run_dir)):
         assert process.poll() is None and time.monotonic() < deadline, "run ended too early"
         time.sleep(0.05)
     kill_run(run_dir)
@@ -147,4 +127,19 @@ def test_checkpoint_saved_at_tp2_pp2_resumes_at_tp1_pp1(single, tp2_pp2, base, t
 def test_checkpoint_saved_at_tp1_pp1_resumes_at_pp2(single, base, tmp_path):
     run_dir = resume_from_step_6(single, tmp_path / "run")
     assert_resumed_at_step_6(run_dir, train(run_dir, base, "parallel=pp2", processes=2))
+    assert_same_metrics(metrics(run_dir), metrics(single))
+
+
+def test_interleaved_stages_resume_a_one_process_checkpoint_and_are_resumed_by_one(
+        single, base, tmp_path):
+    """TP1 x PP1 -> PP2 x 2 interleaved chunks (4 layers: 1 per chunk) from step 6, then that
+    run's step-9 checkpoint -> TP1 x PP1 again: every step matches the single process."""
+    run_dir = resume_from_step_6(single, tmp_path / "run")
+    assert_resumed_at_step_6(run_dir, train(run_dir, base, "parallel=pp2",
+                                            "parallel.virtual_pipeline_model_parallel_size=2",
+                                            processes=2))
+    assert_same_metrics(metrics(run_dir), metrics(single))
+    shutil.rmtree(run_dir / "checkpoints" / "retrofit" / "step_0000012")
+    stdout = train(run_dir, base)
+    assert f"{run_dir / 'checkpoints' / 'retrofit' / 'step_0000009'} (step 9)" in stdout
     assert_same_metrics(metrics(run_dir), metrics(single))

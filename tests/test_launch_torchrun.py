@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from trainer_runs import base_checkpoint, run_trainer
 RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",
        "data.global_batch_size=4", "optim.lr=1e-2", "stage=[zero_out,retrofit]",
        "stage.zero_out.steps=2", "stage.retrofit.steps=4", "checkpoint.save_interval=2",
@@ -27,13 +24,7 @@ pytestmark = pytest.mark.slow
 
 def train(run_dir: Path, *overrides: str, processes: int = 1) -> str:
     """Run the trainer; return its stdout."""
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    result = subprocess.run([*launcher, "-m", "nemo_dmc.train", f"hydra.run.dir={run_dir}", *RUN,
-                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return run_trainer(run_dir, [*RUN, *overrides], processes)
 
 
 def train_steps(run_dir: Path) -> List[tuple]:
@@ -73,9 +64,7 @@ def assert_resumed_at_step_2(run_dir: Path, stdout: str, logged_before: List[tup
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> str:
     """``checkpoint.pretrained=`` a one-step TP=1 model."""
-    run_dir = tmp_path_factory.mktemp("base")
-    train(run_dir, "stage=zero_out", "stage.zero_out.steps=1")
-    return f"checkpoint.pretrained={run_dir / 'checkpoints' / 'zero_out' / 'step_0000001'}"
+    return base_checkpoint(tmp_path_factory.mktemp("base"), RUN)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,13 @@ from nemo_dmc.core import DMCConfig
 from nemo_dmc.megatron import parallel
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.model import build_model
-from nemo_dmc.megatron.pipeline import PipelineStageModel, carry_rows, first_layer
+from nemo_dmc.megatron.pipeline import (
+    ModelChunks,
+    PipelineStageModel,
+    carry_rows,
+    first_layer,
+    model_chunks,
+)
 from nemo_dmc.methods import DMSConfig
 from nemo_dmc.training.loop import PassTotals, run_micro_batches, training_loss
 
@@ -29,10 +35,10 @@ SETTINGS = {
 SEQ, MICRO, NUM_MICRO = 16, 2, 3
 
 
-def _batches():
+def _batches(num_micro: int = NUM_MICRO):
     g = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(NUM_MICRO):
+    for _ in range(num_micro):
         tokens = torch.randint(0, SHAPE.vocab_size, (MICRO, SEQ + 1), generator=g)
         out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
                     "position_ids": torch.arange(SEQ).expand(MICRO, SEQ),
@@ -49,22 +55,24 @@ def _global_name(name: str, offset: int) -> str:
     return ".".join(parts)
 
 
-def _step(model, target_cr):
-    """One training pass (3 micro-batches, fixed noise scopes): mean losses, fractions and
-    every local parameter's gradient under its global name."""
+def _step(model, target_cr, num_micro: int = NUM_MICRO):
+    """One training pass (fixed noise scopes): mean losses, fractions and every local
+    parameter's gradient under its global name."""
     model.train()
     model.zero_grad()
-    batches, mask = _batches(), causal_attention_mask(SEQ)
+    batches, mask = _batches(num_micro), causal_attention_mask(SEQ)
     totals = PassTotals(3, SHAPE.num_layers)
-    run_micro_batches(model, batches.__getitem__, NUM_MICRO, mask,
-                      training_loss(model, target_cr, totals),
+    run_micro_batches(model, batches.__getitem__, num_micro, mask,
+                      training_loss(target_cr, totals),
                       lambda m, b: m(b["tokens"], b["position_ids"], mask, labels=b["labels"]),
                       lambda micro: f"pp-test/{micro}", totals, forward_only=False)
     losses, fractions, decided = totals.reduce()
-    offset = first_layer(model)
-    grads = {_global_name(n, offset): p.grad.clone() for n, p in model.named_parameters()
-             if p.grad is not None}
-    return losses / NUM_MICRO, fractions / NUM_MICRO, decided, grads
+    grads = {}
+    for chunk in model_chunks(model):
+        offset = first_layer(chunk)
+        grads.update({_global_name(n, offset): p.grad.clone()
+                      for n, p in chunk.named_parameters() if p.grad is not None})
+    return losses / num_micro, fractions / num_micro, decided, grads
 
 
 def _decision_grads(grads):
@@ -104,6 +112,34 @@ def _pp_worker(rank: int, world: int, settings) -> None:
 @pytest.mark.parametrize("settings", list(SETTINGS.values()), ids=list(SETTINGS))
 def test_two_pipeline_stages_match_one_in_loss_fractions_and_every_gradient(settings):
     run_distributed(_pp_worker, 2, settings)
+
+
+def _vpp_worker(rank: int, world: int) -> None:
+    settings = SETTINGS["dmc_layer_hinge_and_cap"]
+    parallel.initialize(seed=0)
+    single = build_model(SHAPE, settings)
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in single.state_dict().items()}
+    ref_losses, ref_fractions, _, ref_grads = _step(single, 4.0, num_micro=4)
+
+    parallel.initialize(seed=0, pipeline_parallel_size=2, virtual_pipeline_parallel_size=2)
+    chunks = [build_model(SHAPE, settings, vp_stage=v) for v in range(2)]
+    # layers interleave over the ranks: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3
+    assert [first_layer(chunk) for chunk in chunks] == [rank, 2 + rank]
+    for chunk in chunks:
+        offset = first_layer(chunk)
+        chunk.load_state_dict({name: state[_global_name(name, offset)]
+                               for name in chunk.state_dict()})
+    losses, fractions, _, grads = _step(ModelChunks(chunks), 4.0, num_micro=4)
+    torch.testing.assert_close(losses, ref_losses, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fractions, ref_fractions, atol=1e-6, rtol=1e-5)
+    assert len(grads) > 0 and all(name in ref_grads for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=2e-6, rtol=1e-4, msg=name)
+    parallel.shutdown()
+
+
+def test_interleaved_virtual_stages_match_one_stage():
+    run_distributed(_vpp_worker, 2)
 
 
 def test_carry_rows_hold_every_layer_and_kv_head():

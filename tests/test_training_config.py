@@ -105,6 +105,16 @@ def test_pipeline_stages_must_divide_the_layers_and_with_tp_the_world():
             data_parallel_size(cfg, 8)) == (2, 2, 2)
 
 
+def test_interleaved_stages_need_a_pipeline_chunks_dividing_layers_and_micro_batch_groups():
+    key = "parallel.virtual_pipeline_model_parallel_size"
+    assert error_key(f"{key}=2") == key  # no pipeline
+    assert error_key("parallel=pp2", f"{key}=4", world_size=2) == key  # 4 layers, 8 chunks
+    assert error_key("parallel=pp2", f"{key}=2", "data.global_batch_size=3",
+                     "data.micro_batch_size=1", world_size=2) == key  # 3 micro-batches
+    cfg = load("parallel=pp2", f"{key}=2", "data.global_batch_size=8", world_size=2)
+    assert cfg.parallel.virtual_pipeline_model_parallel_size == 2
+
+
 def test_context_parallelism_is_rejected_with_its_reason():
     with pytest.raises(ConfigError, match="ring attention") as info:
         load("parallel.context_parallel_size=2", world_size=2)

@@ -2,35 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from trainer_runs import REPO, train_records, trainer_command
 
 from nemo_dmc.checkpoints.run_dir import latest_checkpoint, read_progress
-
-REPO = Path(__file__).resolve().parents[1]
 RUN = ["model=micro", "data=random", "logging=quiet", "data.micro_batch_size=2",
        "data.global_batch_size=4", "optim.lr=1e-2", "stage=[zero_out,retrofit]",
        "stage.zero_out.steps=2", "stage.retrofit.steps=16", "checkpoint.save_interval=3"]
 
 
 def command(run_dir: Path) -> List[str]:
-    return [sys.executable, "-m", "nemo_dmc.train", f"hydra.run.dir={run_dir}", *RUN]
-
-
-def train_records(run_dir: Path) -> List[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return [r for r in lines if r["split"] == "train"]
+    return trainer_command(run_dir, RUN)
 
 
 def losses_by_step(run_dir: Path) -> Dict[tuple, tuple]:

@@ -115,7 +115,7 @@ def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
 
     ``checkpoint``: a weights checkpoint or NeMo 2 checkpoint (``weights/`` inside), or a
     dist_checkpointing directory of the trainer (model keys ``module.*``). ``model`` is a
-    megatron GPT model, bare or wrapped in megatron's DDP.
+    megatron GPT model, bare or wrapped in megatron's DDP, or model chunks (``chunks``).
 
     A checkpoint without decision adapters (an original model) loads into a model with them:
     the adapters keep their zero init (the retrofit's starting point); any other missing
@@ -124,6 +124,10 @@ def load_weights_checkpoint(model: nn.Module, checkpoint: Path) -> Path:
     decides from channel D-1, which would ignore what the adapters learned (an error).
     """
     source = _dist_source(checkpoint)
+    if hasattr(model, "chunks"):  # interleaved pipeline stages: each chunk its own layers
+        for chunk in model.chunks:
+            load_weights_checkpoint(chunk, checkpoint)
+        return source
     bare = getattr(model, "module", model)
     request = bare.sharded_state_dict(prefix="module.")
     stored = read_metadata(source).state_dict_metadata

@@ -27,12 +27,14 @@ def _have_fused_norms() -> bool:
 def transformer_config(model: ModelConfig, tensor_parallel_size: int = 1,
                        sequence_parallel: bool = False, bf16: bool = False,
                        recompute_core_attention: bool = False,
-                       pipeline_parallel_size: int = 1) -> TransformerConfig:
+                       pipeline_parallel_size: int = 1,
+                       virtual_pipeline_parallel_size: Optional[int] = None) -> TransformerConfig:
     """megatron ``TransformerConfig`` of a Llama-family model (CPU-safe: no fused kernels)."""
     model.validate(tensor_parallel_size)
-    if model.num_layers % pipeline_parallel_size:
+    chunks = pipeline_parallel_size * (virtual_pipeline_parallel_size or 1)
+    if model.num_layers % chunks:
         raise ValueError(f"model.num_layers ({model.num_layers}) must be divisible by the "
-                         f"pipeline-parallel size ({pipeline_parallel_size})")
+                         f"pipeline-parallel size x model chunks ({chunks})")
     if sequence_parallel and tensor_parallel_size > 1 and not _have_fused_norms():
         raise ValueError("parallel.sequence_parallel=true needs Transformer Engine or Apex "
                          "(megatron's torch RMSNorm does not support it); install one or "
@@ -54,6 +56,11 @@ def transformer_config(model: ModelConfig, tensor_parallel_size: int = 1,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel_size,
+        # Interleaved stages exchange activations and gradients with both neighbours at once;
+        # with 2 stages both are the same rank, and batched point-to-point calls would pair
+        # one's messages with the other's (the even/odd ordered calls do not).
+        batch_p2p_comm=virtual_pipeline_parallel_size is None,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
         bf16=bf16,
@@ -73,19 +80,23 @@ def transformer_config(model: ModelConfig, tensor_parallel_size: int = 1,
 def build_model(model: ModelConfig, method: Any = None,
                 sequence_parallel: bool = False, bf16: bool = False,
                 recompute_core_attention: bool = False,
-                use_transformer_engine: Optional[bool] = None) -> GPTModel:
+                use_transformer_engine: Optional[bool] = None,
+                vp_stage: Optional[int] = None) -> GPTModel:
     """A megatron ``GPTModel`` for the current tensor- and pipeline-parallel groups.
 
     ``method`` is a KV method's settings (:mod:`nemo_dmc.methods`; e.g. a
     :class:`~nemo_dmc.core.DMCConfig`): every layer then runs that method. ``None`` builds
     megatron's own attention (the same weights and names). Under pipeline parallelism this
     rank's stage, a :class:`~nemo_dmc.megatron.pipeline.PipelineStageModel` (its activations
-    carry the decision fractions when the method trains decisions).
+    carry the decision fractions when the method trains decisions); ``vp_stage``: which of
+    its model chunks under interleaved (virtual) pipeline stages.
     Requires ``parallel_state`` to be initialised (``nemo_dmc.megatron.parallel``).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = transformer_config(model, tp, sequence_parallel, bf16, recompute_core_attention, pp)
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    config = transformer_config(model, tp, sequence_parallel, bf16, recompute_core_attention, pp,
+                                vpp)
     spec = llama_layer_spec(use_transformer_engine)
     if method is not None:
         spec = method_layer_spec(spec, method)
@@ -94,9 +105,10 @@ def build_model(model: ModelConfig, method: Any = None,
         from nemo_dmc.megatron.pipeline import PipelineStageModel, stage_carry_rows
 
         cls = PipelineStageModel
-        stage = dict(pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage(),
-                     carry_rows=stage_carry_rows(config, method))
+        ends = dict(ignore_virtual=vpp is None, vp_stage=vp_stage)
+        stage = dict(pre_process=parallel_state.is_pipeline_first_stage(**ends),
+                     post_process=parallel_state.is_pipeline_last_stage(**ends),
+                     carry_rows=stage_carry_rows(config, method), vp_stage=vp_stage)
     return cls(
         config=config,
         transformer_layer_spec=spec,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,10 +15,11 @@ from nemo_dmc.megatron.cpu_shims import apply_cpu_shims
 
 
 def initialize(tensor_parallel_size: int = 1, seed: int = 1234,
-               pipeline_parallel_size: int = 1) -> None:
+               pipeline_parallel_size: int = 1,
+               virtual_pipeline_parallel_size: Optional[int] = None) -> None:
     """Initialise ``torch.distributed`` (from torchrun/SLURM env, or a single process),
     megatron's model-parallel groups (tensor x pipeline, the rest data parallel) and RNG
-    tracker.
+    tracker; ``virtual_pipeline_parallel_size``: model chunks per stage (interleaved).
 
     A world of one process (no launcher, or a launcher with one task) rendezvouses on its
     own :func:`loopback_store`, whatever ``MASTER_PORT`` it inherited; a larger world uses
@@ -48,8 +50,10 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234,
                          f"parallel.pipeline_model_parallel_size={pipeline_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                             pipeline_model_parallel_size=pipeline_parallel_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel_size)
     seed_all(seed)
 
 

@@ -124,3 +124,32 @@ def stage_carry_rows(config, method_settings) -> int:
     if method_settings is None or not build_method(method_settings).trains_decisions:
         return 0
     return carry_rows(config.num_layers, config.num_query_groups, config.hidden_size)
+
+
+class ModelChunks(nn.Module):
+    """A rank's model chunks under interleaved (virtual) pipeline stages, each wrapped on its
+    own (e.g. in megatron's DDP), behaving as one model for the trainer: ``train``/``eval``,
+    ``modules``, ``parameters`` and ``zero_grad_buffer`` reach every chunk;
+    :meth:`sharded_state_dict` nests each chunk's under ``chunk<i>`` (the sharded keys are
+    global, so a checkpoint loads under any layout)."""
+
+    def __init__(self, chunks: List[nn.Module]) -> None:
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+
+    @property
+    def config(self):
+        return self.chunks[0].config
+
+    def zero_grad_buffer(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+
+    def sharded_state_dict(self, prefix: str = "", **kwargs) -> dict:
+        return {f"chunk{i}": chunk.sharded_state_dict(prefix, **kwargs)
+                for i, chunk in enumerate(self.chunks)}
+
+
+def model_chunks(model: nn.Module) -> List[nn.Module]:
+    """The chunks megatron's schedules take: those of a :class:`ModelChunks`, else ``[model]``."""
+    return list(model.chunks) if isinstance(model, ModelChunks) else [model]

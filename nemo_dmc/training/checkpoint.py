@@ -79,9 +79,12 @@ def _restore_rng(loaded: Dict[str, Any]) -> None:
 
 def _load_model_state(model: DistributedDataParallel, state: Dict[str, Any]) -> None:
     """Load a state keyed like the DDP wrapper's sharded state (``module.*``) into the
-    wrapped model (megatron's DDP forwards ``load_state_dict`` without the prefix)."""
-    model.module.load_state_dict({key.removeprefix("module."): value
-                                  for key, value in state.items()})
+    wrapped model (megatron's DDP forwards ``load_state_dict`` without the prefix); model
+    chunks (``chunks``) each from their ``chunk<i>`` part."""
+    for index, chunk in enumerate(getattr(model, "chunks", None) or [model]):
+        part = state[f"chunk{index}"] if hasattr(model, "chunks") else state
+        chunk.module.load_state_dict({key.removeprefix("module."): value
+                                      for key, value in part.items()})
 
 
 def _training_state(model: DistributedDataParallel, optimizer: MegatronOptimizer, is_loading: bool) -> Dict[str, Any]:

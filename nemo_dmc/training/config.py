@@ -203,6 +203,10 @@ class ParallelConfig:
         tensor_model_parallel_size: tensor-parallel ranks; must divide the query and KV heads.
         pipeline_model_parallel_size: pipeline stages (megatron's 1F1B schedule over the
             micro-batches of a step); must divide the layers.
+        virtual_pipeline_model_parallel_size: model chunks per pipeline stage (megatron's
+            interleaved 1F1B: a smaller bubble for more point-to-point traffic); null = one.
+            The layers must split into PP x this chunks, and a step's micro-batches per rank
+            must be a multiple of PP.
         context_parallel_size: must be 1: DMC/DMS training cannot split a sequence over
             ranks (see README, "Choosing a parallel layout").
         data_parallel_size: data-parallel ranks; null = world size / (TP x PP).
@@ -212,6 +216,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
     data_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
@@ -363,7 +368,8 @@ def validate_config(cfg: TrainConfig, world_size: int, cuda_available: bool) -> 
         transformer_config(cfg.model, cfg.parallel.tensor_model_parallel_size,
                            cfg.parallel.sequence_parallel, use_bf16(cfg, cuda_available),
                            cfg.parallel.recompute == "selective",
-                           cfg.parallel.pipeline_model_parallel_size)
+                           cfg.parallel.pipeline_model_parallel_size,
+                           cfg.parallel.virtual_pipeline_model_parallel_size)
     except (ValueError, AssertionError) as err:
         raise _named_error(err, "model") from err
     _check_min(cfg.model.pretrain_tokens, "model.pretrain_tokens", 1, allow_none=True)
@@ -462,6 +468,21 @@ def _validate_parallel(cfg: TrainConfig, world_size: int) -> None:
              f"{world_size}")
     _require(cfg.model.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
              f"{pp} pipeline stages do not divide model.num_layers={cfg.model.num_layers}")
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        key = "parallel.virtual_pipeline_model_parallel_size"
+        _check_min(vpp, key, 1)
+        _require(pp > 1, key, f"is {vpp}, but interleaved stages need "
+                 "parallel.pipeline_model_parallel_size > 1")
+        _require(cfg.model.num_layers % (pp * vpp) == 0, key,
+                 f"{pp} stages x {vpp} chunks do not divide model.num_layers="
+                 f"{cfg.model.num_layers}")
+        dp = world_size // (tp * pp)
+        micro = cfg.data.global_batch_size // max(1, cfg.data.micro_batch_size * dp)
+        _require(micro % pp == 0, key,
+                 f"the interleaved schedule runs groups of {pp} micro-batches, but a step has "
+                 f"{micro} per rank (data.global_batch_size / (data.micro_batch_size x DP)); "
+                 f"make it a multiple of {pp}")
     _require(pp == 1 or not cfg.distill.enabled, "parallel.pipeline_model_parallel_size",
              f"distillation (distill.enabled=true) runs with pipeline_model_parallel_size=1 "
              f"only (the teacher is not pipelined); got {pp}")

@@ -39,7 +39,12 @@ from torch import Tensor, nn
 from nemo_dmc.core import realised_cr
 from nemo_dmc.megatron.distill import DistillTerms, Teacher
 from nemo_dmc.megatron.noise import noise_scope
-from nemo_dmc.megatron.pipeline import first_layer, pipeline_stages, whole_model_fractions
+from nemo_dmc.megatron.pipeline import (
+    first_layer,
+    model_chunks,
+    pipeline_stages,
+    whole_model_fractions,
+)
 from nemo_dmc.megatron.stats import collect_dmc_stats, method_loss
 from nemo_dmc.training.batches import Batch, MicroBatches
 from nemo_dmc.training.metrics import Validation
@@ -135,21 +140,23 @@ def _mean_over_dp(values: Tensor) -> Tensor:
 
 
 def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_micro: int,
-                      mask: Tensor, loss_func: Callable[[Batch, Any], Tensor],
+                      mask: Tensor, loss_func: Callable[[nn.Module, Batch, Any], Tensor],
                       forward: Callable[[nn.Module, Batch], Any],
                       noise_key: Optional[Callable[[int], str]], totals: PassTotals,
                       forward_only: bool) -> None:
     """Forward (and backward) ``num_micro`` micro-batches through megatron's schedule for
-    the current pipeline layout (1F1B across stages; a plain loop without a pipeline).
+    the current pipeline layout (1F1B across stages, interleaved over the chunks of a
+    :class:`~nemo_dmc.megatron.pipeline.ModelChunks`; a plain loop without a pipeline).
 
-    ``forward(module, batch)`` runs the model; on the last stage ``loss_func(batch,
-    output)`` turns the output into the micro-batch's loss (the schedule divides it by
+    ``forward(module, batch)`` runs the model (or chunk); on the last stage ``loss_func(module,
+    batch, output)`` turns the output into the micro-batch's loss (the schedule divides it by
     ``num_micro`` before backward). Each micro-batch's noise is drawn inside
     ``noise_scope(noise_key(micro))`` (none: the default generator)."""
     sample = batches(0)
     micro_batch, seq = sample["tokens"].shape
     rows = max((stage.carry_rows for stage in pipeline_stages(model)), default=0)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    chunks = model_chunks(model)
 
     def forward_step(data_iterator, module):
         micro = next(data_iterator)
@@ -157,10 +164,12 @@ def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_mic
         with noise_scope(noise_key(micro)) if noise_key else contextlib.nullcontext():
             output = forward(module, batch)
         totals.add_layers(module)
-        return output, functools.partial(loss_func, batch)
+        return output, functools.partial(loss_func, module, batch)
 
+    iterators = [iter(range(num_micro)) for _ in chunks]
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(range(num_micro)), model=[model],
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
         num_microbatches=num_micro, seq_length=seq + rows * (tp if _sequence_parallel(model) else 1),
         micro_batch_size=micro_batch, forward_only=forward_only)
 
@@ -192,13 +201,14 @@ def _sums(output: Any, batch: Batch) -> TokenSums:
     return TokenSums(lm, lm, lm.new_zeros(()), loss_mask.sum())
 
 
-def training_loss(model: nn.Module, target_cr: Optional[float], totals: PassTotals
-                  ) -> Callable[[Batch, Any], Tuple[Tensor, dict]]:
-    """The last stage's ``loss_func(batch, output)`` of a training pass: the micro-batch's
-    mean objective + ``dmc.loss_weight * L_cr`` on the whole model's decisions; adds the
-    cross-entropy, ``L_cr`` and the KL to ``totals.losses``."""
+def training_loss(target_cr: Optional[float], totals: PassTotals
+                  ) -> Callable[[nn.Module, Batch, Any], Tuple[Tensor, dict]]:
+    """The last stage's ``loss_func(module, batch, output)`` of a training pass: the
+    micro-batch's mean objective + ``dmc.loss_weight * L_cr`` on the whole model's decisions
+    (``module``: the model, or the chunk that ran the forward); adds the cross-entropy,
+    ``L_cr`` and the KL to ``totals.losses``."""
 
-    def loss_func(batch: Batch, output: Any) -> Tuple[Tensor, dict]:
+    def loss_func(model: nn.Module, batch: Batch, output: Any) -> Tuple[Tensor, dict]:
         sums = _sums(output, batch)
         tokens = sums.tokens.clamp_min(1.0)
         loss = sums.objective / tokens
@@ -232,10 +242,10 @@ def train_step(model: nn.Module, optimizer: MegatronOptimizer, scheduler: Optimi
     n = batches.num_micro
     totals = PassTotals(3, num_layers)  # lm, dmc, kl: per-micro-batch means, summed
     run_micro_batches(model, lambda micro: batches.train(consumed_samples, micro), n, mask,
-                      training_loss(model, target_cr, totals), _model_forward(teacher, mask),
+                      training_loss(target_cr, totals), _model_forward(teacher, mask),
                       lambda micro: f"{noise_key}/{batches.position(micro)}", totals,
                       forward_only=False)
-    finalize_model_grads([model])
+    finalize_model_grads(model_chunks(model))
     lr = optimizer.param_groups[0]["lr"]
     _, grad_norm, _ = optimizer.step()
     scheduler.step(1)
@@ -258,7 +268,7 @@ def validate(model: nn.Module, batches: MicroBatches, mask: Tensor, num_batches:
     model.eval()
     hard = PassTotals(3, num_layers)  # lm, kl, tokens
 
-    def hard_sums(batch: Batch, output: Any):
+    def hard_sums(module: nn.Module, batch: Batch, output: Any):
         sums = _sums(output, batch)
         hard.losses += torch.stack([sums.lm, sums.kl, sums.tokens]).detach().float().cpu()
         return sums.lm, {}
@@ -270,7 +280,7 @@ def validate(model: nn.Module, batches: MicroBatches, mask: Tensor, num_batches:
     if decides:
         model.train()
 
-        def noisy_sums(batch: Batch, output: Any):
+        def noisy_sums(module: nn.Module, batch: Batch, output: Any):
             sums = _sums(output, batch)
             noisy.losses[0] += float(sums.lm.detach())
             return sums.lm, {}

@@ -44,6 +44,7 @@ from nemo_dmc.megatron.adapter import train_only_adapters
 from nemo_dmc.megatron.cpu_shims import causal_attention_mask
 from nemo_dmc.megatron.distill import Teacher
 from nemo_dmc.megatron.model import build_model
+from nemo_dmc.megatron.pipeline import ModelChunks
 from nemo_dmc.megatron.stages import apply_stage, finish_stage, validation_phase
 from nemo_dmc.training.batches import MicroBatches, build_splits, on_rank0
 from nemo_dmc.training.checkpoint import load_checkpoint, save_checkpoint
@@ -155,7 +156,8 @@ def run(cfg: TrainConfig) -> List[StageSummary]:
     world_size = export_rendezvous_env()
     validate_config(cfg, world_size, torch.cuda.is_available())
     parallel.initialize(cfg.parallel.tensor_model_parallel_size, cfg.seed,
-                        cfg.parallel.pipeline_model_parallel_size)
+                        cfg.parallel.pipeline_model_parallel_size,
+                        cfg.parallel.virtual_pipeline_model_parallel_size)
     held: List[RunLock] = []
 
     def claim(config: TrainConfig) -> None:  # rank 0; its errors are raised on every rank
@@ -223,8 +225,13 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
     cuda = torch.cuda.is_available()
     bf16 = use_bf16(cfg, cuda)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    model = build_model(cfg.model, cfg.method_settings(), sequence_parallel=cfg.parallel.sequence_parallel,
-                        bf16=bf16, recompute_core_attention=cfg.parallel.recompute == "selective")
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = [build_model(cfg.model, cfg.method_settings(),
+                          sequence_parallel=cfg.parallel.sequence_parallel, bf16=bf16,
+                          recompute_core_attention=cfg.parallel.recompute == "selective",
+                          vp_stage=stage)
+              for stage in (range(vpp) if vpp else [None])]
+    model = chunks[0] if len(chunks) == 1 else ModelChunks(chunks)
     frozen_note = None
     if cfg.optim.trainable == "decisions":
         total = sum(p.numel() for p in model.parameters())
@@ -236,7 +243,8 @@ def _build_session(cfg: TrainConfig, plans: List[StagePlan], start_samples: int,
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer and cuda)
-    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
+    ddp = wrapped[0] if len(wrapped) == 1 else ModelChunks(wrapped)
     dp_size = parallel_state.get_data_parallel_world_size()
     train_samples = samples_to_read(cfg, plans, start_samples, resumes)
     valid_samples = cfg.validation.batches * cfg.data.micro_batch_size * dp_size
