@@ -124,12 +124,6 @@ def test_checkpoint_saved_at_tp2_pp2_resumes_at_tp1_pp1(single, tp2_pp2, base, t
     assert_same_metrics(metrics(run_dir), metrics(single))
 
 
-def test_checkpoint_saved_at_tp1_pp1_resumes_at_pp2(single, base, tmp_path):
-    run_dir = resume_from_step_6(single, tmp_path / "run")
-    assert_resumed_at_step_6(run_dir, train(run_dir, base, "parallel=pp2", processes=2))
-    assert_same_metrics(metrics(run_dir), metrics(single))
-
-
 def test_interleaved_stages_resume_a_one_process_checkpoint_and_are_resumed_by_one(
         single, base, tmp_path):
     """TP1 x PP1 -> PP2 x 2 interleaved chunks (4 layers: 1 per chunk) from step 6, then that
