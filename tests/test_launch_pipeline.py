@@ -87,13 +87,6 @@ def single(tmp_path_factory, base) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def tp2_pp2(tmp_path_factory, base) -> Path:
-    run_dir = tmp_path_factory.mktemp("tp2_pp2")
-    train(run_dir, base, "parallel=tp2_pp2", processes=4)
-    return run_dir
-
-
 def test_two_pipeline_stages_match_one_process_across_a_kill(single, base, tmp_path):
     """A PP=2 run killed mid-stage (every rank SIGKILLed) resumes from its latest checkpoint;
     its metrics, before and after the kill, are the single process's."""
@@ -114,26 +107,24 @@ def test_two_pipeline_stages_match_one_process_across_a_kill(single, base, tmp_p
     assert_same_metrics(metrics(run_dir), metrics(single))
 
 
-def test_tp2_pp2_on_four_processes_matches_one_process(single, tp2_pp2):
-    assert_same_metrics(metrics(tp2_pp2), metrics(single))
+def resume_at_step_9(run_dir: Path, base: str, *layout: str, processes: int = 1) -> None:
+    """Drop the run's step-12 checkpoint and redo steps 10-12 under another layout."""
+    shutil.rmtree(run_dir / "checkpoints" / "retrofit" / "step_0000012")
+    stdout = train(run_dir, base, *layout, processes=processes)
+    assert f"{run_dir / 'checkpoints' / 'retrofit' / 'step_0000009'} (step 9)" in stdout
 
 
-def test_checkpoint_saved_at_tp2_pp2_resumes_at_tp1_pp1(single, tp2_pp2, base, tmp_path):
-    run_dir = resume_from_step_6(tp2_pp2, tmp_path / "run")
-    assert_resumed_at_step_6(run_dir, train(run_dir, base))
-    assert_same_metrics(metrics(run_dir), metrics(single))
-
-
-def test_interleaved_stages_resume_a_one_process_checkpoint_and_are_resumed_by_one(
+def test_checkpoints_move_between_layouts_and_every_layout_matches_one_process(
         single, base, tmp_path):
-    """TP1 x PP1 -> PP2 x 2 interleaved chunks (4 layers: 1 per chunk) from step 6, then that
-    run's step-9 checkpoint -> TP1 x PP1 again: every step matches the single process."""
+    """One run, resumed under four layouts in turn: TP1 x PP1 (steps 1-6) -> PP2 x 2
+    interleaved chunks (7-12; 4 layers, 1 per chunk) -> TP2 x PP2 on four processes (10-12,
+    from step 9) -> TP1 x PP1 (10-12 again). Every step matches the single process."""
     run_dir = resume_from_step_6(single, tmp_path / "run")
     assert_resumed_at_step_6(run_dir, train(run_dir, base, "parallel=pp2",
                                             "parallel.virtual_pipeline_model_parallel_size=2",
                                             processes=2))
     assert_same_metrics(metrics(run_dir), metrics(single))
-    shutil.rmtree(run_dir / "checkpoints" / "retrofit" / "step_0000012")
-    stdout = train(run_dir, base)
-    assert f"{run_dir / 'checkpoints' / 'retrofit' / 'step_0000009'} (step 9)" in stdout
+    resume_at_step_9(run_dir, base, "parallel=tp2_pp2", processes=4)
+    assert_same_metrics(metrics(run_dir), metrics(single))
+    resume_at_step_9(run_dir, base)
     assert_same_metrics(metrics(run_dir), metrics(single))

@@ -98,6 +98,14 @@ def test_checkpoint_saved_at_tp1_resumes_at_tp2(single, base, tmp_path):
     assert_same_losses(losses(run_dir), losses(single))
 
 
+def test_checkpoint_saved_with_one_data_parallel_rank_resumes_with_two(single, base, tmp_path):
+    run_dir = resume_from_step_2(single, tmp_path / "run")
+    logged = train_steps(run_dir)
+    stdout = train(run_dir, base, processes=2)
+    assert_resumed_at_step_2(run_dir, stdout, logged)
+    assert_same_losses(losses(run_dir), losses(single))
+
+
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(single, tensor_parallel, base, tmp_path):
     run_dir = resume_from_step_2(tensor_parallel, tmp_path / "run")
     logged = train_steps(run_dir)
