@@ -78,6 +78,10 @@ RECIPES: Dict[str, tuple[str, List[str]]] = {
     # dms_adapter_all at 4x left layers from 1.1x to 491x: cap every layer at 3x the target.
     "dms_adapter_all_capped": ("DMS, window 32 (adapter, all weights, LM loss, layers capped at 3x)",
                                [*CONTINUED, "method=dms", "window=32", "dmc.balance_cap=3"]),
+    # The frozen-base, distilled DMS recipe applied to the continued reference itself (its
+    # teacher): memory traded on the weights that reference ends with, at twice its tokens.
+    "dms_adapter_on_continued": ("DMS, window 32 (adapter, on the continued model, frozen, "
+                                 "distilled from it)", [*ADAPTER, "method=dms", "window=32"]),
     "dmc_adapter_all": ("DMC (adapter, all weights, LM loss)",
                         [*CONTINUED, "dmc.balance=layer", "dmc.balance_cap=3",
                          "dmc.loss_weight=4"]),
@@ -138,12 +142,32 @@ def recipe_args(name: str, ratio: float) -> List[str]:
             f"stage.retrofit.steps={retrofit}", f"stage.finetune.steps={TRAIN_STEPS - retrofit}"]
 
 
+# Recipes that start from the continued reference's final weights (else: the original).
+ON_CONTINUED = ("dms_adapter_on_continued",)
+
+
+def continued_weights(layout: Layout, dry: bool) -> Path:
+    """The continued reference's final checkpoint (its training must have finished)."""
+    from nemo_dmc.checkpoints.run_dir import latest_checkpoint
+
+    if dry:
+        return layout.vanilla / "checkpoints" / "pretrain" / "<final>"
+    if not finished(layout.vanilla, "pretrain"):
+        raise SystemExit(f"{layout.vanilla} is unfinished: train the continued reference first")
+    return latest_checkpoint(REPO / layout.vanilla / "checkpoints" / "pretrain").relative_to(REPO)
+
+
 def run_training(run: Runner, layout: Layout, ratios: Sequence[float],
                  recipes: Sequence[str]) -> None:
     start = [f"checkpoint.pretrained={layout.imported}"]
-    jobs = [(layout.vanilla, [*start, *VANILLA])]
-    jobs += [(layout.recipe(name, ratio), [*start, *recipe_args(name, ratio)])
-             for name in recipes for ratio in ratios]
+    train(run, layout.vanilla, [*start, *VANILLA])
+    jobs = []
+    for name in recipes:
+        begin = start
+        if name in ON_CONTINUED:
+            begin = [f"checkpoint.pretrained={continued_weights(layout, run.dry)}"]
+        jobs += [(layout.recipe(name, ratio), [*begin, *recipe_args(name, ratio)])
+                 for ratio in ratios]
     run.parallel([lambda job=job: train(run, *job) for job in jobs])
 
 
@@ -155,7 +179,9 @@ def frozen_base(recipe: str) -> bool:
 def eviction_base(layout: Layout, recipe: str) -> tuple[Path, str]:
     """The weights eviction runs on beside a recipe: the ones the retrofit kept (the original
     for a frozen base, the continued vanilla model otherwise), so memory is the only change."""
-    return (layout.imported, "original") if frozen_base(recipe) else (layout.vanilla, "continued")
+    if frozen_base(recipe) and recipe not in ON_CONTINUED:
+        return layout.imported, "original"
+    return layout.vanilla, "continued"
 
 
 def eval_method(recipe: str) -> str:

@@ -37,6 +37,9 @@ def test_eviction_base_follows_what_the_recipe_trains(quality, tmp_path):
     layout = quality.Layout(tmp_path)
     assert quality.eviction_base(layout, "dms_adapter") == (layout.imported, "original")
     assert quality.eviction_base(layout, "dms_adapter_all") == (layout.vanilla, "continued")
+    # frozen, but on the continued weights: eviction runs on those
+    assert quality.eviction_base(layout, "dms_adapter_on_continued") == \
+        (layout.vanilla, "continued")
 
 
 def test_rows_compare_with_their_own_base_weights(quality, tmp_path):
