@@ -160,7 +160,8 @@ def continued_weights(layout: Layout, dry: bool) -> Path:
 def run_training(run: Runner, layout: Layout, ratios: Sequence[float],
                  recipes: Sequence[str]) -> None:
     start = [f"checkpoint.pretrained={layout.imported}"]
-    train(run, layout.vanilla, [*start, *VANILLA])
+    if run.dry or not finished(layout.vanilla, "pretrain"):
+        train(run, layout.vanilla, [*start, *VANILLA])
     jobs = []
     for name in recipes:
         begin = start
