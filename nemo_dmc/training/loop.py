@@ -152,11 +152,14 @@ def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_mic
     batch, output)`` turns the output into the micro-batch's loss (the schedule divides it by
     ``num_micro`` before backward). Each micro-batch's noise is drawn inside
     ``noise_scope(noise_key(micro))`` (none: the default generator)."""
-    sample = batches(0)
-    micro_batch, seq = sample["tokens"].shape
-    rows = max((stage.carry_rows for stage in pipeline_stages(model)), default=0)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     chunks = model_chunks(model)
+    seq, micro_batch = mask.shape[-1], 1  # the activation shape only matters with a pipeline
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        micro_batch = batches(0)["tokens"].shape[0]
+        rows = max((stage.carry_rows for stage in pipeline_stages(model)), default=0)
+        sequence_parallel = get_model_config(model).sequence_parallel
+        seq += rows * (parallel_state.get_tensor_model_parallel_world_size()
+                       if sequence_parallel else 1)
 
     def forward_step(data_iterator, module):
         micro = next(data_iterator)
@@ -170,12 +173,8 @@ def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_mic
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
-        num_microbatches=num_micro, seq_length=seq + rows * (tp if _sequence_parallel(model) else 1),
-        micro_batch_size=micro_batch, forward_only=forward_only)
-
-
-def _sequence_parallel(model: nn.Module) -> bool:
-    return bool(get_model_config(model).sequence_parallel)
+        num_microbatches=num_micro, seq_length=seq, micro_batch_size=micro_batch,
+        forward_only=forward_only)
 
 
 def _model_forward(teacher: Optional[Teacher], mask: Tensor):
