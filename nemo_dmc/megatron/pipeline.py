@@ -25,7 +25,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor, nn
 
-from nemo_dmc.megatron.stats import collect_dmc_stats, method_attentions
+from nemo_dmc.megatron.stats import DMCStats, collect_dmc_stats, method_attentions
 
 
 def carry_rows(num_layers: int, kv_heads: int, hidden_size: int) -> int:
@@ -66,17 +66,17 @@ class PipelineStageModel(GPTModel):
         carry = flat.view(batch, self.carry_rows, hidden).transpose(0, 1)
         return torch.cat([output, carry], dim=0)
 
-    def fractions(self, batch: int) -> Tensor:
+    def fractions(self, batch: int, stats: Optional[DMCStats] = None) -> Tensor:
         """``[batch, layers, kv_heads]`` decision fractions of every layer up to this stage's
         last (zeros for later layers, and for layers without decisions), differentiable
-        towards every stage that took them."""
+        towards every stage that took them; ``stats``: this stage's, if already collected."""
         layers, kv_heads = self.config.num_layers, self.config.num_query_groups
         received = torch.zeros(batch, layers * kv_heads, dtype=torch.float32,
                                device=self.embedding_device())
         if self.carry_in is not None:
             received = self.carry_in.transpose(0, 1).reshape(batch, -1)[:, :layers * kv_heads]
             received = received.float()
-        stats = collect_dmc_stats(self)
+        stats = stats if stats is not None else collect_dmc_stats(self)
         if stats is None:
             return received.view(batch, layers, kv_heads)
         local = stats.head_fraction.reshape(batch, -1)
@@ -93,14 +93,16 @@ def pipeline_stages(model: nn.Module) -> List[PipelineStageModel]:
     return [m for m in model.modules() if isinstance(m, PipelineStageModel)]
 
 
-def whole_model_fractions(model: nn.Module, batch_size: int) -> Optional[Tensor]:
+def whole_model_fractions(model: nn.Module, batch_size: int,
+                          stats: Optional[DMCStats] = None) -> Optional[Tensor]:
     """On a pipeline's last stage, the ``[batch, layers, kv_heads]`` decision fractions of the
-    whole model, for :func:`~nemo_dmc.megatron.stats.method_loss`; ``None`` without a carry
-    (no pipeline: the model's own layers are the whole model)."""
+    whole model, for :func:`~nemo_dmc.megatron.stats.method_loss` (``stats``: the stage's own,
+    if already collected); ``None`` without a carry (no pipeline: the model's own layers are
+    the whole model)."""
     stages = [stage for stage in pipeline_stages(model) if stage.post_process]
     if not stages or not stages[0].carry_rows:
         return None
-    return stages[0].fractions(batch_size)
+    return stages[0].fractions(batch_size, stats)
 
 
 def as_pipeline_stage(model: GPTModel, rows: int) -> PipelineStageModel:

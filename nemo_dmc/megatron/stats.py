@@ -105,7 +105,8 @@ def collect_dmc_stats(model: nn.Module) -> Optional[DMCStats]:
 
 
 def method_loss(model: nn.Module, target_cr: Optional[float],
-                head_fraction: Optional[Tensor] = None) -> Optional[MethodLoss]:
+                head_fraction: Optional[Tensor] = None,
+                stats: Optional[DMCStats] = None) -> Optional[MethodLoss]:
     """The compression loss of the model's last forward against ``target_cr`` (``None``
     without a target or without DMC decisions), in the form and weight the layers' settings
     give (``loss_reduction``, ``balance``, ``balance_cap``, ``loss_weight``).
@@ -113,8 +114,9 @@ def method_loss(model: nn.Module, target_cr: Optional[float],
     ``head_fraction``: ``[batch, layers, kv_heads]`` fractions of the whole model when
     ``model`` holds only some of its layers (a pipeline's last stage,
     :meth:`~nemo_dmc.megatron.pipeline.PipelineStageModel.fractions`); the loss is taken on
-    them, the returned ``stats`` stay this model's."""
-    stats = collect_dmc_stats(model)
+    them, the returned ``stats`` stay this model's. ``stats``: the forward's statistics when
+    the caller already collected them (else they are collected here)."""
+    stats = stats if stats is not None else collect_dmc_stats(model)
     if stats is None or target_cr is None:
         return None
     if head_fraction is not None:

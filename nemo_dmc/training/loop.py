@@ -45,7 +45,7 @@ from nemo_dmc.megatron.pipeline import (
     pipeline_stages,
     whole_model_fractions,
 )
-from nemo_dmc.megatron.stats import collect_dmc_stats, method_loss
+from nemo_dmc.megatron.stats import DMCStats, collect_dmc_stats, method_loss
 from nemo_dmc.training.batches import Batch, MicroBatches
 from nemo_dmc.training.metrics import Validation
 
@@ -100,10 +100,9 @@ class PassTotals:
         self.decided = torch.zeros(1)  # forwards whose layers took trained decisions
         self.num_layers = num_layers
 
-    def add_layers(self, model: nn.Module) -> None:
-        """Add this stage's merge fractions of the model's last forward (none without
-        decisions)."""
-        stats = collect_dmc_stats(model)
+    def add_layers(self, model: nn.Module, stats: Optional[DMCStats]) -> None:
+        """Add this stage's merge fractions ``stats`` of the model's last forward (none
+        without decisions)."""
         if stats is None:
             return
         self.decided += 1
@@ -140,7 +139,8 @@ def _mean_over_dp(values: Tensor) -> Tensor:
 
 
 def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_micro: int,
-                      mask: Tensor, loss_func: Callable[[nn.Module, Batch, Any], Tensor],
+                      mask: Tensor,
+                      loss_func: Callable[[nn.Module, Optional[DMCStats], Batch, Any], Tensor],
                       forward: Callable[[nn.Module, Batch], Any],
                       noise_key: Optional[Callable[[int], str]], totals: PassTotals,
                       forward_only: bool) -> None:
@@ -149,8 +149,9 @@ def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_mic
     :class:`~nemo_dmc.megatron.pipeline.ModelChunks`; a plain loop without a pipeline).
 
     ``forward(module, batch)`` runs the model (or chunk); on the last stage ``loss_func(module,
-    batch, output)`` turns the output into the micro-batch's loss (the schedule divides it by
-    ``num_micro`` before backward). Each micro-batch's noise is drawn inside
+    stats, batch, output)`` turns the output into the micro-batch's loss (the schedule divides
+    it by ``num_micro`` before backward; ``stats``: the forward's decision statistics, read
+    once per forward). Each micro-batch's noise is drawn inside
     ``noise_scope(noise_key(micro))`` (none: the default generator)."""
     chunks = model_chunks(model)
     seq, micro_batch = mask.shape[-1], 1  # the activation shape only matters with a pipeline
@@ -166,8 +167,9 @@ def run_micro_batches(model: nn.Module, batches: Callable[[int], Batch], num_mic
         batch = batches(micro)
         with noise_scope(noise_key(micro)) if noise_key else contextlib.nullcontext():
             output = forward(module, batch)
-        totals.add_layers(module)
-        return output, functools.partial(loss_func, module, batch)
+        stats = collect_dmc_stats(module)
+        totals.add_layers(module, stats)
+        return output, functools.partial(loss_func, module, stats, batch)
 
     iterators = [iter(range(num_micro)) for _ in chunks]
     get_forward_backward_func()(
@@ -201,19 +203,22 @@ def _sums(output: Any, batch: Batch) -> TokenSums:
 
 
 def training_loss(target_cr: Optional[float], totals: PassTotals
-                  ) -> Callable[[nn.Module, Batch, Any], Tuple[Tensor, dict]]:
-    """The last stage's ``loss_func(module, batch, output)`` of a training pass: the
+                  ) -> Callable[[nn.Module, Optional[DMCStats], Batch, Any],
+                                Tuple[Tensor, dict]]:
+    """The last stage's ``loss_func(module, stats, batch, output)`` of a training pass: the
     micro-batch's mean objective + ``dmc.loss_weight * L_cr`` on the whole model's decisions
     (``module``: the model, or the chunk that ran the forward); adds the cross-entropy,
     ``L_cr`` and the KL to ``totals.losses``."""
 
-    def loss_func(model: nn.Module, batch: Batch, output: Any) -> Tuple[Tensor, dict]:
+    def loss_func(model: nn.Module, stats: Optional[DMCStats], batch: Batch,
+                  output: Any) -> Tuple[Tensor, dict]:
         sums = _sums(output, batch)
         tokens = sums.tokens.clamp_min(1.0)
         loss = sums.objective / tokens
         totals.losses[0] += float(sums.lm.detach() / tokens)
         totals.losses[2] += float(sums.kl.detach() / tokens)
-        term = method_loss(model, target_cr, whole_model_fractions(model, batch["tokens"].shape[0]))
+        term = method_loss(model, target_cr,
+                           whole_model_fractions(model, batch["tokens"].shape[0], stats), stats)
         if term is not None:
             totals.losses[1] += float(term.loss.detach())
             loss = loss + term.weighted
@@ -267,7 +272,7 @@ def validate(model: nn.Module, batches: MicroBatches, mask: Tensor, num_batches:
     model.eval()
     hard = PassTotals(3, num_layers)  # lm, kl, tokens
 
-    def hard_sums(module: nn.Module, batch: Batch, output: Any):
+    def hard_sums(module: nn.Module, stats: Optional[DMCStats], batch: Batch, output: Any):
         sums = _sums(output, batch)
         hard.losses += torch.stack([sums.lm, sums.kl, sums.tokens]).detach().float().cpu()
         return sums.lm, {}
@@ -279,7 +284,8 @@ def validate(model: nn.Module, batches: MicroBatches, mask: Tensor, num_batches:
     if decides:
         model.train()
 
-        def noisy_sums(module: nn.Module, batch: Batch, output: Any):
+        def noisy_sums(module: nn.Module, stats: Optional[DMCStats], batch: Batch,
+                       output: Any):
             sums = _sums(output, batch)
             noisy.losses[0] += float(sums.lm.detach())
             return sums.lm, {}
