@@ -21,10 +21,11 @@ def reproduce():
     return module
 
 
-def _result(cr: float, ppl: float, passkey: float, groups: int = 8) -> dict:
+def _result(cr: float, ppl: float, passkey: float, groups: int = 8, layers: int = 2) -> dict:
     kv = {"fraction_of_vanilla": 1 / cr, "logical": 100 / cr, "vanilla": 100,
           "open_state": 1 if cr > 1 else 0}
-    return {"compression": {"cr": cr, "kv_bytes": kv},
+    layer_cr = [cr * (1 + i) for i in range(layers)]  # differs by layer, as retrofits do
+    return {"compression": {"cr": cr, "kv_bytes": kv, "layer_cr": layer_cr},
             "perplexity": {"perplexity": ppl}, "passkey": {"accuracy": passkey},
             "model": {"num_query_groups": groups}}
 
@@ -44,8 +45,10 @@ def test_report_tables_every_evaluation_against_the_continued_vanilla_model(repr
                          "DMS", "TOVA, at DMS's state"}
     assert (rows["GQA up-trained"].ratio, rows["GQA up-trained"].kv_fraction) == (4.0, 0.25)
     table = reproduce.results_table(list(rows.values()))
-    assert "| DMC | 4 | 3.90 | 0.256 | 0.266 | 20.40 | +2.0% | 50% |" in table
-    assert "| GQA up-trained | 4 | 4.00 | 0.250 | 0.250 | 25.00 | +25.0% | 25% |" in table
+    # Per-layer ratios for the retrofits only (eviction and GQA are uniform by construction).
+    assert "| DMC | 4 | 3.90 | 0.256 | 0.266 | 20.40 | +2.0% | 50% | 3.9 / 7.8 |" in table
+    assert "| GQA up-trained | 4 | 4.00 | 0.250 | 0.250 | 25.00 | +25.0% | 25% | - |" in table
+    assert "| H2O | 4 | 3.90 | 0.256 | 0.266 | 40.00 | +100.0% | 0% | - |" in table
 
     reproduce.plot(list(rows.values()), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
