@@ -212,6 +212,18 @@ def test_llama2_70b_recipe_is_the_reference_recipe_on_tp8_x_pp2(tmp_path):
         (reference.dmc, reference.optim, reference.data.global_batch_size)
 
 
+def test_dms_recipe_is_the_smollm2_recipe_on_any_model():
+    cfg = load("+recipe=dms_cr4", "model=smollm2_135m")
+    assert (cfg.method, cfg.dmc.decision_source, cfg.dmc.target_cr) == ("dms", "adapter", 4.0)
+    assert (cfg.dmc.balance, cfg.dmc.balance_cap) == ("none", 3.0)
+    assert (cfg.optim.lr, cfg.optim.decision_lr_mult, cfg.optim.trainable) == (3e-5, 300.0, "all")
+    # Adapter decisions leave q/k intact: no zero-out stage; the ramp, then the target.
+    assert [p.stage for p in plan_stages(cfg)] == [Stage.RETROFIT, Stage.FINETUNE]
+    budget = load("+recipe=dms_cr4", "dmc.budget_pct=1", "model.pretrain_tokens=2048000")
+    steps = {p.stage: p.steps for p in plan_stages(budget)}
+    assert steps[Stage.RETROFIT] == 4 * steps[Stage.FINETUNE]
+
+
 def test_cli_reports_a_bad_value_by_key_before_building_anything(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nemo_dmc.train", "dmc.target_cr=0.5", f"hydra.run.dir={tmp_path}"],
