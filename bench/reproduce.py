@@ -70,6 +70,12 @@ DMC_ARGS = ["dmc.loss_weight=16", "dmc.decision_scale=4", *BALANCED]
 DMS_SHARES = {"retrofit": 0.8, "finetune": 0.2}
 DMS_ARGS = ["method=dms", "window=16", "dmc.decision_source=adapter", "optim.decision_lr_mult=30",
             "dmc.balance_cap=3"]
+# DMS on the frozen base: only the decision adapters train (lr as SmolLM2's frozen recipe),
+# distilled from the base itself, so its rows and the eviction rows beside them (on the base)
+# differ in nothing but which KV entries are kept.
+DMS_FROZEN_ARGS = [*DMS_ARGS[:3], "dmc.balance_cap=3", "optim.trainable=decisions",
+                   "optim.lr=1e-2", "optim.min_lr=1e-3", "distill=kl", "distill.lm_weight=0",
+                   "distill.kl_weight=1"]
 KV_HEADS = 8
 RESULTS_FILE = "results.json"
 EVICTION_NAMES = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (sinks + window)"}
@@ -95,6 +101,9 @@ class Layout:
 
     def dms(self, ratio: int) -> Path:
         return self.root / f"dms_cr{ratio}"
+
+    def dms_frozen(self, ratio: int) -> Path:
+        return self.root / f"dms_frozen_cr{ratio}"
 
     def gqa(self, ratio: int) -> Path:
         return self.root / f"gqa_cr{ratio}"
@@ -150,6 +159,11 @@ def run_training(run: Runner, layout: Layout, ratios: Sequence[int], budget_pct:
               [*start, "stage=[retrofit,finetune]", *dms_shares, *DMS_ARGS,
                f"dmc.target_cr={ratio}"])
              for ratio in ratios]
+    frozen_start = [a for a in start if not a.startswith(("optim.lr=", "optim.min_lr="))]
+    jobs += [(f"repro_dms_frozen_cr{ratio}", layout.dms_frozen(ratio),
+              [*frozen_start, "stage=[retrofit,finetune]", *dms_shares, *DMS_FROZEN_ARGS,
+               f"dmc.target_cr={ratio}"])
+             for ratio in ratios]
     for ratio in ratios:
         groups = KV_HEADS // ratio
         init = layout.gqa_init(ratio)
@@ -188,22 +202,32 @@ def state_ratio(layout: Layout, name: str) -> float:
     return kv["vanilla"] / (kv["logical"] + kv["open_state"])
 
 
+FULL_CACHE = ["passkey.enabled=false", "heatmap=false"]
+
+
 def run_evaluation(run: Runner, layout: Layout, ratios: Sequence[int]) -> None:
-    """Evaluate every model; then eviction at the KV state DMC and DMS held (``run.jobs`` at
-    a time)."""
+    """Evaluate every model (the retrofits also with their full cache, to split the cost of
+    their training from that of their compression); then eviction at the KV state each
+    retrofit held, on the weights it started from (``run.jobs`` at a time)."""
     first = [("base", layout.base, "vanilla"), ("vanilla_continued", layout.vanilla, "vanilla")]
     for ratio in ratios:
         first += [(f"dmc_cr{ratio}", layout.dmc(ratio), "dmc"),
                   (f"dms_cr{ratio}", layout.dms(ratio), "dms"),
-                  (f"gqa_cr{ratio}", layout.gqa(ratio), "vanilla")]
+                  (f"dms_frozen_cr{ratio}", layout.dms_frozen(ratio), "dms"),
+                  (f"gqa_cr{ratio}", layout.gqa(ratio), "vanilla"),
+                  (f"dmc_cr{ratio}_full", layout.dmc(ratio), "vanilla", None, FULL_CACHE),
+                  (f"dms_cr{ratio}_full", layout.dms(ratio), "vanilla", None, FULL_CACHE)]
     run.parallel([lambda job=job: evaluate(run, layout, *job) for job in first])
-    # Eviction at the state each retrofit held (the same memory), on the continued model.
+    # Eviction at the state each retrofit held (the same memory): on the continued model beside
+    # the retrofits that trained every weight, on the base beside the frozen one.
     evictions = []
     for ratio in ratios:
-        for trained, suffix in (("dmc", ""), ("dms", "_dms")):
+        for trained, suffix, weights in (("dmc", "", layout.vanilla),
+                                         ("dms", "_dms", layout.vanilla),
+                                         ("dms_frozen", "_dms_frozen", layout.base)):
             matched = 1.0 if run.dry else round(state_ratio(layout, f"{trained}_cr{ratio}"), 2)
-            evictions += [(f"{method}{suffix}_cr{ratio}", layout.vanilla, method,
-                           max(1.0, matched)) for method in EVICTION]
+            evictions += [(f"{method}{suffix}_cr{ratio}", weights, method, max(1.0, matched))
+                          for method in EVICTION]
     run.parallel([lambda job=job: evaluate(run, layout, *job) for job in evictions])
 
 
@@ -219,19 +243,34 @@ class Row:
     perplexity: float
     passkey: Optional[float]
     layer_cr: List[float]
+    weights: str  # the weights it ran on (base, continued, or its own retrofit)
+    full_cache: Optional[float]  # perplexity of those weights with the whole cache
 
 
 def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
     """Rows of every finished evaluation (missing ones are left out)."""
-    names = [("base", "base (pretrained)", None), ("vanilla_continued", "vanilla, continued", None)]
-    for ratio in ratios:
-        names += [(f"dmc_cr{ratio}", "DMC", ratio), (f"gqa_cr{ratio}", "GQA up-trained", ratio)]
-        names += [(f"{m}_cr{ratio}", EVICTION_NAMES[m], ratio) for m in EVICTION]
-        names += [(f"dms_cr{ratio}", "DMS", ratio)]
-        names += [(f"{m}_dms_cr{ratio}", f"{EVICTION_NAMES[m]}, at DMS's state", ratio)
+    def perplexity(name: str) -> Optional[float]:
+        path = REPO / layout.eval_dir(name) / RESULTS_FILE
+        return (float(json.loads(path.read_text())["perplexity"]["perplexity"])
+                if path.is_file() else None)
+
+    # (evaluation, label, target, weights, the evaluation of those weights with a full cache)
+    names = [("base", "base (pretrained)", None, "base", "base"),
+             ("vanilla_continued", "vanilla, continued", None, "continued", "vanilla_continued")]
+    for r in ratios:
+        names += [(f"dmc_cr{r}", "DMC", r, "retrofit", f"dmc_cr{r}_full"),
+                  (f"gqa_cr{r}", "GQA up-trained", r, "retrofit", f"gqa_cr{r}")]
+        names += [(f"{m}_cr{r}", EVICTION_NAMES[m], r, "continued", "vanilla_continued")
                   for m in EVICTION]
+        names += [(f"dms_cr{r}", "DMS", r, "retrofit", f"dms_cr{r}_full")]
+        names += [(f"{m}_dms_cr{r}", f"{EVICTION_NAMES[m]}, at DMS's state", r, "continued",
+                   "vanilla_continued") for m in EVICTION]
+        names += [(f"dms_frozen_cr{r}", "DMS, base frozen (adapters only, distilled)", r, "base",
+                   "base")]
+        names += [(f"{m}_dms_frozen_cr{r}", f"{EVICTION_NAMES[m]}, at frozen DMS's state", r,
+                   "base", "base") for m in EVICTION]
     rows = []
-    for name, label, target in names:
+    for name, label, target, weights, full in names:
         path = REPO / layout.eval_dir(name) / RESULTS_FILE
         if not path.is_file():
             continue
@@ -251,23 +290,30 @@ def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
         layers = layers if name.startswith(("dmc", "dms")) else []
         rows.append(Row(label, target, ratio, fraction, state,
                         float(result["perplexity"]["perplexity"]),
-                        None if passkey is None else float(passkey), layers))
+                        None if passkey is None else float(passkey), layers, weights,
+                        perplexity(full)))
     return rows
 
 
 def results_table(rows: Sequence[Row]) -> str:
-    """Markdown table; perplexity also relative to the continued-trained vanilla model."""
+    """Markdown table; perplexity relative to the continued-trained vanilla model, and to the
+    same weights with the whole cache (the compression's own cost)."""
     reference = next((r.perplexity for r in rows if r.method == "vanilla, continued"), None)
-    lines = ["| method | target CR | realised CR | KV slots vs vanilla | state (+ open runs / windows) | "
-             "held-out ppl | ppl vs continued vanilla | passkey acc. | per-layer CR |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | weights | target CR | realised CR | KV slots vs vanilla | "
+             "state (+ open runs / windows) | held-out ppl | ppl vs continued vanilla | "
+             "ppl vs same weights, full cache | passkey acc. | per-layer CR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def change(ppl: Optional[float], ref: Optional[float]) -> str:
+        return f"{100 * (ppl / ref - 1):+.1f}%" if ppl and ref else "-"
+
     for r in rows:
-        delta = f"{100 * (r.perplexity / reference - 1):+.1f}%" if reference else "-"
         passkey = "-" if r.passkey is None else f"{100 * r.passkey:.0f}%"
         layers = " / ".join(f"{cr:.1f}" for cr in r.layer_cr) or "-"
-        lines.append(f"| {r.method} | {r.target or '-'} | {r.ratio:.2f} | {r.kv_fraction:.3f} | "
-                     f"{r.state_fraction:.3f} | {r.perplexity:.2f} | {delta} | {passkey} | "
-                     f"{layers} |")
+        lines.append(f"| {r.method} | {r.weights} | {r.target or '-'} | {r.ratio:.2f} | "
+                     f"{r.kv_fraction:.3f} | {r.state_fraction:.3f} | {r.perplexity:.2f} | "
+                     f"{change(r.perplexity, reference)} | "
+                     f"{change(r.perplexity, r.full_cache)} | {passkey} | {layers} |")
     return "\n".join(lines)
 
 

@@ -35,20 +35,35 @@ def test_report_tables_every_evaluation_against_the_continued_vanilla_model(repr
     results = {"base": _result(1.0, 30.0, 0.5), "vanilla_continued": _result(1.0, 20.0, 0.5),
                "dmc_cr4": _result(3.9, 20.4, 0.5), "gqa_cr4": _result(1.0, 25.0, 0.25, groups=2),
                "h2o_cr4": _result(3.9, 40.0, 0.0), "dms_cr4": _result(4.2, 21.0, 0.5),
-               "tova_dms_cr4": _result(3.4, 30.0, 0.0)}
+               "tova_dms_cr4": _result(3.4, 30.0, 0.0), "dms_cr4_full": _result(1.0, 20.0, 0.5),
+               "dms_frozen_cr4": _result(4.0, 33.0, 0.5),
+               "streaming_dms_frozen_cr4": _result(4.0, 45.0, 0.0)}
     for name, result in results.items():
         out = layout.eval_dir(name)
         out.mkdir(parents=True)
         (out / reproduce.RESULTS_FILE).write_text(json.dumps(result))
     rows = {row.method: row for row in reproduce.load_rows(layout, [4])}
     assert set(rows) == {"base (pretrained)", "vanilla, continued", "DMC", "GQA up-trained", "H2O",
-                         "DMS", "TOVA, at DMS's state"}
+                         "DMS", "TOVA, at DMS's state",
+                         "DMS, base frozen (adapters only, distilled)",
+                         "StreamingLLM (sinks + window), at frozen DMS's state"}
     assert (rows["GQA up-trained"].ratio, rows["GQA up-trained"].kv_fraction) == (4.0, 0.25)
     table = reproduce.results_table(list(rows.values()))
-    # Per-layer ratios for the retrofits only (eviction and GQA are uniform by construction).
-    assert "| DMC | 4 | 3.90 | 0.256 | 0.266 | 20.40 | +2.0% | 50% | 3.9 / 7.8 |" in table
-    assert "| GQA up-trained | 4 | 4.00 | 0.250 | 0.250 | 25.00 | +25.0% | 25% | - |" in table
-    assert "| H2O | 4 | 3.90 | 0.256 | 0.266 | 40.00 | +100.0% | 0% | - |" in table
+    # Per-layer ratios for the retrofits only (eviction and GQA are uniform by construction);
+    # each row also against its own weights with the whole cache (DMC's was not evaluated).
+    assert "| DMC | retrofit | 4 | 3.90 | 0.256 | 0.266 | 20.40 | +2.0% | - | 50% | 3.9 / 7.8 |" \
+        in table
+    assert "| DMS | retrofit | 4 | 4.20 | 0.238 | 0.248 | 21.00 | +5.0% | +5.0% | 50% | 4.2 / 8.4 |" \
+        in table
+    assert "| GQA up-trained | retrofit | 4 | 4.00 | 0.250 | 0.250 | 25.00 | +25.0% | +0.0% | 25% | - |" \
+        in table
+    assert "| H2O | continued | 4 | 3.90 | 0.256 | 0.266 | 40.00 | +100.0% | +100.0% | 0% | - |" \
+        in table
+    # The frozen retrofit and the eviction beside it run on the base: compared with the base.
+    assert "| DMS, base frozen (adapters only, distilled) | base | 4 | 4.00 | 0.250 | 0.260 | 33.00 " \
+        "| +65.0% | +10.0% | 50% | 4.0 / 8.0 |" in table
+    assert "at frozen DMS's state | base | 4 | 4.00 | 0.250 | 0.260 | 45.00 | +125.0% | +50.0% |" \
+        in table
 
     reproduce.plot(list(rows.values()), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
@@ -72,5 +87,8 @@ def test_dry_run_prints_the_pipeline_commands(reproduce, capsys, tmp_path):
     assert "python -m nemo_dmc.train name=repro_base" in out and "stage=pretrain" in out
     assert "method=dmc" in out and "method=tova" in out and "method=streaming" in out
     assert "method=dms" in out and "tova_dms_cr4" in out
+    assert "output_dir=runs/repro/eval/dms_cr4_full" not in out  # --root is honoured
+    assert f"load={tmp_path}/dms_cr4 method=vanilla output_dir={tmp_path}/eval/dms_cr4_full" in out
+    assert f"load={tmp_path}/base method=h2o output_dir={tmp_path}/eval/h2o_dms_frozen_cr4" in out
     with pytest.raises(SystemExit):
         reproduce.main(["--dry-run", "--ratios", "3", "--root", str(tmp_path)])
