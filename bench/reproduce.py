@@ -7,13 +7,16 @@ continues an interrupted reproduction and skips finished runs.
 1. ``base``: a small MHA Llama (``model=base_mha``) pretrained from scratch on the Python-docs
    corpus (``stage=pretrain``); its token count is recorded as ``model.pretrain_tokens``.
 2. ``train``: from the base, with ``--budget-pct`` of its pretraining tokens each, at the lr
-   the base ended with: DMC (zero-out -> retrofit -> fine-tune) and DMS (decision adapters,
-   all weights trained, retrofit -> fine-tune) at every ratio; vanilla continued training
-   (``stage=pretrain``, the fair reference); GQA up-training (KV heads mean-pooled to
-   ``8 / ratio`` groups, then continued training).
-3. ``eval``: ``python -m nemo_dmc.evaluate`` on each model; the training-free eviction
-   baselines (H2O, TOVA, StreamingLLM) run on the continued-trained vanilla model at the
-   KV state DMC, and DMS, held (slots plus DMC's open runs / DMS's windows).
+   the base ended with: DMC (zero-out -> retrofit -> fine-tune), DMS (decision adapters,
+   all weights trained, retrofit -> fine-tune) and DMS on the frozen base (adapters only,
+   distilled from the base) at every ratio; vanilla continued training (``stage=pretrain``,
+   the fair reference); GQA up-training (KV heads mean-pooled to ``8 / ratio`` groups, then
+   continued training).
+3. ``eval``: ``python -m nemo_dmc.evaluate`` on each model (DMC and DMS also with the whole
+   cache, which splits the cost of their training from that of their compression); the
+   training-free eviction baselines (H2O, TOVA, StreamingLLM) at the KV state each retrofit
+   held (slots plus DMC's open runs / DMS's windows), on the weights it started from: the
+   continued vanilla model, or the base beside the frozen-base DMS.
 4. ``report``: the results table (markdown, also written between the reproduction markers of
    BENCHMARKS.md with ``--write-benchmarks``) and ``docs/reproduction.png``.
 
