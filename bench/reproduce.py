@@ -320,35 +320,60 @@ def results_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+FAMILY_COLOURS = {"DMC": "C0", "GQA": "C1", "H2O": "C2", "TOVA": "C3", "StreamingLLM": "C4",
+                  "DMS, base frozen": "C9", "DMS": "C5"}
+
+
+def _style(method: str) -> dict:
+    """One colour per method family; the marker says whose KV state eviction was matched to."""
+    colour = next(c for family, c in FAMILY_COLOURS.items() if method.startswith(family))
+    marker = "s" if "frozen DMS's state" in method else "^" if "DMS's state" in method else "o"
+    trained = method.startswith(("DMC", "DMS", "GQA"))
+    return {"color": colour, "marker": marker, "linestyle": "-" if trained else "--",
+            "linewidth": 2.2 if trained else 1.2}
+
+
 def plot(rows: Sequence[Row], path: Path) -> None:
-    """Perplexity and passkey accuracy vs realised compression ratio, one line per method."""
+    """Perplexity vs the KV state's compression (1 / state fraction), one line per method: the
+    rows that trained or continued from the base (left) and the frozen base (right); passkey
+    accuracy in a third panel when any model retrieves at all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ppl_ax, key_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    reference = [r for r in rows if r.method == "vanilla, continued"]
-    methods = [m for m in dict.fromkeys(r.method for r in rows if r.target)]
-    for method in methods:
-        points = sorted(((r.ratio, r.perplexity, r.passkey) for r in rows
-                         if r.method == method), key=lambda p: p[0])
-        ppl_ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        if all(p[2] is not None for p in points):
-            key_ax.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=method)
-    for r in reference:
-        ppl_ax.axhline(r.perplexity, color="gray", linestyle="--", label="vanilla, continued (1x)")
-        if r.passkey is not None:
-            key_ax.axhline(r.passkey, color="gray", linestyle="--", label="vanilla, continued (1x)")
-    for ax, label in ((ppl_ax, "held-out perplexity"), (key_ax, "passkey accuracy")):
+    retrieves = any(r.passkey for r in rows)
+    fig, axes = plt.subplots(1, 3 if retrieves else 2, figsize=(16 if retrieves else 12, 6.5))
+    panels = [(axes[0], "continued", "retrofits, and eviction on continued vanilla"),
+              (axes[1], "base", "the base's weights: frozen-base DMS vs eviction")]
+    for ax, weights, title in panels:
+        reference = next((r for r in rows if r.target is None and r.weights == weights), None)
+        chosen = [r for r in rows if r.target and (r.weights == weights or (
+            weights == "continued" and r.weights == "retrofit"))]
+        for method in dict.fromkeys(r.method for r in chosen):
+            points = sorted((1 / r.state_fraction, r.perplexity) for r in chosen
+                            if r.method == method)
+            ax.plot(*zip(*points), label=method, **_style(method))
+        if reference is not None:
+            ax.axhline(reference.perplexity, color="gray", linestyle=":",
+                       label=f"{reference.method}, full cache")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("held-out perplexity")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    if retrieves:
+        for method in dict.fromkeys(r.method for r in rows if r.target):
+            points = sorted((1 / r.state_fraction, r.passkey) for r in rows
+                            if r.method == method and r.passkey is not None)
+            if points:
+                axes[2].plot(*zip(*points), label=method, **_style(method))
+        axes[2].set_ylabel("passkey accuracy")
+        axes[2].set_title("passkey retrieval", fontsize=10)
+    for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("realised compression ratio")
-        ax.set_ylabel(label)
+        ax.set_xlabel("KV state compression (vanilla / state held)")
         ax.grid(alpha=0.3)
-    ppl_ax.set_yscale("log")
-    ppl_ax.legend(fontsize=8)
-    key_ax.legend(fontsize=8)
-    fig.suptitle("DMC vs baselines at equal KV compression (base_mha, Python-docs held out)")
+    fig.suptitle("Retrofits vs baselines at equal KV state (base_mha, Python-docs held out"
+                 + ("" if retrieves else "; passkey 0% for every model, not shown") + ")")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
