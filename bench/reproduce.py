@@ -71,14 +71,13 @@ DMC_ARGS = ["dmc.loss_weight=16", "dmc.decision_scale=4", *BALANCED]
 # trained on the LM loss, no zero-out; the eviction window is 1/32 of the 512-token context,
 # as SmolLM2's 32 was of its 1024; layers capped at 3x the target as SmolLM2's best run.
 DMS_SHARES = {"retrofit": 0.8, "finetune": 0.2}
-DMS_ARGS = ["method=dms", "window=16", "dmc.decision_source=adapter", "optim.decision_lr_mult=30",
-            "dmc.balance_cap=3"]
+DMS_COMMON = ["method=dms", "window=16", "dmc.decision_source=adapter", "dmc.balance_cap=3"]
+DMS_ARGS = [*DMS_COMMON, "optim.decision_lr_mult=30"]
 # DMS on the frozen base: only the decision adapters train (lr as SmolLM2's frozen recipe),
 # distilled from the base itself, so its rows and the eviction rows beside them (on the base)
 # differ in nothing but which KV entries are kept.
-DMS_FROZEN_ARGS = [*DMS_ARGS[:3], "dmc.balance_cap=3", "optim.trainable=decisions",
-                   "optim.lr=1e-2", "optim.min_lr=1e-3", "distill=kl", "distill.lm_weight=0",
-                   "distill.kl_weight=1"]
+DMS_FROZEN_ARGS = [*DMS_COMMON, "optim.trainable=decisions", "optim.lr=1e-2", "optim.min_lr=1e-3",
+                   "distill=kl", "distill.lm_weight=0", "distill.kl_weight=1"]
 KV_HEADS = 8
 RESULTS_FILE = "results.json"
 EVICTION_NAMES = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (sinks + window)"}
