@@ -53,3 +53,18 @@ def write_between_markers(path: Path, text: str, markers: Tuple[str, str]) -> No
     if start < 0 or end < start:
         raise ValueError(f"{path} lacks the markers {markers}")
     path.write_text(content[:start + len(markers[0])] + "\n" + text + "\n" + content[end:])
+
+
+def final_checkpoint(run_dir: Path, stage: str, hint: str) -> Path:
+    """The last checkpoint of a finished ``stage`` of ``run_dir`` (relative to the repository
+    when inside it); ``hint`` says how to finish it when it is missing or unfinished."""
+    from nemo_dmc.checkpoints.run_dir import latest_checkpoint, read_progress
+
+    latest = latest_checkpoint(REPO / run_dir / "checkpoints" / stage)
+    if latest is None:
+        raise FileNotFoundError(f"no {stage} checkpoint in {run_dir} ({hint})")
+    progress = read_progress(latest)
+    if not progress.complete:
+        raise SystemExit(f"{stage} in {run_dir} is unfinished (step {progress.step}/"
+                         f"{progress.steps}): {hint}")
+    return latest.relative_to(REPO) if latest.is_relative_to(REPO) else latest

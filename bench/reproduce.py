@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_commands import PYTHON, REPO, Runner  # noqa: E402
+from bench_commands import PYTHON, REPO, Runner, final_checkpoint  # noqa: E402
 from bench_commands import write_between_markers as write_markers  # noqa: E402
 
 # The base model's pretraining run (BENCHMARKS.md "Reproduction").
@@ -123,20 +123,6 @@ def train(run: Runner, name: str, run_dir: Path, args: List[str]) -> None:
         log_file=run_dir.with_suffix(".log"))
 
 
-def final_checkpoint(run_dir: Path, stage: str) -> Path:
-    """The last checkpoint of a finished stage of ``run_dir`` (relative to the repository)."""
-    from nemo_dmc.checkpoints.run_dir import latest_checkpoint, read_progress
-
-    latest = latest_checkpoint(REPO / run_dir / "checkpoints" / stage)
-    if latest is None:
-        raise FileNotFoundError(f"no {stage} checkpoint in {run_dir} (run its training first)")
-    progress = read_progress(latest)
-    if not progress.complete:
-        raise SystemExit(f"{stage} in {run_dir} is unfinished (step {progress.step}/"
-                         f"{progress.steps}): run --steps base first")
-    return latest.relative_to(REPO) if latest.is_relative_to(REPO) else latest
-
-
 def budget_args(budget_pct: float) -> List[str]:
     return [f"dmc.budget_pct={budget_pct}"]
 
@@ -147,7 +133,7 @@ def run_base(run: Runner, layout: Layout) -> None:
 
 def run_training(run: Runner, layout: Layout, ratios: Sequence[int], budget_pct: float) -> None:
     """Vanilla continued, DMC, DMS and GQA runs from the base (``run.jobs`` at a time)."""
-    base = final_checkpoint(layout.base, "pretrain")
+    base = final_checkpoint(layout.base, "pretrain", "run --steps base first")
     start = [*CONTINUED_ARGS, *budget_args(budget_pct), f"checkpoint.pretrained={base}"]
     shares = [f"stage.{stage}.budget_share={share}" for stage, share in DMC_SHARES.items()]
     jobs = [("repro_vanilla", layout.vanilla,

