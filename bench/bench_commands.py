@@ -1,17 +1,21 @@
 """Shared pieces of the experiment scripts (reproduce.py, smollm2_quality.py): a runner of
-the product's commands that logs each one, and the writer of a results block in a document."""
+the product's commands that logs each one, the store of their evaluation results, and the
+writer of a results block in a document."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS_FILE = "results.json"
 PYTHON = sys.executable
 
 
@@ -44,6 +48,44 @@ class Runner:
         with ThreadPoolExecutor(max_workers=max(1, self.jobs)) as pool:
             for future in [pool.submit(task) for task in tasks]:
                 future.result()
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """An experiment's evaluation results: ``<runs>/<name>/results.json`` as
+    ``nemo_dmc.evaluate`` writes it, and a tracked copy ``<kept>/<name>.json``. Run directories
+    stay on the machine that made them; the kept copies travel with the repository, so a table
+    can be rebuilt (and new rows added to it) without re-running what it already holds."""
+
+    runs: Path
+    kept: Path
+
+    def _fresh(self, name: str) -> Path:
+        return REPO / self.runs / name / RESULTS_FILE
+
+    def load(self, name: str) -> Optional[dict]:
+        """The result of ``name``: this machine's if it has one, else the kept copy."""
+        for path in (self._fresh(name), REPO / self.kept / f"{name}.json"):
+            if path.is_file():
+                return json.loads(path.read_text())
+        return None
+
+    def ensure(self, run: Runner, name: str, args: Sequence[str],
+               ratio: Optional[float] = None) -> None:
+        """``python -m nemo_dmc.evaluate <args>`` into ``<runs>/<name>`` unless this machine
+        has that result already (at ``ratio``, when given), then keep a copy of it."""
+        done = self._fresh(name)
+        if done.is_file() and ratio is not None and json.loads(done.read_text())["ratio"] != ratio:
+            done.unlink()  # evaluated at another ratio (the retrofit's realised one changed)
+        if not done.is_file():
+            run([PYTHON, "-m", "nemo_dmc.evaluate", *args, f"output_dir={self.runs / name}",
+                 *([f"ratio={ratio}"] if ratio is not None else [])])
+        if not run.dry:
+            kept = REPO / self.kept / f"{name}.json"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            partial = kept.with_suffix(".json.tmp")
+            partial.write_text(done.read_text())
+            partial.replace(kept)
 
 
 def write_between_markers(path: Path, text: str, markers: Tuple[str, str]) -> None:

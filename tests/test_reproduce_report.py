@@ -31,7 +31,7 @@ def _result(cr: float, ppl: float, passkey: float, groups: int = 8, layers: int 
 
 
 def test_report_tables_every_evaluation_against_the_continued_vanilla_model(reproduce, tmp_path):
-    layout = reproduce.Layout(tmp_path)
+    layout = reproduce.Layout(tmp_path, tmp_path / "kept")
     results = {"base": _result(1.0, 30.0, 0.5), "vanilla_continued": _result(1.0, 20.0, 0.5),
                "dmc_cr4": _result(3.9, 20.4, 0.5), "gqa_cr4": _result(1.0, 25.0, 0.25, groups=2),
                "h2o_cr4": _result(3.9, 40.0, 0.0), "dms_cr4": _result(4.2, 21.0, 0.5),
@@ -39,9 +39,9 @@ def test_report_tables_every_evaluation_against_the_continued_vanilla_model(repr
                "dms_frozen_cr4": _result(4.0, 33.0, 0.5),
                "streaming_dms_frozen_cr4": _result(4.0, 45.0, 0.0)}
     for name, result in results.items():
-        out = layout.eval_dir(name)
+        out = layout.root / "eval" / name
         out.mkdir(parents=True)
-        (out / reproduce.RESULTS_FILE).write_text(json.dumps(result))
+        (out / "results.json").write_text(json.dumps(result))
     rows = {row.method: row for row in reproduce.load_rows(layout, [4])}
     assert set(rows) == {"base (pretrained)", "vanilla, continued", "DMC", "GQA up-trained", "H2O",
                          "DMS", "TOVA, at DMS's state",
@@ -88,7 +88,10 @@ def test_dry_run_prints_the_pipeline_commands(reproduce, capsys, tmp_path):
     assert "method=dmc" in out and "method=tova" in out and "method=streaming" in out
     assert "method=dms" in out and "tova_dms_cr4" in out
     assert "output_dir=runs/repro/eval/dms_cr4_full" not in out  # --root is honoured
-    assert f"load={tmp_path}/dms_cr4 method=vanilla output_dir={tmp_path}/eval/dms_cr4_full" in out
-    assert f"load={tmp_path}/base method=h2o output_dir={tmp_path}/eval/h2o_dms_frozen_cr4" in out
+    lines = out.splitlines()
+    assert any(f"load={tmp_path}/dms_cr4 method=vanilla " in line
+               and line.endswith(f"output_dir={tmp_path}/eval/dms_cr4_full") for line in lines)
+    assert any(f"load={tmp_path}/base method=h2o " in line
+               and f"output_dir={tmp_path}/eval/h2o_dms_frozen_cr4 ratio=" in line for line in lines)
     with pytest.raises(SystemExit):
         reproduce.main(["--dry-run", "--ratios", "3", "--root", str(tmp_path)])

@@ -25,7 +25,7 @@ def quality():
 
 def _write(layout, name: str, ppl: dict, cr: float = 1.0) -> None:
     for text, value in ppl.items():
-        out = layout.eval_dir(f"{name}_{text}")
+        out = layout.root / "eval" / f"{name}_{text}"
         out.mkdir(parents=True)
         kv = {"logical": 100 / cr, "vanilla": 100, "open_state": 0}
         (out / "results.json").write_text(json.dumps({
@@ -34,7 +34,7 @@ def _write(layout, name: str, ppl: dict, cr: float = 1.0) -> None:
 
 
 def test_eviction_base_follows_what_the_recipe_trains(quality, tmp_path):
-    layout = quality.Layout(tmp_path)
+    layout = quality.Layout(tmp_path, tmp_path / "kept")
     assert quality.eviction_base(layout, "dms_adapter") == (layout.imported, "original")
     assert quality.eviction_base(layout, "dms_adapter_all") == (layout.vanilla, "continued")
     # frozen, but on the continued weights: eviction runs on those
@@ -43,13 +43,13 @@ def test_eviction_base_follows_what_the_recipe_trains(quality, tmp_path):
 
 
 def test_rows_compare_with_their_own_base_weights(quality, tmp_path):
-    layout = quality.Layout(tmp_path)
+    layout = quality.Layout(tmp_path, tmp_path / "kept")
     _write(layout, "original", {"pydocs": 10.0, "plays": 40.0})
     _write(layout, "vanilla_continued", {"pydocs": 8.0, "plays": 38.0})
     _write(layout, "dms_adapter_cr4", {"pydocs": 10.5, "plays": 42.0}, cr=4)
     _write(layout, "tova_for_dms_adapter_cr4", {"pydocs": 12.0, "plays": 44.0}, cr=4)
     _write(layout, "dms_adapter_all_cr4", {"pydocs": 8.4, "plays": 38.0}, cr=4)
-    (layout.eval_dir("dms_adapter_all_cr4_plays") / "results.json").write_text(json.dumps({
+    (layout.root / "eval" / "dms_adapter_all_cr4_plays" / "results.json").write_text(json.dumps({
         "compression": {"cr": 2, "kv_bytes": {"logical": 50, "vanilla": 100, "open_state": 0}},
         "perplexity": {"perplexity": 38.0}, "passkey": {}, "ratio": 2}))
     rows = quality.load_rows(layout, [4.0], ["dms_adapter", "dms_adapter_all"])
