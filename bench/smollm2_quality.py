@@ -320,6 +320,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 6.4))
     def series(r: Row) -> str:
@@ -335,6 +336,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             ax.axhline(reference.perplexity[text], color="gray", linestyle=style,
                        label=reference.label)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator([2, 3, 4, 6, 8, 12, 16]))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("compression of the total KV state (vanilla / held)")
         ax.set_ylabel(f"perplexity, {text} (1024 tokens)")
         ax.grid(alpha=0.3)
