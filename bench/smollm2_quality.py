@@ -23,9 +23,10 @@ skipped, so re-running the script continues an interrupted experiment. Called by
 4. ``report``: the table (written between the ``smollm2`` markers of BENCHMARKS.md with
    ``--write-benchmarks``) and ``docs/smollm2_quality.png``.
 
-Recipes are chosen on training curves only (training loss, KL, realised ratio), never on
-the held-out texts (one mid-run DMS checkpoint was evaluated and reported as an interim
-figure; no choice followed from it).
+Recipes are chosen on training curves (training loss, KL, realised and per-layer ratio) and,
+for the layer cap, on an earlier run's passkey score, never on the held-out texts' perplexity
+(one mid-run DMS checkpoint was evaluated and reported as an interim figure; no choice
+followed from it).
 """
 
 from __future__ import annotations
